@@ -1,0 +1,56 @@
+# imagegw developer targets. `make run` and `make test` are the two the README promises;
+# both set up the virtualenv and build what they need first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(wildcard proto/imagegw/v1/*.proto)
+# Envoy only transcodes the public services; admin.proto stays out of its descriptor.
+PUBLIC_PROTOS := proto/imagegw/v1/images.proto proto/imagegw/v1/models.proto
+DESCRIPTOR := build/imagegw.pb
+PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto -I $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv and install imagegw with its dev dependencies
+
+gen: $(STAMP) ## Regenerate gen/ (Python, gRPC and type stubs) from proto/
+	rm -rf gen && mkdir -p gen
+	$(PROTOC) --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch gen/imagegw/__init__.py gen/imagegw/v1/__init__.py
+
+check-gen: $(STAMP) ## Fail when gen/ does not match proto/
+	@tmp=$$(mktemp -d) && \
+	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
+	touch $$tmp/imagegw/__init__.py $$tmp/imagegw/v1/__init__.py && \
+	diff -r $$tmp gen && rm -rf $$tmp && echo "gen/ is fresh"
+
+$(DESCRIPTOR): $(PROTOS) $(STAMP)
+	mkdir -p build
+	$(PROTOC) --include_imports --include_source_info --descriptor_set_out=$@ $(PUBLIC_PROTOS)
+
+descriptor: $(DESCRIPTOR) ## Build Envoy's descriptor set (build/imagegw.pb)
+
+run: $(STAMP) $(DESCRIPTOR) ## Start the gRPC server and Envoy on embedded defaults (Ctrl-C stops both)
+	$(VENV)/bin/imagegw dev
+
+test: $(STAMP) $(DESCRIPTOR) ## Run every test (unit, service, e2e with Envoy, contract with the openai SDK, PostgreSQL)
+	$(PY) -m pytest -q
+
+bench: $(STAMP) $(DESCRIPTOR) ## Run the load benchmarks and print a markdown table
+	$(PY) -m bench
+
+clean: ## Remove build outputs and local state (var/)
+	rm -rf build var .pytest_cache
+
+.PHONY: help install gen check-gen descriptor run test bench clean
