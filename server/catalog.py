@@ -1,0 +1,367 @@
+"""The model catalog: which models exist, what each accepts, and what each image costs.
+
+The catalog is data (``server/catalog.toml``, or the operator's ``IMAGEGW_CATALOG_FILE``),
+validated whole at start-up: a model without a price for every size and quality it
+offers, an unknown provider or a default outside its own lists stops the server with a
+message naming the model. At request time ``ModelCatalog.resolve`` turns the caller's
+raw parameters into a concrete ``ImageRequest`` (``auto`` resolved, so pricing and
+generation agree) or raises an OpenAI-shaped 400 naming the offending ``param``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from server.errors import (
+    InvalidRequestError,
+    ModelNotAvailableError,
+    ModelNotFoundError,
+    ModelNotSupportedError,
+)
+from server.providers.base import ImageRequest
+
+__all__ = ["CatalogError", "ModelCatalog", "ModelSpec", "RawImageRequest", "Quote", "load_catalog"]
+
+DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
+SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
+RESPONSE_FORMATS = ("url", "b64_json")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+WILDCARD = "*"
+
+
+class CatalogError(Exception):
+    """The catalog file is invalid; the message names the model and the problem."""
+
+
+class ModelSpec(BaseModel):
+    """One catalog row. Unknown keys are errors, so typos fail at start-up."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1)
+    type: Literal["image", "chat"] = "image"
+    provider: str = Field(min_length=1)
+    upstream_model: str = ""
+    owned_by: str = ""
+    created: int = 1767225600
+    # Operator-defined OpenAI-compatible hosts name their endpoint and key variable.
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+    sizes: list[str] = Field(default_factory=list)
+    default_size: str = ""
+    max_n: int = Field(default=1, ge=1, le=10)
+    qualities: list[str] = Field(default_factory=lambda: ["standard"])
+    default_quality: str = "standard"
+    styles: list[str] = Field(default_factory=list)
+    default_style: str | None = None
+    output_formats: list[str] = Field(default_factory=lambda: ["png"])
+    backgrounds: list[str] = Field(default_factory=list)
+    moderations: list[str] = Field(default_factory=list)
+    output_compression: bool = False
+    streaming: bool = False
+    prompt_max_chars: int = Field(default=4000, ge=1)
+    # Micro-dollars per image, by quality then size; "*" matches any.
+    prices: dict[str, dict[str, int]] = Field(default_factory=dict)
+    timeout_seconds: float = Field(default=120, gt=0)
+    fallbacks: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.type != "image":
+            return self
+        if not self.sizes:
+            raise ValueError("an image model needs at least one size")
+        for size in self.sizes:
+            if size != "auto" and not SIZE_RE.match(size):
+                raise ValueError(f"size {size!r} is not WIDTHxHEIGHT or auto")
+        concrete_sizes = [s for s in self.sizes if s != "auto"]
+        if not concrete_sizes and not self.default_size:
+            raise ValueError("needs a concrete size or a default_size")
+        if "auto" in self.sizes and self.default_size not in concrete_sizes:
+            raise ValueError(f"default_size {self.default_size!r} must be one of the concrete sizes")
+        if self.default_quality == "auto" or self.default_quality not in self.qualities:
+            # `auto` must resolve to a concrete quality before pricing (never an unpriced request).
+            raise ValueError(f"default_quality {self.default_quality!r} must be a concrete entry of qualities")
+        if self.default_style is not None and self.default_style not in self.styles:
+            raise ValueError(f"default_style {self.default_style!r} is not in styles")
+        for fmt in self.output_formats:
+            if fmt not in OUTPUT_FORMATS:
+                raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
+        for quality in self.billable_qualities:
+            for size in concrete_sizes:
+                if self.unit_price(quality, size) is None:
+                    raise ValueError(f"no price for quality {quality!r} at size {size!r}")
+        return self
+
+    @property
+    def is_image(self) -> bool:
+        return self.type == "image"
+
+    @property
+    def billable_qualities(self) -> list[str]:
+        """The qualities a request can end up with (``auto`` resolves to the default)."""
+        resolved = {self.default_quality if q == "auto" else q for q in self.qualities}
+        return sorted(resolved)
+
+    def unit_price(self, quality: str, size: str) -> int | None:
+        """Micro-dollars for one image, or None when the table has no matching row."""
+        by_size = self.prices.get(quality, self.prices.get(WILDCARD))
+        if by_size is None:
+            return None
+        return by_size.get(size, by_size.get(WILDCARD))
+
+
+@dataclass(frozen=True, slots=True)
+class RawImageRequest:
+    """The caller's parameters as received; ``None`` means the field was absent."""
+
+    prompt: str
+    model: str | None = None
+    n: int | None = None
+    quality: str | None = None
+    response_format: str | None = None
+    size: str | None = None
+    style: str | None = None
+    user: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Quote:
+    """What a validated request will cost at most, and how it must be answered."""
+
+    request: ImageRequest
+    spec: ModelSpec
+    response_format: str
+    unit_price_micros: int
+
+    @property
+    def amount_micros(self) -> int:
+        return self.unit_price_micros * self.request.n
+
+
+class ModelCatalog:
+    """Looks models up and validates requests against them."""
+
+    def __init__(self, specs: Iterable[ModelSpec], *, enabled_providers: Iterable[str], default_model: str) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            if spec.id in self._specs:
+                raise CatalogError(f"model {spec.id!r} is listed twice")
+            self._specs[spec.id] = spec
+        self._enabled = frozenset(enabled_providers)
+        self.default_model = default_model
+        for spec in self._specs.values():
+            for fallback in spec.fallbacks:
+                target = self._specs.get(fallback)
+                if target is None or not target.is_image:
+                    raise CatalogError(f"model {spec.id!r}: fallback {fallback!r} is not an image model")
+
+    @property
+    def specs(self) -> Mapping[str, ModelSpec]:
+        return self._specs
+
+    def is_enabled(self, spec: ModelSpec) -> bool:
+        return spec.provider in self._enabled
+
+    def enabled_models(self) -> list[ModelSpec]:
+        """Models this server can answer for, sorted by id."""
+        return sorted((s for s in self._specs.values() if self.is_enabled(s)), key=lambda s: s.id)
+
+    def disabled_models(self) -> list[ModelSpec]:
+        return sorted((s for s in self._specs.values() if not self.is_enabled(s)), key=lambda s: s.id)
+
+    def get_image_model(self, model_id: str) -> ModelSpec:
+        """The enabled image model with that id, or the matching 400."""
+        spec = self._specs.get(model_id)
+        if spec is None:
+            raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+        if not spec.is_image:
+            raise ModelNotSupportedError(
+                f"The model '{model_id}' cannot generate images; use an image model such as '{self.default_model}'.",
+                param="model",
+            )
+        if not self.is_enabled(spec):
+            raise ModelNotAvailableError(
+                f"The model '{model_id}' is not enabled on this server (its provider '{spec.provider}' is not configured).",
+                param="model",
+            )
+        return spec
+
+    def resolve(self, raw: RawImageRequest) -> Quote:
+        """Validates ``raw`` for its model and prices it; raises a 400 naming the param."""
+        spec = self.get_image_model(raw.model or self.default_model)
+        prompt = raw.prompt
+        if not prompt or not prompt.strip():
+            raise InvalidRequestError(
+                "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
+            )
+        if len(prompt) > spec.prompt_max_chars:
+            raise InvalidRequestError(
+                f"Invalid 'prompt': string too long. Expected a string with maximum length "
+                f"{spec.prompt_max_chars} for model '{spec.id}', but got a string with length {len(prompt)} instead.",
+                param="prompt",
+                code="string_above_max_length",
+            )
+        n = 1 if raw.n is None else raw.n
+        if n < 1:
+            raise InvalidRequestError(
+                f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+                param="n",
+                code="integer_below_min_value",
+            )
+        if n > spec.max_n:
+            raise InvalidRequestError(
+                f"Invalid 'n': integer above maximum value. Expected a value <= {spec.max_n} "
+                f"for model '{spec.id}', but got {n} instead.",
+                param="n",
+                code="integer_above_max_value",
+            )
+        width, height, size_is_auto = _resolve_size(spec, raw.size)
+        quality = _choose(spec, "quality", raw.quality, spec.qualities, "auto" if "auto" in spec.qualities else spec.default_quality)
+        quality_is_auto = quality == "auto"
+        if quality_is_auto:
+            quality = spec.default_quality
+        style = _optional_choice(spec, "style", raw.style, spec.styles) or spec.default_style
+        response_format = raw.response_format or "url"
+        if response_format not in RESPONSE_FORMATS:
+            raise _invalid_value("response_format", response_format, RESPONSE_FORMATS)
+        output_format = _choose(spec, "output_format", raw.output_format, spec.output_formats, "png")
+        compression = _resolve_compression(spec, raw.output_compression, output_format)
+        background = _optional_choice(spec, "background", raw.background, spec.backgrounds)
+        if background == "transparent" and output_format == "jpeg":
+            raise InvalidRequestError(
+                "Transparent background requires output_format 'png' or 'webp'.", param="background"
+            )
+        moderation = _optional_choice(spec, "moderation", raw.moderation, spec.moderations)
+        if raw.stream and not spec.streaming:
+            raise InvalidRequestError(
+                f"Streaming is not supported by model '{spec.id}'.", param="stream", code="unsupported_parameter"
+            )
+        if raw.partial_images is not None and not 0 <= raw.partial_images <= 3:
+            raise InvalidRequestError(
+                f"Invalid 'partial_images': expected a value from 0 to 3, but got {raw.partial_images} instead.",
+                param="partial_images",
+            )
+        request = ImageRequest(
+            model_id=spec.id,
+            upstream_model=spec.upstream_model or spec.id,
+            prompt=prompt,
+            n=n,
+            width=width,
+            height=height,
+            quality=quality,
+            output_format=output_format,
+            output_compression=compression,
+            style=style,
+            background=background,
+            moderation=moderation,
+            user=raw.user,
+            size_is_auto=size_is_auto,
+            quality_is_auto=quality_is_auto,
+        )
+        price = spec.unit_price(quality, request.size)
+        if price is None:  # pragma: no cover - the spec validator guarantees a price
+            raise CatalogError(f"model {spec.id!r} has no price for {quality}/{request.size}")
+        return Quote(request=request, spec=spec, response_format=response_format, unit_price_micros=price)
+
+
+def _resolve_size(spec: ModelSpec, size: str | None) -> tuple[int, int, bool]:
+    value = size or "auto"
+    if value not in spec.sizes:
+        allowed = ", ".join(spec.sizes)
+        raise InvalidRequestError(
+            f"Invalid size '{value}' for model '{spec.id}'. Supported sizes are: {allowed}.",
+            param="size",
+            code="invalid_size",
+        )
+    is_auto = value == "auto"
+    concrete = spec.default_size if is_auto else value
+    match = SIZE_RE.match(concrete)
+    assert match is not None  # guaranteed by ModelSpec validation
+    return int(match.group(1)), int(match.group(2)), is_auto
+
+
+def _invalid_value(param: str, value: object, allowed: Iterable[str]) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Invalid value for '{param}': '{value}'. Supported values are: {', '.join(repr(a) for a in allowed)}.",
+        param=param,
+        code="invalid_value",
+    )
+
+
+def _choose(spec: ModelSpec, param: str, value: str | None, allowed: list[str], default: str) -> str:
+    chosen = default if value is None else value
+    if chosen not in allowed:
+        raise _invalid_value(param, chosen, allowed)
+    return chosen
+
+
+def _optional_choice(spec: ModelSpec, param: str, value: str | None, allowed: list[str]) -> str | None:
+    if value is None:
+        return None
+    if not allowed:
+        raise _unsupported(spec, param)
+    if value not in allowed:
+        raise _invalid_value(param, value, allowed)
+    return value
+
+
+def _resolve_compression(spec: ModelSpec, value: int | None, output_format: str) -> int:
+    if value is None:
+        return 100
+    if not spec.output_compression:
+        raise _unsupported(spec, "output_compression")
+    if not 0 <= value <= 100:
+        raise InvalidRequestError(
+            f"Invalid 'output_compression': expected a value from 0 to 100, but got {value} instead.",
+            param="output_compression",
+        )
+    if output_format == "png" and value != 100:
+        raise InvalidRequestError(
+            "Compression less than 100 is not supported for PNG output format; use 'jpeg' or 'webp'.",
+            param="output_compression",
+        )
+    return value
+
+
+def _unsupported(spec: ModelSpec, param: str) -> InvalidRequestError:
+    return InvalidRequestError(
+        f"Unsupported parameter: '{param}' is not supported by model '{spec.id}'.",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
+def load_catalog(path: Path | None = None) -> list[ModelSpec]:
+    """Reads and validates a catalog file; raises CatalogError naming the bad model."""
+    source = path or DEFAULT_CATALOG
+    try:
+        data = tomllib.loads(source.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise CatalogError(f"cannot read catalog {source}: {exc}") from exc
+    rows = data.get("models")
+    if not isinstance(rows, list) or not rows:
+        raise CatalogError(f"catalog {source} has no [[models]] entries")
+    specs = []
+    for index, row in enumerate(rows):
+        name = row.get("id", f"#{index + 1}") if isinstance(row, dict) else f"#{index + 1}"
+        try:
+            specs.append(ModelSpec.model_validate(row))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model'}: {e['msg']}" for e in exc.errors())
+            raise CatalogError(f"catalog {source}, model {name!r}: {problems}") from exc
+    return specs

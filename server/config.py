@@ -1,0 +1,129 @@
+"""Settings, read once from ``IMAGEGW_*`` environment variables at start-up.
+
+Every value has an embedded default so that ``make run`` works on a fresh machine: state
+lives under ``var/`` (SQLite database, image folder, generated secrets). Nothing here is
+instantiated at import time; ``server.cli`` builds one ``Settings`` and passes it down.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "MIB"]
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """All configuration of one imagegw process. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="IMAGEGW_", extra="ignore")
+
+    # Network. Every listener binds to loopback unless the operator says otherwise.
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    envoy_admin_port: int = 9901
+    metrics_port: int = 0
+    public_base_url: str = ""
+
+    # State.
+    var_dir: Path = Path("var")
+    database_url: str = ""
+    image_dir: Path | None = None
+
+    # Secrets. Unset ones are generated on first start and kept in var/ (mode 0600), so
+    # signed URLs and key hashes survive restarts; replicas must share explicit values.
+    url_signing_secret: SecretStr | None = None
+    key_hash_secret: SecretStr | None = None
+    admin_token: SecretStr | None = None
+
+    # Images.
+    url_ttl_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
+    sweep_interval_seconds: float = Field(default=300, gt=0)
+    catalog_file: Path | None = None
+    default_model: str = "local-1"
+    render_workers: int = Field(default=2, ge=1, le=64)
+
+    # Limits. One place sizes gRPC and Envoy alike, see server.envoy.
+    max_request_bytes: int = Field(default=4 * MIB, ge=64 * 1024)
+    max_response_bytes: int = Field(default=256 * MIB, ge=MIB)
+    request_timeout_seconds: float = Field(default=600, ge=1)
+    shutdown_grace_seconds: float = Field(default=30, ge=0)
+
+    # Money.
+    reservation_ttl_seconds: int = Field(default=1800, ge=60)
+    dev_account_balance_usd: str = "100.000000"
+
+    # Upstream providers. A provider is enabled when its key is set; the conventional
+    # variable names of each vendor's own SDK are accepted as fallbacks.
+    openai_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("IMAGEGW_OPENAI_API_KEY", "OPENAI_API_KEY")
+    )
+    openai_base_url: str = "https://api.openai.com/v1"
+    google_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("IMAGEGW_GOOGLE_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
+    )
+    google_base_url: str = "https://generativelanguage.googleapis.com"
+    stability_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("IMAGEGW_STABILITY_API_KEY", "STABILITY_API_KEY")
+    )
+    stability_base_url: str = "https://api.stability.ai"
+    bfl_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("IMAGEGW_BFL_API_KEY", "BFL_API_KEY")
+    )
+    bfl_base_url: str = "https://api.bfl.ai"
+    # Largest upstream answer read into memory (provider JSON with base64 images).
+    max_upstream_response_bytes: int = Field(default=128 * MIB, ge=MIB)
+
+    # Processes started by `imagegw dev`.
+    envoy_bin: str = ""
+    envoy_config_out: Path | None = None
+    descriptor_file: Path = Path("build/imagegw.pb")
+    log_level: str = "INFO"
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def base_url(self) -> str:
+        """Where clients reach Envoy; signed image URLs start with it."""
+        return self.public_base_url or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{(self.var_dir / 'imagegw.db').resolve()}"
+
+    @property
+    def resolved_image_dir(self) -> Path:
+        return self.image_dir or self.var_dir / "images"
+
+    def secret(self, name: str) -> str:
+        """Returns the named secret, generating and persisting it under var/ when unset."""
+        configured: SecretStr | None = getattr(self, name)
+        if configured is not None and configured.get_secret_value():
+            return configured.get_secret_value()
+        path = self.var_dir / "secrets" / name
+        if path.exists():
+            return path.read_text().strip()
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        value = secrets.token_urlsafe(32)
+        # O_EXCL: two processes starting at once must not write different secrets.
+        try:
+            with path.open("x") as handle:
+                path.chmod(0o600)
+                handle.write(value)
+        except FileExistsError:
+            return path.read_text().strip()
+        return value
