@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(default=256 * MIB, ge=MIB)
     request_timeout_seconds: float = Field(default=600, ge=1)
     shutdown_grace_seconds: float = Field(default=30, ge=0)
+    shutdown_drain_seconds: float = Field(default=2, ge=0)
 
     # Money.
     reservation_ttl_seconds: int = Field(default=1800, ge=60)

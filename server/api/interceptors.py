@@ -1,0 +1,215 @@
+"""The server interceptor: request id, authentication, one log line per call, and the
+single place where errors become wire statuses.
+
+Every RPC handler is wrapped so that, in order:
+1. the request id is taken from ``x-request-id`` (Envoy keeps or generates one) or made;
+2. the caller is authenticated according to the method's policy (public, API key, or
+   admin token) and the principal is put in a context variable for the servicer;
+3. an ``ApiError`` raised anywhere becomes the gRPC status of its row in
+   ``server.errors`` with ``google.rpc.ErrorInfo`` details, plus the ``x-http-status``,
+   ``x-openai-error`` and ``x-should-retry`` trailing metadata that Envoy's Lua filter
+   turns into the HTTP status and OpenAI body; anything else is a bug: logged with the
+   request id and answered as a generic 500, with no class names or stack traces;
+4. one JSON log line records the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server.errors import ERROR_DOMAIN, ApiError, AuthenticationError, InternalError
+from server.ledger import Ledger, Principal
+
+__all__ = ["CallInfo", "MethodPolicy", "ServerInterceptor", "current_call"]
+
+log = logging.getLogger("imagegw.access")
+
+
+class MethodPolicy(enum.Enum):
+    """Who may call a method."""
+
+    PUBLIC = "public"  # health, reflection, signed image URLs (the signature is the credential)
+    API_KEY = "api_key"  # callers with an account
+    ADMIN = "admin"  # operators with IMAGEGW_ADMIN_TOKEN
+
+
+@dataclass
+class CallInfo:
+    """Per-call facts shared by the interceptor and the servicer (via a context variable)."""
+
+    request_id: str
+    method: str
+    principal: Principal | None = None
+    # Fields the servicer adds to the access log line (model, images, cost, ...).
+    log_fields: dict[str, Any] = field(default_factory=dict)
+
+
+_CURRENT: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("imagegw_call")
+
+
+def current_call() -> CallInfo:
+    """The CallInfo of the RPC being handled; only valid inside a handler."""
+    return _CURRENT.get()
+
+
+def error_trailers(error: ApiError, request_id: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
+    """The status code, message and trailing metadata that carry ``error`` on the wire."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason,
+        domain=ERROR_DOMAIN,
+        metadata={"type": error.openai_type, "param": error.param or "", "code": error.code or ""},
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = rpc_status.to_status(
+        status_pb2.Status(code=error.grpc_code.value[0], message=error.message, details=[detail])
+    )
+    metadata: list[tuple[str, str | bytes]] = list(status.trailing_metadata)
+    metadata += [
+        ("x-http-status", str(error.http_status)),
+        ("x-openai-error", error.openai_json()),
+        ("x-should-retry", "true" if error.should_retry else "false"),
+        ("x-request-id", request_id),
+    ]
+    if error.retry_after is not None:
+        metadata.append(("retry-after", str(max(1, round(error.retry_after)))))
+    metadata += list(error.headers.items())
+    return status.code, error.message, tuple(metadata)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every unary handler; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        admin_token: str,
+        policies: Mapping[str, MethodPolicy],
+        on_finish: Callable[[CallInfo, str, float], None] | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self._admin_token = admin_token.encode()
+        self._policies = policies
+        self._on_finish = on_finish
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler  # streaming health/reflection: nothing of ours to guard
+        method = handler_call_details.method
+        policy = self._policies.get(method)
+        if policy is None:
+            policy = MethodPolicy.PUBLIC if _is_infrastructure(method) else MethodPolicy.API_KEY
+        behavior = handler.unary_unary
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self._handle(method, policy, behavior, request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _handle(
+        self,
+        method: str,
+        policy: MethodPolicy,
+        behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        request: Any,
+        context: grpc.aio.ServicerContext,
+    ) -> Any:
+        metadata = _metadata(context)
+        call = CallInfo(request_id=metadata.get("x-request-id") or str(uuid.uuid4()), method=method)
+        token = _CURRENT.set(call)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await self._authenticate(policy, metadata, call)
+            return await behavior(request, context)
+        except ApiError as exc:
+            outcome = exc.code or exc.reason
+            code, message, trailers = error_trailers(exc, call.request_id)
+            await context.abort(code, message, trailing_metadata=trailers)
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            outcome = "internal_error"
+            log.exception("unhandled error", extra={"request_id": call.request_id, "method": method})
+            code, message, trailers = error_trailers(
+                InternalError("The server had an error while processing your request."), call.request_id
+            )
+            await context.abort(code, message, trailing_metadata=trailers)
+        finally:
+            elapsed = time.perf_counter() - started
+            _CURRENT.reset(token)
+            self._log(call, outcome, elapsed)
+            if self._on_finish is not None:
+                self._on_finish(call, outcome, elapsed)
+
+    async def _authenticate(self, policy: MethodPolicy, metadata: Mapping[str, str], call: CallInfo) -> None:
+        if policy is MethodPolicy.PUBLIC:
+            return
+        token = _bearer(metadata.get("authorization", ""))
+        if policy is MethodPolicy.ADMIN:
+            if not token or not hmac.compare_digest(token.encode(), self._admin_token):
+                raise AuthenticationError("Invalid admin token.", code="invalid_admin_token")
+            return
+        if not token:
+            raise AuthenticationError(
+                "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'."
+            )
+        call.principal = await self._ledger.authenticate(token)
+        call.log_fields["account_id"] = call.principal.account_id
+
+    def _log(self, call: CallInfo, outcome: str, elapsed: float) -> None:
+        record = {
+            "request_id": call.request_id,
+            "method": call.method,
+            "outcome": outcome,
+            "latency_ms": round(elapsed * 1000, 1),
+            **call.log_fields,
+        }
+        log.info(json.dumps(record, separators=(",", ":")))
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            result[key.lower()] = value
+    return result
+
+
+def _bearer(header: str) -> str:
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return ""
+    return credentials.strip()
+
+
+def _is_infrastructure(method: str) -> bool:
+    return method.startswith(("/grpc.health.", "/grpc.reflection."))

@@ -1,0 +1,260 @@
+"""The composition root: the only place that builds and wires components.
+
+``build_app`` turns ``Settings`` into an ``App`` (database, ledger, catalog, providers,
+image store, generation use case, background sweeper), registering every resource on
+an ``AsyncExitStack`` so that shutdown closes them in reverse order. ``build_server``
+puts the servicers, interceptor, health and reflection on a ``grpc.aio`` server without
+binding a port, so tests can bind ``127.0.0.1:0``. ``serve`` runs it until SIGTERM or
+SIGINT and shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc, models_pb2, models_pb2_grpc
+
+from server.api.admin import AdminServicer
+from server.api.images import ImageServicer
+from server.api.interceptors import MethodPolicy, ServerInterceptor
+from server.api.models import ModelServicer
+from server.catalog import ModelCatalog, ModelSpec, load_catalog
+from server.config import Settings
+from server.generation import Generation
+from server.ledger import Ledger, create_engine, migrate
+from server.providers import build_provider, enabled_providers
+from server.providers.base import ImageProvider
+from server.providers.local import LocalRenderer
+from server.storage import FilesystemImageStore, ImageStore, UrlSigner
+
+__all__ = ["App", "build_app", "build_server", "serve", "SERVICE_NAMES"]
+
+log = logging.getLogger("imagegw")
+
+SERVICE_NAMES = (
+    images_pb2.DESCRIPTOR.services_by_name["ImageService"].full_name,
+    models_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+_IMAGE_SERVICE, _MODEL_SERVICE, _ADMIN_SERVICE = SERVICE_NAMES
+
+# Who may call what. Image files are public: the signed URL is the credential, so that
+# browsers and <img> tags can fetch them like OpenAI's links.
+METHOD_POLICIES = {
+    f"/{_IMAGE_SERVICE}/GenerateImages": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/GetImageFile": MethodPolicy.PUBLIC,
+    f"/{_MODEL_SERVICE}/ListModels": MethodPolicy.API_KEY,
+    f"/{_MODEL_SERVICE}/GetModel": MethodPolicy.API_KEY,
+    **{
+        f"/{_ADMIN_SERVICE}/{method.name}": MethodPolicy.ADMIN
+        for method in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods
+    },
+}
+
+
+@dataclass(frozen=True)
+class App:
+    """Every long-lived component of one server process."""
+
+    settings: Settings
+    catalog: ModelCatalog
+    ledger: Ledger
+    store: ImageStore
+    signer: UrlSigner
+    providers: Mapping[str, ImageProvider]
+    generation: Generation
+    health: health.aio.HealthServicer
+
+
+async def build_app(
+    settings: Settings,
+    stack: AsyncExitStack,
+    *,
+    providers: Mapping[str, ImageProvider] | None = None,
+) -> App:
+    """Builds every component from ``settings``; ``providers`` (by model id) override the
+    configured adapters, which is how tests put a fake in front of a model."""
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(settings.resolved_database_url)
+    stack.push_async_callback(engine.dispose)
+    await migrate(engine)
+    ledger = Ledger(
+        engine,
+        key_hash_secret=settings.secret("key_hash_secret").encode(),
+        reservation_ttl_seconds=settings.reservation_ttl_seconds,
+    )
+    specs = load_catalog(settings.catalog_file)
+    catalog = ModelCatalog(
+        specs, enabled_providers=enabled_providers(settings, specs), default_model=settings.default_model
+    )
+    _log_models(catalog)
+    wired = dict(providers or {})
+    wired.update({k: v for k, v in (await _build_providers(settings, catalog, stack)).items() if k not in wired})
+    store = FilesystemImageStore(settings.resolved_image_dir)
+    signer = UrlSigner(
+        settings.secret("url_signing_secret").encode(),
+        base_url=settings.base_url,
+        ttl_seconds=settings.url_ttl_seconds,
+    )
+    generation = Generation(catalog=catalog, providers=wired, ledger=ledger, store=store, signer=signer)
+    sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store), name="imagegw-sweeper")
+    stack.push_async_callback(_cancel, sweeper)
+    return App(
+        settings=settings,
+        catalog=catalog,
+        ledger=ledger,
+        store=store,
+        signer=signer,
+        providers=wired,
+        generation=generation,
+        health=health.aio.HealthServicer(),
+    )
+
+
+async def _build_providers(
+    settings: Settings, catalog: ModelCatalog, stack: AsyncExitStack
+) -> dict[str, ImageProvider]:
+    """One adapter per provider (one pooled HTTP client each), mapped by model id."""
+    by_model: dict[str, ImageProvider] = {}
+    shared: dict[str, ImageProvider] = {}
+    for spec in catalog.enabled_models():
+        if not spec.is_image:
+            continue
+        key = _provider_key(spec)
+        if key not in shared:
+            shared[key] = await _new_provider(spec, settings, stack)
+        by_model[spec.id] = shared[key]
+    return by_model
+
+
+def _provider_key(spec: ModelSpec) -> str:
+    # Operator-defined OpenAI-compatible hosts each get their own client and key.
+    return f"{spec.provider}|{spec.base_url or ''}|{spec.api_key_env or ''}"
+
+
+async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitStack) -> ImageProvider:
+    if spec.provider == "local":
+        executor = ThreadPoolExecutor(max_workers=settings.render_workers, thread_name_prefix="imagegw-render")
+        stack.callback(executor.shutdown, wait=False, cancel_futures=True)
+        provider: ImageProvider = LocalRenderer(executor)
+    else:
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            follow_redirects=False,
+        )
+        stack.push_async_callback(http.aclose)
+        provider = build_provider(spec.provider, settings=settings, http=http, spec=spec)
+    stack.push_async_callback(provider.aclose)
+    return provider
+
+
+def _log_models(catalog: ModelCatalog) -> None:
+    enabled = [spec.id for spec in catalog.enabled_models()]
+    log.info("models enabled: %s", ", ".join(enabled) or "none")
+    disabled = catalog.disabled_models()
+    if disabled:
+        hints = sorted({f"{spec.provider} (IMAGEGW_{spec.provider.upper()}_API_KEY)" for spec in disabled})
+        log.info(
+            "models not enabled: %s; set the provider key to enable them: %s",
+            ", ".join(spec.id for spec in disabled),
+            ", ".join(hints),
+        )
+
+
+async def _sweep_forever(settings: Settings, ledger: Ledger, store: ImageStore) -> None:
+    """Deletes expired images and releases reservations left behind by crashed requests."""
+    while True:
+        try:
+            released = await ledger.release_expired()
+            removed = await store.delete_older_than(time.time() - settings.url_ttl_seconds)
+            if released or removed:
+                log.info("sweep: released %d expired reservations, deleted %d expired images", released, removed)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("sweep failed; retrying at the next interval")
+        await asyncio.sleep(settings.sweep_interval_seconds)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def build_server(app: App) -> grpc.aio.Server:
+    """A server with every service, health and reflection registered; no port bound."""
+    settings = app.settings
+    server = grpc.aio.server(
+        interceptors=[
+            ServerInterceptor(
+                ledger=app.ledger,
+                admin_token=settings.secret("admin_token"),
+                policies=METHOD_POLICIES,
+            )
+        ],
+        options=[
+            # Sized from the one setting that also sizes Envoy's buffers (server/envoy.py).
+            ("grpc.max_send_message_length", settings.max_response_bytes),
+            ("grpc.max_receive_message_length", settings.max_request_bytes + 64 * 1024),
+            # A second server on a taken port must fail, not silently share it.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    images_pb2_grpc.add_ImageServiceServicer_to_server(
+        ImageServicer(generation=app.generation, store=app.store, signer=app.signer), server
+    )
+    models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(app.catalog), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.ledger), server)
+    health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    return server
+
+
+async def set_serving(app: App) -> None:
+    """Marks the server and each of its services SERVING."""
+    for name in ("", *SERVICE_NAMES):
+        await app.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Runs the gRPC server until SIGTERM/SIGINT, then drains and stops gracefully:
+    health goes NOT_SERVING (Envoy stops routing new requests here), in-flight requests
+    get ``shutdown_grace_seconds`` to finish, then everything is closed."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with AsyncExitStack() as stack:
+        app = await build_app(settings, stack)
+        server = build_server(app)
+        server.add_insecure_port(settings.grpc_target)
+        await server.start()
+        await set_serving(app)
+        log.info("gRPC server listening on %s", settings.grpc_target)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("shutting down: draining in-flight requests for up to %.0f s", settings.shutdown_grace_seconds)
+        # NOT_SERVING first and keep accepting for a moment: Envoy's health checks need
+        # that long to stop routing here, so no request arrives at a closed door.
+        await app.health.enter_graceful_shutdown()
+        await asyncio.sleep(settings.shutdown_drain_seconds)
+        await server.stop(settings.shutdown_grace_seconds)
+        log.info("server stopped")

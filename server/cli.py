@@ -1,0 +1,200 @@
+"""The ``imagegw`` command.
+
+    imagegw serve                  run the gRPC server (what a container runs)
+    imagegw dev                    run the server and Envoy together on embedded defaults
+    imagegw migrate                apply database migrations and exit
+    imagegw envoy-config           print the Envoy config rendered for these settings
+    imagegw accounts create|credit|show ...   operator commands over AdminService
+    imagegw keys create|revoke ...
+    imagegw usage --account ID
+    imagegw reconcile
+
+Settings come from ``IMAGEGW_*`` variables (server/config.py). Operator commands talk
+to a running server over gRPC with the admin token (``IMAGEGW_ADMIN_TOKEN``, or the one
+generated under ``var/`` on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from imagegw.v1 import admin_pb2, admin_pb2_grpc
+
+from server.config import Settings
+
+__all__ = ["main"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, so logs can be shipped and queried as data."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        message = record.getMessage()
+        if record.name == "imagegw.access" and message.startswith("{"):
+            entry.update(json.loads(message))
+        else:
+            entry["message"] = message
+        for key in ("request_id", "method"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _admin_call(settings: Settings, target: str | None, method: str, request: Message) -> dict[str, Any]:
+    async def run() -> Message:
+        async with grpc.aio.insecure_channel(target or settings.grpc_target) as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            metadata = (("authorization", f"Bearer {settings.secret('admin_token')}"),)
+            result: Message = await getattr(stub, method)(request, metadata=metadata, timeout=30)
+            return result
+
+    response = asyncio.run(run())
+    return json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _print(result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+def _error_payload(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
+    for key, value in exc.trailing_metadata() or ():
+        if key == "x-openai-error" and isinstance(value, str):
+            body: dict[str, Any] = json.loads(value)["error"]
+            return body
+    return {"message": exc.details() or exc.code().name, "type": "server_error", "param": None, "code": None}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegw", description="OpenAI-compatible image generation gateway")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the gRPC server")
+    sub.add_parser("dev", help="run the gRPC server and Envoy together")
+    sub.add_parser("migrate", help="apply database migrations")
+    sub.add_parser("envoy-config", help="print the rendered Envoy config")
+
+    def admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.add_argument("--target", help="gRPC address of the server (default: IMAGEGW_GRPC_HOST:PORT)")
+        return p
+
+    accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
+    create = admin(accounts.add_parser("create", help="create an account"))
+    create.add_argument("--name", required=True)
+    create.add_argument("--balance", default="0", help="opening balance in USD, e.g. 5.00")
+    credit = admin(accounts.add_parser("credit", help="add money to an account"))
+    credit.add_argument("--account", required=True)
+    credit.add_argument("--amount", required=True, help="USD, e.g. 2.50")
+    show = admin(accounts.add_parser("show", help="show an account"))
+    show.add_argument("--account", required=True)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    key_create = admin(keys.add_parser("create", help="issue an API key (shown once)"))
+    key_create.add_argument("--account", required=True)
+    key_create.add_argument("--name", default="")
+    revoke = admin(keys.add_parser("revoke", help="revoke an API key"))
+    revoke.add_argument("--key-id", required=True)
+
+    usage = admin(sub.add_parser("usage", help="list an account's usage"))
+    usage.add_argument("--account", required=True)
+    usage.add_argument("--limit", type=int, default=100)
+    admin(sub.add_parser("reconcile", help="check every balance against the ledger"))
+    return parser
+
+
+def _admin_request(args: argparse.Namespace) -> tuple[str, Message]:
+    match (args.command, getattr(args, "action", None)):
+        case ("accounts", "create"):
+            return "CreateAccount", admin_pb2.CreateAccountRequest(name=args.name, balance_usd=args.balance)
+        case ("accounts", "credit"):
+            return "CreditAccount", admin_pb2.CreditAccountRequest(account_id=args.account, amount_usd=args.amount)
+        case ("accounts", "show"):
+            return "GetAccount", admin_pb2.GetAccountRequest(account_id=args.account)
+        case ("keys", "create"):
+            return "CreateKey", admin_pb2.CreateKeyRequest(account_id=args.account, name=args.name)
+        case ("keys", "revoke"):
+            return "RevokeKey", admin_pb2.RevokeKeyRequest(key_id=args.key_id)
+        case ("usage", _):
+            return "ListUsage", admin_pb2.ListUsageRequest(account_id=args.account, limit=args.limit)
+        case ("reconcile", _):
+            return "Reconcile", admin_pb2.ReconcileRequest()
+    raise SystemExit(f"unknown command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings.log_level)
+    if args.command == "serve":
+        from server.app import serve
+
+        asyncio.run(serve(settings))
+        return 0
+    if args.command == "dev":
+        from server.dev import run_dev
+
+        return run_dev(settings)
+    if args.command == "migrate":
+        from server.ledger import create_engine, migrate
+
+        async def run_migrations() -> None:
+            engine = create_engine(settings.resolved_database_url)
+            try:
+                await migrate(engine)
+            finally:
+                await engine.dispose()
+
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        asyncio.run(run_migrations())
+        print("database is up to date")
+        return 0
+    if args.command == "envoy-config":
+        import yaml
+
+        from server.envoy import render_envoy_config
+
+        print(yaml.safe_dump(render_envoy_config(settings), sort_keys=False))
+        return 0
+    method, request = _admin_request(args)
+    try:
+        result = _admin_call(settings, args.target, method, request)
+    except grpc.aio.AioRpcError as exc:
+        error = _error_payload(exc)
+        if args.json:
+            print(json.dumps({"error": error}, indent=2), file=sys.stderr)
+        else:
+            print(f"error: {error['message']}", file=sys.stderr)
+        return 1
+    if method == "ListUsage":
+        result = {"data": result.get("data", [])}
+    _print(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The image store protocol and image ids."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["ImageStore", "StoredImage", "new_image_id", "valid_image_id", "FORMAT_OF_EXTENSION"]
+
+# 128 random bits, URL-safe; the extension tells the content type without a lookup.
+_ID_RE = re.compile(r"^img-[A-Za-z0-9_-]{22}\.(png|jpeg|webp)$")
+FORMAT_OF_EXTENSION = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def new_image_id(fmt: str) -> str:
+    """A fresh unguessable id such as ``img-3q2L...Xw.png``."""
+    if fmt not in FORMAT_OF_EXTENSION:
+        raise ValueError(f"unknown image format {fmt!r}")
+    return f"img-{secrets.token_urlsafe(16)}.{fmt}"
+
+
+def valid_image_id(image_id: str) -> bool:
+    """True for ids this gateway could have made; anything else (``..``, ``/``) is refused
+    before it gets near a path or an object key."""
+    return bool(_ID_RE.match(image_id))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """Bytes read back from a store."""
+
+    data: bytes
+    content_type: str
+
+
+class ImageStore(Protocol):
+    """Where images for ``url`` responses live until they expire."""
+
+    async def put(self, image_id: str, data: bytes) -> None:
+        """Stores the bytes under ``image_id`` (made by ``new_image_id``)."""
+        ...
+
+    async def get(self, image_id: str) -> StoredImage | None:
+        """The stored image, or None when there is none (never stored, or swept)."""
+        ...
+
+    async def delete_older_than(self, cutoff: float) -> int:
+        """Deletes images stored before unix time ``cutoff``; returns how many."""
+        ...

@@ -1,0 +1,65 @@
+"""The embedded image store: one file per image in a folder (``var/images`` by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from server.storage.base import FORMAT_OF_EXTENSION, StoredImage, valid_image_id
+
+__all__ = ["FilesystemImageStore"]
+
+
+class FilesystemImageStore:
+    """Stores images as files. File I/O runs in worker threads so that a slow disk never
+    stalls the event loop; writes go to a temporary name first so a reader never sees a
+    half-written image."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def _path(self, image_id: str) -> Path:
+        # The id is validated by a strict pattern before it becomes a path: no separators,
+        # no dot-dot, so nothing can escape the store's folder.
+        if not valid_image_id(image_id):
+            raise ValueError("invalid image id")
+        return self._root / image_id
+
+    async def put(self, image_id: str, data: bytes) -> None:
+        await asyncio.to_thread(self._write, self._path(image_id), data)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+
+    async def get(self, image_id: str) -> StoredImage | None:
+        if not valid_image_id(image_id):
+            return None
+        path = self._path(image_id)
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            return None
+        return StoredImage(data=data, content_type=FORMAT_OF_EXTENSION[image_id.rsplit(".", 1)[1]])
+
+    async def delete_older_than(self, cutoff: float) -> int:
+        return await asyncio.to_thread(self._sweep, cutoff)
+
+    def _sweep(self, cutoff: float) -> int:
+        removed = 0
+        try:
+            entries = list(os.scandir(self._root))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another replica swept it first
+        return removed
