@@ -51,6 +51,8 @@ def render_envoy_config(settings: Settings, upstreams: Sequence[tuple[str, int]]
         typed = http_filter["typed_config"]
         if http_filter["name"] == "envoy.filters.http.lua":
             typed["default_source_code"]["filename"] = str(LUA_FILE)
+        elif http_filter["name"] == "envoy.filters.http.buffer":
+            typed["max_request_bytes"] = settings.max_request_bytes
         elif http_filter["name"] == "envoy.filters.http.grpc_json_transcoder":
             typed["proto_descriptor"] = str(settings.descriptor_file.resolve())
             typed["max_request_body_size"] = settings.max_request_bytes

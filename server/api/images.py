@@ -54,7 +54,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         )
         call.log_fields["model"] = raw.model or "default"
         remaining = context.time_remaining()
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        # Finish a little before the caller's deadline, so that the caller gets our 504
+        # (with its OpenAI body) rather than a transport timeout.
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining * 0.95 - 0.05
         result = await self._generation.generate(
             call.principal, raw, request_id=call.request_id, deadline=deadline
         )

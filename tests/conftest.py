@@ -1,0 +1,43 @@
+"""Shared fixtures: isolated environment, and the real stacks from tests/stack.py."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.stack import InProcessStack, ProcessStack, in_process_stack, process_stack
+
+# Never let a developer's real provider keys or settings leak into a test run.
+_LEAKY = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "STABILITY_API_KEY", "BFL_API_KEY")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clean_environment() -> Iterator[None]:
+    saved = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGW_") or k in _LEAKY}
+    for key in saved:
+        del os.environ[key]
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ProcessStack]:
+    """One server process behind the real Envoy, shared by the e2e and contract tests.
+    Tests that need their own money create their own accounts."""
+    async with process_stack(tmp_path_factory.mktemp("gateway")) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InProcessStack]:
+    """The production server in-process, over a real gRPC channel."""
+    async with in_process_stack(tmp_path_factory.mktemp("service")) as stack:
+        yield stack
+
+
+@pytest.fixture
+def var_dir(tmp_path: Path) -> Path:
+    return tmp_path / "var"

@@ -1,0 +1,232 @@
+"""Real stacks for tests: an in-process grpc.aio server, or server processes behind Envoy.
+
+Nothing here is a mock. ``InProcessStack`` is the production composition root
+(``build_app`` + ``build_server``) on ``127.0.0.1:0``; ``ProcessStack`` runs
+``imagegw serve`` processes and the real Envoy binary, exactly like ``imagegw dev``.
+Both listen on loopback only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import socket
+import subprocess
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2_grpc, models_pb2_grpc
+
+from server.app import App, build_app, build_server, set_serving
+from server.config import Settings
+from server.dev import start_envoy, start_server, stop_process, wait_for_envoy, wait_for_grpc
+from server.providers.base import ImageProvider
+
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTOR = ROOT / "build" / "imagegw.pb"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def base_env(var_dir: Path, **overrides: Any) -> dict[str, str]:
+    """IMAGEGW_* variables for a fresh, isolated stack under ``var_dir``."""
+    env = {
+        "IMAGEGW_VAR_DIR": str(var_dir),
+        "IMAGEGW_GRPC_PORT": str(free_port()),
+        "IMAGEGW_HTTP_PORT": str(free_port()),
+        "IMAGEGW_ENVOY_ADMIN_PORT": str(free_port()),
+        "IMAGEGW_ADMIN_TOKEN": "admin-" + secrets.token_urlsafe(16),
+        "IMAGEGW_URL_SIGNING_SECRET": secrets.token_urlsafe(32),
+        "IMAGEGW_KEY_HASH_SECRET": secrets.token_urlsafe(32),
+        "IMAGEGW_DESCRIPTOR_FILE": str(DESCRIPTOR),
+        "IMAGEGW_SHUTDOWN_DRAIN_SECONDS": "0",
+        "IMAGEGW_LOG_LEVEL": "INFO",
+    }
+    env.update({f"IMAGEGW_{key.upper()}": str(value) for key, value in overrides.items()})
+    return env
+
+
+@contextlib.contextmanager
+def settings_env(env: Mapping[str, str]) -> Iterator[Settings]:
+    """Settings read from ``env`` exactly as a process would read them."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield Settings()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    with settings_env(env) as settings:
+        return settings
+
+
+@dataclass
+class Admin:
+    """Operator calls over the real AdminService."""
+
+    channel: grpc.aio.Channel
+    token: str
+
+    @property
+    def stub(self) -> admin_pb2_grpc.AdminServiceStub:
+        return admin_pb2_grpc.AdminServiceStub(self.channel)
+
+    @property
+    def auth(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.token}"),)
+
+    async def account(self, balance_usd: str, name: str | None = None) -> str:
+        account = await self.stub.CreateAccount(
+            admin_pb2.CreateAccountRequest(name=name or f"acct-{secrets.token_hex(6)}", balance_usd=balance_usd),
+            metadata=self.auth,
+        )
+        return account.account_id
+
+    async def key(self, account_id: str) -> str:
+        created = await self.stub.CreateKey(admin_pb2.CreateKeyRequest(account_id=account_id), metadata=self.auth)
+        return created.api_key
+
+    async def funded_key(self, balance_usd: str = "100.00") -> tuple[str, str]:
+        """A new account with ``balance_usd`` and a key for it: (account_id, api_key)."""
+        account_id = await self.account(balance_usd)
+        return account_id, await self.key(account_id)
+
+    async def get(self, account_id: str) -> admin_pb2.Account:
+        return await self.stub.GetAccount(admin_pb2.GetAccountRequest(account_id=account_id), metadata=self.auth)
+
+    async def reconcile(self) -> admin_pb2.ReconcileResponse:
+        return await self.stub.Reconcile(admin_pb2.ReconcileRequest(), metadata=self.auth)
+
+    async def usage(self, account_id: str) -> list[admin_pb2.UsageRecord]:
+        reply = await self.stub.ListUsage(admin_pb2.ListUsageRequest(account_id=account_id), metadata=self.auth)
+        return list(reply.data)
+
+
+@dataclass
+class InProcessStack:
+    """The production server in this process, reached over a real gRPC channel."""
+
+    app: App
+    channel: grpc.aio.Channel
+    admin: Admin
+
+    @property
+    def images(self) -> images_pb2_grpc.ImageServiceStub:
+        return images_pb2_grpc.ImageServiceStub(self.channel)
+
+    @property
+    def models(self) -> models_pb2_grpc.ModelServiceStub:
+        return models_pb2_grpc.ModelServiceStub(self.channel)
+
+
+@contextlib.asynccontextmanager
+async def in_process_stack(
+    var_dir: Path, *, providers: Mapping[str, ImageProvider] | None = None, **overrides: Any
+) -> AsyncIterator[InProcessStack]:
+    env = base_env(var_dir, **overrides)
+    settings = settings_from(env)
+    async with AsyncExitStack() as stack:
+        app = await build_app(settings, stack, providers=providers)
+        server = build_server(app)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await set_serving(app)
+        stack.push_async_callback(server.stop, None)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stack.push_async_callback(channel.close)
+        yield InProcessStack(app=app, channel=channel, admin=Admin(channel, env["IMAGEGW_ADMIN_TOKEN"]))
+
+
+@dataclass
+class ProcessStack:
+    """``imagegw serve`` processes behind the real Envoy."""
+
+    settings: Settings
+    env: dict[str, str]
+    servers: list[subprocess.Popen[bytes]]
+    envoy: subprocess.Popen[bytes]
+    channel: grpc.aio.Channel
+    grpc_targets: list[str]
+    logs: Path
+    admin: Admin = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admin = Admin(self.channel, self.env["IMAGEGW_ADMIN_TOKEN"])
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_port}"
+
+    @property
+    def api_base(self) -> str:
+        return f"{self.base_url}/v1"
+
+    @property
+    def images(self) -> images_pb2_grpc.ImageServiceStub:
+        return images_pb2_grpc.ImageServiceStub(self.channel)
+
+    def server_log(self, index: int = 0) -> str:
+        return (self.logs / f"server-{index}.log").read_text(errors="replace")
+
+    def envoy_log(self) -> str:
+        return (self.logs / "envoy.log").read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def process_stack(var_dir: Path, *, servers: int = 1, **overrides: Any) -> AsyncIterator[ProcessStack]:
+    """Starts ``servers`` server processes sharing one database, and Envoy in front."""
+    env = base_env(var_dir, **overrides)
+    logs = var_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    ports = [int(env["IMAGEGW_GRPC_PORT"])] + [free_port() for _ in range(servers - 1)]
+    processes: list[subprocess.Popen[bytes]] = []
+    envoy: subprocess.Popen[bytes] | None = None
+    settings = settings_from(env)
+    try:
+        for index, port in enumerate(ports):
+            processes.append(
+                start_server({**env, "IMAGEGW_GRPC_PORT": str(port)}, log_path=logs / f"server-{index}.log")
+            )
+            # Migrations run on start; let the first server create the schema alone.
+            if index == 0:
+                wait_for_grpc(f"127.0.0.1:{port}", processes[0])
+        for port, process in zip(ports, processes):
+            wait_for_grpc(f"127.0.0.1:{port}", process)
+        envoy = start_envoy(
+            settings,
+            var_dir / "envoy.yaml",
+            upstreams=[("127.0.0.1", port) for port in ports],
+            log_path=logs / "envoy.log",
+        )
+        wait_for_envoy(settings, envoy)
+        async with grpc.aio.insecure_channel(settings.grpc_target) as channel:
+            yield ProcessStack(
+                settings=settings,
+                env=env,
+                servers=processes,
+                envoy=envoy,
+                channel=channel,
+                grpc_targets=[f"127.0.0.1:{port}" for port in ports],
+                logs=logs,
+            )
+    finally:
+        for process in processes:
+            stop_process(process, timeout=20)
+        if envoy is not None:
+            stop_process(envoy, timeout=10)
