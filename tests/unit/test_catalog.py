@@ -1,0 +1,95 @@
+"""Catalog loading (start-up validation) and per-model request resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.catalog import CatalogError, ModelCatalog, RawImageRequest, load_catalog
+from server.errors import InvalidRequestError, ModelNotAvailableError
+
+ROW = """
+[[models]]
+id = "m"
+provider = "local"
+sizes = ["512x512", "1024x1024", "auto"]
+default_size = "512x512"
+max_n = 4
+qualities = ["auto", "standard", "hd"]
+default_quality = "standard"
+prices = { "standard" = { "*" = 1000, "1024x1024" = 3000 }, "hd" = { "*" = 5000 } }
+"""
+
+
+def catalog_from(tmp_path: Path, text: str, enabled: set[str] | None = None) -> ModelCatalog:
+    path = tmp_path / "catalog.toml"
+    path.write_text(text)
+    return ModelCatalog(load_catalog(path), enabled_providers=enabled or {"local"}, default_model="m")
+
+
+def test_shipped_catalog_loads() -> None:
+    specs = load_catalog()
+    assert "local-1" in {s.id for s in specs}
+
+
+def test_auto_resolves_before_pricing(tmp_path: Path) -> None:
+    catalog = catalog_from(tmp_path, ROW)
+    quote = catalog.resolve(RawImageRequest(prompt="p", n=3))
+    assert (quote.request.size, quote.request.quality, quote.request.size_is_auto) == ("512x512", "standard", True)
+    assert (quote.unit_price_micros, quote.amount_micros, quote.response_format) == (1000, 3000, "url")
+    big = catalog.resolve(RawImageRequest(prompt="p", size="1024x1024", quality="hd", n=2))
+    assert (big.unit_price_micros, big.amount_micros) == (5000, 10000)
+    mid = catalog.resolve(RawImageRequest(prompt="p", size="1024x1024"))
+    assert mid.unit_price_micros == 3000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ('prices = { "standard" = { "512x512" = 1000 } }', "no price"),
+        ('default_size = "2048x2048"', "default_size"),
+        ('default_quality = "auto"', "default_quality"),
+        ('sizes = ["big"]', "WIDTHxHEIGHT"),
+        ('colour = "blue"', "colour"),
+        ('output_formats = ["gif"]', "gif"),
+    ],
+)
+def test_invalid_rows_stop_start_up_naming_the_model(tmp_path: Path, change: str, message: str) -> None:
+    key = change.split(" =")[0]
+    lines = [line for line in ROW.splitlines() if not line.startswith(f"{key} =")]
+    with pytest.raises(CatalogError) as caught:
+        catalog_from(tmp_path, "\n".join(lines) + "\n" + change + "\n")
+    assert "'m'" in str(caught.value) and message in str(caught.value)
+
+
+def test_duplicate_ids_and_bad_fallbacks_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(CatalogError, match="listed twice"):
+        catalog_from(tmp_path, ROW + ROW)
+    with pytest.raises(CatalogError, match="fallback 'ghost'"):
+        catalog_from(tmp_path, ROW + 'fallbacks = ["ghost"]\n')
+
+
+def test_disabled_provider_gives_model_not_available(tmp_path: Path) -> None:
+    catalog = catalog_from(tmp_path, ROW.replace('provider = "local"', 'provider = "openai"'))
+    with pytest.raises(ModelNotAvailableError) as caught:
+        catalog.resolve(RawImageRequest(prompt="p"))
+    assert (caught.value.param, caught.value.code) == ("model", "model_not_available")
+    assert catalog.enabled_models() == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "param", "code"),
+    [
+        (RawImageRequest(prompt="p", style="vivid"), "style", "unsupported_parameter"),
+        (RawImageRequest(prompt="p", background="opaque"), "background", "unsupported_parameter"),
+        (RawImageRequest(prompt="p", output_compression=50), "output_compression", "unsupported_parameter"),
+        (RawImageRequest(prompt="p", n=5), "n", "integer_above_max_value"),
+        (RawImageRequest(prompt="p", partial_images=4), "partial_images", "invalid_value"),
+    ],
+)
+def test_parameters_the_model_cannot_take_are_400(tmp_path: Path, raw: RawImageRequest, param: str, code: str) -> None:
+    catalog = catalog_from(tmp_path, ROW)
+    with pytest.raises(InvalidRequestError) as caught:
+        catalog.resolve(raw)
+    assert (caught.value.param, caught.value.code) == (param, code)
