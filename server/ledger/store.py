@@ -1,0 +1,805 @@
+"""The ledger: accounts, API keys, prepaid balances, reservations and usage.
+
+Life cycle of one paid request (issue 3, "money flow")::
+
+    reserve ──commit──> provider call ──> settle ──commit
+      available -> held   (no database      held -> spent      (captured, <= held)
+      entry 'reserve'      transaction      held -> available  (the rest)
+                           is open)         entries 'capture' / 'release', one usage row
+
+    killed or lost between reserve and settle: after expires_at the sweeper
+    (release_expired) moves everything held back to available.
+
+* :meth:`Ledger.reserve` is one short transaction around a conditional update,
+  ``UPDATE accounts SET balance_micros = balance_micros - :x WHERE id = :id AND
+  balance_micros >= :x``, which cannot overdraw on either engine (plus
+  ``CHECK (balance_micros >= 0)``); zero rows updated means 402. It commits before
+  returning, so no transaction is held across the provider call.
+* :meth:`Ledger.settle` captures what was delivered and releases the rest, in one
+  transaction. It first *claims* the reservation (``UPDATE ... WHERE status = 'open'``),
+  so a second settle, a concurrent settle, or a settle racing the sweeper does nothing:
+  each reservation is closed exactly once (and ``usage_records.reservation_id`` is
+  UNIQUE besides). :meth:`Ledger.release` is a settle that captures nothing.
+* :meth:`Ledger.release_expired` is the sweeper. A reservation still open at its
+  ``expires_at`` belongs to a request that died with its process; the sweeper releases
+  it in full (usage status ``failed``, error ``reservation_expired``). The TTL
+  (``reservation_ttl_seconds``, 30 min by default) is longer than any request deadline,
+  so a live request is never swept; if one were, its late settle finds the reservation
+  closed and captures nothing (the images are free, never double-charged). A caller
+  cancelled while ``reserve`` commits may hold a reservation it never learns about; the
+  sweeper returns that money too.
+
+``ledger_entries`` is append-only; ``accounts`` holds running totals that are a cache of
+it, updated in the same transactions. :meth:`Ledger.reconcile` recomputes everything from
+the entries and reports any difference: for each account, ``balance == credits -
+captures - open reservations``, ``reserved == open reservations`` and ``spent ==
+captures``.
+
+API keys: see :mod:`server.ledger.keys`. :meth:`Ledger.authenticate` reads the database
+on every call (no cache), so a revocation applies to the very next request on every
+replica.
+
+All amounts are integer micro-dollars (:mod:`server.ledger.money`); all times are integer
+unix seconds from the injected ``clock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import secrets
+import string
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import case, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.errors import (
+    AuthenticationError,
+    InsufficientBalanceError,
+    InvalidRequestError,
+    NotFoundError,
+)
+from server.ledger.db import READ_ONLY
+from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key, parse_api_key
+from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_usd
+from server.ledger.schema import USAGE_STATUSES, accounts, api_keys, ledger_entries, reservations, usage_records
+
+__all__ = [
+    "AccountView",
+    "KeyView",
+    "Ledger",
+    "Principal",
+    "ReconcileReport",
+    "Reservation",
+    "UsageView",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 100
+MAX_USAGE_LIMIT = 1000
+# Error code written on usage rows of reservations released by the sweeper.
+EXPIRED_ERROR_CODE = "reservation_expired"
+# The sweeper closes expired reservations in batches of this many, one transaction each.
+_SWEEP_BATCH = 500
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+
+
+def _new_id(prefix: str) -> str:
+    # 20 characters of [a-z0-9]: ~103 bits, so ids never collide in practice.
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+def _clip(value: str, length: int) -> str:
+    # request ids come from a client-settable header and model ids from the catalog;
+    # keep them within the column width so both engines accept them.
+    return value[:length]
+
+
+def _shown(value: object) -> str:
+    # For echoing caller input in error messages: bounded, printable.
+    text_ = str(value)
+    return repr(text_ if len(text_) <= 64 else text_[:64] + "...")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountView:
+    """An account and its money, in micro-dollars.
+
+    ``balance_micros`` is available for new requests, ``reserved_micros`` is held by
+    requests in flight, ``spent_micros`` was captured, ``credited_micros`` was ever
+    credited; ``balance + reserved + spent == credited``.
+    """
+
+    account_id: str
+    name: str
+    balance_micros: int
+    reserved_micros: int
+    spent_micros: int
+    credited_micros: int
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """An API key without its secret; ``revoked`` is the unix time of revocation or None."""
+
+    key_id: str
+    account_id: str
+    name: str
+    created: int
+    revoked: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the account a valid API key spends from, and the key's id."""
+
+    account_id: str
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Money held for one request until it is settled or expires (at ``expires_at``)."""
+
+    reservation_id: str
+    account_id: str
+    request_id: str
+    model: str
+    images: int
+    amount_micros: int
+    created: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageView:
+    """One settled request: what was asked, delivered and charged."""
+
+    created: int
+    request_id: str
+    model: str
+    images_requested: int
+    images_delivered: int
+    cost_micros: int
+    status: str
+    error_code: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """The result of :meth:`Ledger.reconcile`: ``ok`` when ``mismatches`` is empty."""
+
+    ok: bool
+    accounts_checked: int
+    mismatches: list[str]
+
+
+def _account_view(row: Any) -> AccountView:
+    return AccountView(
+        account_id=row.id,
+        name=row.name,
+        balance_micros=row.balance_micros,
+        reserved_micros=row.reserved_micros,
+        spent_micros=row.spent_micros,
+        credited_micros=row.credited_micros,
+        created=row.created_at,
+    )
+
+
+def _key_view(row: Any) -> KeyView:
+    return KeyView(
+        key_id=row.id, account_id=row.account_id, name=row.name, created=row.created_at, revoked=row.revoked_at
+    )
+
+
+def _check_name(name: object, *, param: str, required: bool) -> str:
+    if not isinstance(name, str):
+        raise InvalidRequestError("The name must be a string.", param=param)
+    name = name.strip()
+    if required and not name:
+        raise InvalidRequestError("The name must not be empty.", param=param)
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidRequestError(f"The name is longer than {MAX_NAME_LENGTH} characters.", param=param)
+    if not name.isprintable():
+        raise InvalidRequestError("The name must not contain control characters.", param=param)
+    return name
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Ledger:
+    """Accounts, keys and money on one database (see the module docstring for the life cycle).
+
+    Args:
+        engine: from :func:`server.ledger.db.create_engine` (its SQLite hooks give
+            writers ``BEGIN IMMEDIATE``), already migrated. Not disposed by the ledger.
+        key_hash_secret: the server secret API keys are HMAC-ed with; every replica
+            must use the same one.
+        reservation_ttl_seconds: how long a reservation stays open before the sweeper
+            may release it; longer than any request deadline.
+        clock: unix time in seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        key_hash_secret: bytes,
+        reservation_ttl_seconds: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not key_hash_secret:
+            raise ValueError("key_hash_secret must not be empty")
+        if reservation_ttl_seconds <= 0:
+            raise ValueError("reservation_ttl_seconds must be positive")
+        self._engine = engine
+        self._reader = engine.execution_options(**READ_ONLY)
+        # reconcile() reads several aggregates that must agree with each other: on
+        # PostgreSQL that needs one snapshot for the whole transaction (REPEATABLE READ);
+        # an SQLite read transaction is a snapshot already.
+        self._snapshot_reader = (
+            self._reader.execution_options(isolation_level="REPEATABLE READ")
+            if engine.dialect.name == "postgresql"
+            else self._reader
+        )
+        # SQLite has one writer at a time anyway. Queueing this process's writers on an
+        # asyncio lock hands the write lock over as soon as it is free, where SQLite's
+        # busy handler would poll with sleeps (about twice the throughput for 200
+        # concurrent reservations); other processes still queue on busy_timeout.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._key_hash_secret = key_hash_secret
+        self._ttl = reservation_ttl_seconds
+        self._clock = clock
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """One short write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
+        if self._write_lock is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._engine.begin() as conn:
+            yield conn
+
+    # -- accounts -----------------------------------------------------------------
+
+    async def create_account(self, name: str, balance_micros: int) -> AccountView:
+        """Creates an account with an opening balance (written to the ledger as a credit).
+
+        Raises:
+            InvalidRequestError: empty, too long or duplicate name (``code="account_exists"``),
+                negative or too large balance.
+        """
+        name = _check_name(name, param="name", required=True)
+        if not _is_int(balance_micros) or not 0 <= balance_micros <= MAX_AMOUNT_MICROS:
+            raise InvalidRequestError(
+                f"The opening balance must be between 0 and {format_usd(MAX_AMOUNT_MICROS)} USD.", param="balance"
+            )
+        account_id, now = _new_id("acct_"), self._now()
+        exists = InvalidRequestError(
+            f"An account named {_shown(name)} already exists.", param="name", code="account_exists"
+        )
+        try:
+            async with self._write() as conn:
+                if (await conn.execute(select(accounts.c.id).where(accounts.c.name == name))).first() is not None:
+                    raise exists
+                await conn.execute(
+                    accounts.insert().values(
+                        id=account_id,
+                        name=name,
+                        balance_micros=balance_micros,
+                        reserved_micros=0,
+                        spent_micros=0,
+                        credited_micros=balance_micros,
+                        created_at=now,
+                    )
+                )
+                if balance_micros:
+                    await self._entry(conn, account_id, "credit", balance_micros, None, now)
+        except IntegrityError:
+            # Another replica inserted the same name between our check and our insert.
+            raise exists from None
+        logger.info("account created", extra={"account_id": account_id})
+        return AccountView(account_id, name, balance_micros, 0, 0, balance_micros, now)
+
+    async def credit(self, account_id: str, amount_micros: int) -> AccountView:
+        """Adds money to an account's balance (a ``credit`` entry).
+
+        Raises:
+            InvalidRequestError: ``amount_micros`` not positive, above
+                :data:`~server.ledger.money.MAX_AMOUNT_MICROS`, or the account's lifetime
+                credits would pass :data:`~server.ledger.money.MAX_CREDITED_MICROS`.
+            NotFoundError: no such account.
+        """
+        if not _is_int(amount_micros) or not 0 < amount_micros <= MAX_AMOUNT_MICROS:
+            raise InvalidRequestError(
+                f"The amount must be greater than 0 and at most {format_usd(MAX_AMOUNT_MICROS)} USD.", param="amount"
+            )
+        now = self._now()
+        async with self._write() as conn:
+            updated = await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == account_id)
+                # Bounds every account column far below BIGINT (see server.ledger.money).
+                .where(accounts.c.credited_micros <= MAX_CREDITED_MICROS - amount_micros)
+                .values(
+                    balance_micros=accounts.c.balance_micros + amount_micros,
+                    credited_micros=accounts.c.credited_micros + amount_micros,
+                )
+            )
+            if updated.rowcount == 0:
+                await self._require_account(conn, account_id)
+                raise InvalidRequestError(
+                    "This credit would take the account's lifetime credits past "
+                    f"{format_usd(MAX_CREDITED_MICROS)} USD.",
+                    param="amount",
+                )
+            await self._entry(conn, account_id, "credit", amount_micros, None, now)
+            row = await self._require_account(conn, account_id)
+        logger.info("account credited", extra={"account_id": account_id, "amount_micros": amount_micros})
+        return _account_view(row)
+
+    async def get_account(self, account_id: str) -> AccountView:
+        """Returns an account. Raises NotFoundError when there is none with that id."""
+        async with self._reader.connect() as conn:
+            return _account_view(await self._require_account(conn, account_id))
+
+    async def find_account_by_name(self, name: str) -> AccountView | None:
+        """Returns the account with that exact name, or None."""
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
+        return None if row is None else _account_view(row)
+
+    # -- API keys -------------------------------------------------------------------
+
+    async def create_key(self, account_id: str, name: str = "") -> tuple[KeyView, str]:
+        """Issues a new API key for an account.
+
+        Returns:
+            The key's public view and the API key itself, which is not stored (only its
+            HMAC is) and so can be shown this once only.
+
+        Raises:
+            InvalidRequestError: name longer than 100 characters.
+            NotFoundError: no such account.
+        """
+        name = _check_name(name, param="name", required=False)
+        key_id, api_key = generate_api_key()
+        now = self._now()
+        async with self._write() as conn:
+            await self._require_account(conn, account_id)
+            await conn.execute(
+                api_keys.insert().values(
+                    id=key_id,
+                    account_id=account_id,
+                    name=name,
+                    key_hash=hash_api_key(api_key, self._key_hash_secret),
+                    created_at=now,
+                    revoked_at=None,
+                )
+            )
+        logger.info("api key created", extra={"account_id": account_id, "key_id": key_id})
+        return KeyView(key_id, account_id, name, now, None), api_key
+
+    async def revoke_key(self, key_id: str) -> KeyView:
+        """Revokes a key; the next request with it fails on every replica.
+
+        Idempotent: revoking a revoked key keeps the first revocation time.
+
+        Raises:
+            NotFoundError: no key with that id.
+        """
+        async with self._write() as conn:
+            await conn.execute(
+                api_keys.update()
+                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=self._now())
+            )
+            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+        if row is None:
+            raise NotFoundError(f"No API key with id {_shown(key_id)}.", param="key_id")
+        logger.info("api key revoked", extra={"key_id": key_id})
+        return _key_view(row)
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        """Checks an API key against the database (on every call: revocation is immediate).
+
+        Raises:
+            AuthenticationError: missing, malformed, unknown or revoked key, always with
+                the same message, which never contains the key.
+        """
+        key_id = parse_api_key(api_key)  # format and checksum: no DB round trip for typos
+        async with self._reader.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(api_keys.c.account_id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
+                        api_keys.c.id == key_id
+                    )
+                )
+            ).first()
+        presented = hash_api_key(cast(str, api_key), self._key_hash_secret)  # parse_api_key accepted it
+        # Constant-time comparison of the hashes: timing reveals nothing about the secret.
+        if row is None or not hmac.compare_digest(presented, row.key_hash) or row.revoked_at is not None:
+            raise AuthenticationError(INVALID_API_KEY_MESSAGE)
+        return Principal(account_id=row.account_id, key_id=key_id)
+
+    # -- money ----------------------------------------------------------------------
+
+    async def reserve(
+        self, account_id: str, amount_micros: int, *, request_id: str, model: str, images: int
+    ) -> Reservation:
+        """Holds ``amount_micros`` of the account's balance for one request, and commits.
+
+        A zero amount (a free model) is allowed and still makes a reservation, so that
+        the request gets its usage row like any other.
+
+        Raises:
+            InsufficientBalanceError: the balance is below the amount; nothing changed.
+            NotFoundError: no such account.
+            ValueError: negative amount or image count (a caller bug).
+        """
+        if not _is_int(amount_micros) or amount_micros < 0:
+            raise ValueError("amount_micros must be a non-negative int")
+        if not _is_int(images) or images < 0:
+            raise ValueError("images must be a non-negative int")
+        reservation_id, now_f = _new_id("rsv_"), self._clock()
+        # expires_at is rounded up, so a reservation lives at least the whole TTL.
+        created, expires_at = int(now_f), math.ceil(now_f) + self._ttl
+        request_id, model = _clip(request_id, 255), _clip(model, 255)
+        async with self._write() as conn:
+            # The whole admission decision is this one statement: it cannot overdraw,
+            # however many requests race for the same balance, on either engine.
+            updated = await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == account_id, accounts.c.balance_micros >= amount_micros)
+                .values(
+                    balance_micros=accounts.c.balance_micros - amount_micros,
+                    reserved_micros=accounts.c.reserved_micros + amount_micros,
+                )
+            )
+            if updated.rowcount == 0:
+                balance = (await self._require_account(conn, account_id)).balance_micros
+                raise InsufficientBalanceError(
+                    f"Insufficient balance: this request costs {format_usd(amount_micros)} USD "
+                    f"but the account has {format_usd(balance)} USD available. Add credit and retry."
+                )
+            await conn.execute(
+                reservations.insert().values(
+                    id=reservation_id,
+                    account_id=account_id,
+                    request_id=request_id,
+                    model=model,
+                    images=images,
+                    amount_micros=amount_micros,
+                    status="open",
+                    captured_micros=None,
+                    created_at=created,
+                    expires_at=expires_at,
+                    closed_at=None,
+                )
+            )
+            await self._entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
+        return Reservation(reservation_id, account_id, request_id, model, images, amount_micros, created, expires_at)
+
+    async def settle(
+        self,
+        reservation_id: str,
+        *,
+        captured_micros: int,
+        images_delivered: int,
+        status: str,
+        error_code: str = "",
+    ) -> int:
+        """Closes a reservation: captures ``captured_micros``, releases the rest, records usage.
+
+        One transaction. Idempotent and race-safe: if the reservation is already closed
+        (settled before, or released by the sweeper) nothing happens and 0 is returned.
+
+        Args:
+            captured_micros: what the delivered images cost, at most the reserved amount.
+            images_delivered: images actually returned to the caller.
+            status: ``"succeeded"`` or ``"failed"`` (for the usage row).
+            error_code: the error code of a failed request, for the usage row.
+
+        Returns:
+            The amount captured now (0 when the reservation was already closed).
+
+        Raises:
+            NotFoundError: no such reservation.
+            ValueError: captured amount negative or above the reserved amount, negative
+                image count, unknown status (caller bugs; nothing is changed).
+        """
+        if status not in USAGE_STATUSES:
+            raise ValueError(f"status must be one of {USAGE_STATUSES}")
+        if not _is_int(captured_micros) or captured_micros < 0:
+            raise ValueError("captured_micros must be a non-negative int")
+        if not _is_int(images_delivered) or images_delivered < 0:
+            raise ValueError("images_delivered must be a non-negative int")
+        captured = await self._close(
+            reservation_id,
+            captured_micros=captured_micros,
+            images_delivered=images_delivered,
+            status=status,
+            error_code=error_code,
+            closed_status="settled",
+        )
+        return captured or 0
+
+    async def release(self, reservation_id: str, *, error_code: str) -> None:
+        """Releases a whole reservation back to the balance (a failed request); idempotent."""
+        await self.settle(reservation_id, captured_micros=0, images_delivered=0, status="failed", error_code=error_code)
+
+    async def release_expired(self) -> int:
+        """The sweeper: releases every open reservation whose ``expires_at`` has passed.
+
+        Each reservation is released in its own short transaction, exactly like a failed
+        settle (usage status ``failed``, error code ``reservation_expired``); racing a late
+        settle or another replica's sweeper is safe.
+
+        Returns:
+            How many reservations this call released.
+        """
+        now = self._now()
+        released = 0
+        while True:
+            async with self._reader.connect() as conn:
+                ids = (
+                    await conn.scalars(
+                        select(reservations.c.id)
+                        .where(reservations.c.status == "open", reservations.c.expires_at <= now)
+                        .order_by(reservations.c.expires_at, reservations.c.id)
+                        .limit(_SWEEP_BATCH)
+                    )
+                ).all()
+            if not ids:
+                break
+            for reservation_id in ids:
+                claimed = await self._close(
+                    reservation_id,
+                    captured_micros=0,
+                    images_delivered=0,
+                    status="failed",
+                    error_code=EXPIRED_ERROR_CODE,
+                    closed_status="expired",
+                )
+                released += claimed is not None
+        if released:
+            logger.warning("released expired reservations", extra={"count": released})
+        return released
+
+    async def _close(
+        self,
+        reservation_id: str,
+        *,
+        captured_micros: int,
+        images_delivered: int,
+        status: str,
+        error_code: str,
+        closed_status: str,
+    ) -> int | None:
+        """Settles or expires one reservation; returns the captured amount, or None if it
+        was already closed."""
+        now = self._now()
+        async with self._write() as conn:
+            row = (await conn.execute(select(reservations).where(reservations.c.id == reservation_id))).first()
+            if row is None:
+                raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
+            if row.status != "open":
+                return None
+            if captured_micros > row.amount_micros:
+                raise ValueError(
+                    f"cannot capture {captured_micros} micros from a reservation of {row.amount_micros} micros"
+                )
+            # The claim: whoever flips status from 'open' owns the close. A concurrent
+            # settle or sweeper (other task, other replica) updates zero rows and stops.
+            claimed = await conn.execute(
+                reservations.update()
+                .where(reservations.c.id == reservation_id, reservations.c.status == "open")
+                .values(status=closed_status, captured_micros=captured_micros, closed_at=now)
+            )
+            if claimed.rowcount == 0:
+                return None
+            released = row.amount_micros - captured_micros
+            await conn.execute(
+                accounts.update()
+                .where(accounts.c.id == row.account_id)
+                .values(
+                    balance_micros=accounts.c.balance_micros + released,
+                    reserved_micros=accounts.c.reserved_micros - row.amount_micros,
+                    spent_micros=accounts.c.spent_micros + captured_micros,
+                )
+            )
+            # Zero-amount entries carry no information; the reservation row records both.
+            if captured_micros:
+                await self._entry(conn, row.account_id, "capture", captured_micros, reservation_id, now)
+            if released:
+                await self._entry(conn, row.account_id, "release", released, reservation_id, now)
+            await conn.execute(
+                usage_records.insert().values(
+                    account_id=row.account_id,
+                    reservation_id=reservation_id,
+                    request_id=row.request_id,
+                    model=row.model,
+                    images_requested=row.images,
+                    images_delivered=images_delivered,
+                    cost_micros=captured_micros,
+                    status=status,
+                    error_code=_clip(error_code, 100),
+                    created_at=now,
+                )
+            )
+        return captured_micros
+
+    async def usage(self, account_id: str, limit: int = 100) -> list[UsageView]:
+        """Lists an account's usage rows, newest first.
+
+        Raises:
+            InvalidRequestError: ``limit`` outside 1..1000.
+            NotFoundError: no such account.
+        """
+        if not _is_int(limit) or not 1 <= limit <= MAX_USAGE_LIMIT:
+            raise InvalidRequestError(f"The limit must be between 1 and {MAX_USAGE_LIMIT}.", param="limit")
+        async with self._reader.connect() as conn:
+            await self._require_account(conn, account_id)
+            rows = (
+                await conn.execute(
+                    select(usage_records)
+                    .where(usage_records.c.account_id == account_id)
+                    .order_by(usage_records.c.id.desc())
+                    .limit(limit)
+                )
+            ).all()
+        return [
+            UsageView(
+                created=row.created_at,
+                request_id=row.request_id,
+                model=row.model,
+                images_requested=row.images_requested,
+                images_delivered=row.images_delivered,
+                cost_micros=row.cost_micros,
+                status=row.status,
+                error_code=row.error_code,
+            )
+            for row in rows
+        ]
+
+    # -- audit ----------------------------------------------------------------------
+
+    async def reconcile(self) -> ReconcileReport:
+        """Recomputes every account from the append-only ledger and reports differences.
+
+        For each account, from ``ledger_entries`` (open = reserves - captures - releases):
+        ``balance == credits - captures - open``, ``reserved == open`` (and equal to the sum
+        of its open reservations), ``spent == captures``, ``credited == credits``. Also
+        checks that every closed reservation was captured plus released exactly once, and
+        an open one not at all. Reads one consistent snapshot; changes nothing.
+        """
+        entry = ledger_entries.c
+
+        def total(kind: str) -> Any:
+            return func.coalesce(func.sum(case((entry.kind == kind, entry.amount_micros), else_=0)), 0)
+
+        async with self._snapshot_reader.connect() as conn:
+            account_rows = (await conn.execute(select(accounts).order_by(accounts.c.id))).all()
+            sums = {
+                row.account_id: row
+                for row in await conn.execute(
+                    select(
+                        entry.account_id,
+                        total("credit").label("credits"),
+                        total("reserve").label("reserves"),
+                        total("capture").label("captures"),
+                        total("release").label("releases"),
+                    ).group_by(entry.account_id)
+                )
+            }
+            open_held = {
+                row.account_id: int(row.held)
+                for row in await conn.execute(
+                    select(reservations.c.account_id, func.sum(reservations.c.amount_micros).label("held"))
+                    .where(reservations.c.status == "open")
+                    .group_by(reservations.c.account_id)
+                )
+            }
+            settled = func.coalesce(func.sum(entry.amount_micros), 0)
+            bad_reservations = (
+                await conn.execute(
+                    select(
+                        reservations.c.id,
+                        reservations.c.account_id,
+                        reservations.c.status,
+                        reservations.c.amount_micros,
+                        settled.label("settled"),
+                    )
+                    .select_from(
+                        reservations.outerjoin(
+                            ledger_entries,
+                            (entry.reservation_id == reservations.c.id) & entry.kind.in_(("capture", "release")),
+                        )
+                    )
+                    .group_by(
+                        reservations.c.id,
+                        reservations.c.account_id,
+                        reservations.c.status,
+                        reservations.c.amount_micros,
+                    )
+                    .having(
+                        ((reservations.c.status == "open") & (settled != 0))
+                        | ((reservations.c.status != "open") & (settled != reservations.c.amount_micros))
+                    )
+                    .order_by(reservations.c.id)
+                )
+            ).all()
+
+        mismatches: list[str] = []
+        for account in account_rows:
+            sum_row = sums.get(account.id)
+            # PostgreSQL's SUM(bigint) is NUMERIC (a Decimal here): int() is exact.
+            credits, reserves, captures, releases = (
+                (int(sum_row.credits), int(sum_row.reserves), int(sum_row.captures), int(sum_row.releases))
+                if sum_row is not None
+                else (0, 0, 0, 0)
+            )
+            open_from_entries = reserves - captures - releases
+            checks = (
+                ("balance_micros", account.balance_micros, "credits - captures - open reservations",
+                 credits - captures - open_from_entries),
+                ("reserved_micros", account.reserved_micros, "reserves - captures - releases", open_from_entries),
+                ("spent_micros", account.spent_micros, "captures", captures),
+                ("credited_micros", account.credited_micros, "credits", credits),
+            )
+            for column, actual, formula, wanted in checks:
+                if actual != wanted:
+                    mismatches.append(f"{account.id}: {column} is {actual} but the ledger says {formula} = {wanted}")
+            held = open_held.get(account.id, 0)
+            if held != open_from_entries:
+                mismatches.append(
+                    f"{account.id}: open reservations hold {held} but the ledger says "
+                    f"reserves - captures - releases = {open_from_entries}"
+                )
+        for row in bad_reservations:
+            mismatches.append(
+                f"{row.account_id}: reservation {row.id} ({row.status}, {row.amount_micros}) "
+                f"has {int(row.settled)} captured plus released"
+            )
+        if mismatches:
+            logger.error("ledger reconcile found mismatches", extra={"count": len(mismatches)})
+        return ReconcileReport(ok=not mismatches, accounts_checked=len(account_rows), mismatches=mismatches)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    @staticmethod
+    async def _require_account(conn: AsyncConnection, account_id: str) -> Any:
+        row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
+        if row is None:
+            raise NotFoundError(f"No account with id {_shown(account_id)}.", param="account_id")
+        return row
+
+    @staticmethod
+    async def _entry(
+        conn: AsyncConnection, account_id: str, kind: str, amount_micros: int, reservation_id: str | None, now: int
+    ) -> None:
+        await conn.execute(
+            ledger_entries.insert().values(
+                account_id=account_id,
+                kind=kind,
+                amount_micros=amount_micros,
+                reservation_id=reservation_id,
+                created_at=now,
+            )
+        )
