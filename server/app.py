@@ -34,6 +34,7 @@ from server.catalog import ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
 from server.generation import Generation
 from server.ledger import Ledger, create_engine, migrate
+from server.metrics import Metrics
 from server.providers import build_provider, enabled_providers
 from server.providers.base import ImageProvider
 from server.providers.local import LocalRenderer
@@ -75,6 +76,7 @@ class App:
     signer: UrlSigner
     providers: Mapping[str, ImageProvider]
     generation: Generation
+    metrics: Metrics
     health: health.aio.HealthServicer
 
 
@@ -108,7 +110,13 @@ async def build_app(
         base_url=settings.base_url,
         ttl_seconds=settings.url_ttl_seconds,
     )
-    generation = Generation(catalog=catalog, providers=wired, ledger=ledger, store=store, signer=signer)
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
+        stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
+    generation = Generation(
+        catalog=catalog, providers=wired, ledger=ledger, store=store, signer=signer, metrics=metrics
+    )
     sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store), name="imagegw-sweeper")
     stack.push_async_callback(_cancel, sweeper)
     return App(
@@ -119,6 +127,7 @@ async def build_app(
         signer=signer,
         providers=wired,
         generation=generation,
+        metrics=metrics,
         health=health.aio.HealthServicer(),
     )
 
@@ -204,6 +213,7 @@ def build_server(app: App) -> grpc.aio.Server:
                 ledger=app.ledger,
                 admin_token=settings.secret("admin_token"),
                 policies=METHOD_POLICIES,
+                metrics=app.metrics,
             )
         ],
         options=[

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     envoy_admin_port: int = 9901
-    metrics_port: int = 0
+    # Prometheus /metrics listener; 0 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
     public_base_url: str = ""
 
     # State.

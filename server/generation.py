@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from server.catalog import ModelCatalog, Quote, RawImageRequest
 from server.errors import ApiError, DeadlineExceededError, InternalError, UpstreamError
 from server.ledger import Ledger, Principal
+from server.metrics import Metrics
 from server.providers.base import GeneratedImage, ImageProvider, ProviderResult, TokenUsage
 from server.storage import ImageStore, UrlSigner, new_image_id
 
@@ -49,6 +50,7 @@ class GenerationResult:
     usage: TokenUsage
     cost_micros: int
     model: str
+    provider: str
     size: str | None = None
     quality: str | None = None
     background: str | None = None
@@ -66,6 +68,7 @@ class Generation:
         ledger: Ledger,
         store: ImageStore,
         signer: UrlSigner,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -73,6 +76,7 @@ class Generation:
         self._ledger = ledger
         self._store = store
         self._signer = signer
+        self._metrics = metrics
         self._clock = clock
 
     async def generate(
@@ -90,6 +94,7 @@ class Generation:
             model=quote.spec.id,
             images=quote.request.n,
         )
+        self._metrics.reservations_open.inc()
         captured = 0
         delivered = 0
         error_code = ""
@@ -100,12 +105,14 @@ class Generation:
             captured = min(served.unit_price_micros * len(images), quote.amount_micros)
             payload = await self._deliver(images, quote.response_format)
             delivered = len(payload)
+            self._metrics.images.labels(served.spec.id, served.spec.provider).inc(delivered)
             return GenerationResult(
                 created=int(self._clock()),
                 images=payload,
                 usage=result.usage,
                 cost_micros=captured,
                 model=served.spec.id,
+                provider=served.spec.provider,
                 size=result.size,
                 quality=result.quality,
                 background=result.background,
@@ -125,15 +132,21 @@ class Generation:
                 captured = 0
             # Shielded: a second cancellation must not stop the money from settling. If the
             # process dies here, the reservation expires and the sweeper releases it.
-            await asyncio.shield(
-                self._ledger.settle(
-                    reservation.reservation_id,
-                    captured_micros=captured,
-                    images_delivered=delivered,
-                    status="succeeded" if delivered else "failed",
-                    error_code=error_code,
-                )
+            await asyncio.shield(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
+
+    async def _settle(self, quote: Quote, reservation_id: str, captured: int, delivered: int, error_code: str) -> None:
+        try:
+            await self._ledger.settle(
+                reservation_id,
+                captured_micros=captured,
+                images_delivered=delivered,
+                status="succeeded" if delivered else "failed",
+                error_code=error_code,
             )
+        finally:
+            self._metrics.reservations_open.dec()
+        self._metrics.captured_micros.labels(quote.spec.id).inc(captured)
+        self._metrics.released_micros.labels(quote.spec.id).inc(quote.amount_micros - captured)
 
     async def _call_with_fallbacks(self, quote: Quote, deadline: float | None) -> tuple[Quote, ProviderResult]:
         """Calls the model, then its fallbacks (same deadline and reservation) while the
@@ -152,7 +165,10 @@ class Generation:
                 if not exc.should_retry:
                     raise
                 last_error = exc
-                log.warning("model %s failed (%s); trying the next fallback", candidate.spec.id, exc.code)
+                if candidate is not candidates[-1]:
+                    following = candidates[candidates.index(candidate) + 1]
+                    self._metrics.fallbacks.labels(quote.spec.id, following.spec.id).inc()
+                    log.warning("model %s failed (%s); falling back to %s", candidate.spec.id, exc.code, following.spec.id)
         assert last_error is not None
         raise last_error
 
@@ -163,14 +179,26 @@ class Generation:
         loop = asyncio.get_running_loop()
         model_deadline = loop.time() + quote.spec.timeout_seconds
         effective = model_deadline if deadline is None else min(deadline, model_deadline)
+        started, outcome = loop.time(), "ok"
         try:
             async with asyncio.timeout_at(effective):
                 result = await provider.generate(quote.request, deadline=effective)
         except TimeoutError as exc:
+            outcome = "timeout"
             raise DeadlineExceededError(
                 f"The model '{quote.spec.id}' did not finish before the request's deadline.",
                 code="timeout",
             ) from exc
+        except ApiError as exc:
+            outcome = exc.code
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._metrics.upstream_seconds.labels(quote.spec.provider, quote.spec.id, outcome).observe(
+                loop.time() - started
+            )
         if not result.images:
             raise UpstreamError(f"The model '{quote.spec.id}' returned no images.", retryable=False)
         return result

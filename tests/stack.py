@@ -45,6 +45,7 @@ def base_env(var_dir: Path, **overrides: Any) -> dict[str, str]:
         "IMAGEGW_GRPC_PORT": str(free_port()),
         "IMAGEGW_HTTP_PORT": str(free_port()),
         "IMAGEGW_ENVOY_ADMIN_PORT": str(free_port()),
+        "IMAGEGW_METRICS_PORT": str(free_port()),
         "IMAGEGW_ADMIN_TOKEN": "admin-" + secrets.token_urlsafe(16),
         "IMAGEGW_URL_SIGNING_SECRET": secrets.token_urlsafe(32),
         "IMAGEGW_KEY_HASH_SECRET": secrets.token_urlsafe(32),

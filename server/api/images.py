@@ -60,7 +60,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         result = await self._generation.generate(
             call.principal, raw, request_id=call.request_id, deadline=deadline
         )
-        call.log_fields.update(model=result.model, images=len(result.images), cost_micros=result.cost_micros)
+        call.log_fields.update(
+            model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
+        )
         # Response headers travel as initial metadata, sent only once the call has
         # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
         await context.send_initial_metadata(

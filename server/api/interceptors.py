@@ -34,6 +34,7 @@ from grpc_status import rpc_status
 
 from server.errors import ERROR_DOMAIN, ApiError, AuthenticationError, InternalError
 from server.ledger import Ledger, Principal
+from server.metrics import Metrics
 
 __all__ = ["CallInfo", "MethodPolicy", "ServerInterceptor", "current_call"]
 
@@ -101,12 +102,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         ledger: Ledger,
         admin_token: str,
         policies: Mapping[str, MethodPolicy],
-        on_finish: Callable[[CallInfo, str, float], None] | None = None,
+        metrics: Metrics,
     ) -> None:
         self._ledger = ledger
         self._admin_token = admin_token.encode()
         self._policies = policies
-        self._on_finish = on_finish
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -143,21 +144,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         call = CallInfo(request_id=metadata.get("x-request-id") or str(uuid.uuid4()), method=method)
         token = _CURRENT.set(call)
         started = time.perf_counter()
-        outcome = "ok"
+        outcome, status = "ok", 200
+        short_method = method.rsplit("/", 1)[-1]
+        in_flight = self._metrics.in_flight.labels(short_method)
+        in_flight.inc()
         try:
             await self._authenticate(policy, metadata, call)
             return await behavior(request, context)
         except ApiError as exc:
-            outcome = exc.code or exc.reason
+            outcome, status = exc.code or exc.reason, exc.http_status
             code, message, trailers = error_trailers(exc, call.request_id)
             await context.abort(code, message, trailing_metadata=trailers)
         except asyncio.CancelledError:
-            outcome = "cancelled"
+            outcome, status = "cancelled", 499
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
-            outcome = "internal_error"
+            outcome, status = "internal_error", 500
             log.exception("unhandled error", extra={"request_id": call.request_id, "method": method})
             code, message, trailers = error_trailers(
                 InternalError("The server had an error while processing your request."), call.request_id
@@ -166,9 +170,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         finally:
             elapsed = time.perf_counter() - started
             _CURRENT.reset(token)
+            in_flight.dec()
+            call.log_fields["status"] = status
             self._log(call, outcome, elapsed)
-            if self._on_finish is not None:
-                self._on_finish(call, outcome, elapsed)
+            self._metrics.requests.labels(
+                short_method, call.log_fields.get("model", ""), call.log_fields.get("provider", ""), str(status)
+            ).inc()
+            self._metrics.request_seconds.labels(short_method).observe(elapsed)
 
     async def _authenticate(self, policy: MethodPolicy, metadata: Mapping[str, str], call: CallInfo) -> None:
         if policy is MethodPolicy.PUBLIC:
