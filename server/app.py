@@ -115,7 +115,13 @@ async def build_app(
         metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
         stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
     generation = Generation(
-        catalog=catalog, providers=wired, ledger=ledger, store=store, signer=signer, metrics=metrics
+        catalog=catalog,
+        providers=wired,
+        ledger=ledger,
+        store=store,
+        signer=signer,
+        metrics=metrics,
+        reservation_grace_seconds=settings.reservation_grace_seconds,
     )
     sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store), name="imagegw-sweeper")
     stack.push_async_callback(_cancel, sweeper)

@@ -61,6 +61,8 @@ class Settings(BaseSettings):
 
     # Money.
     reservation_ttl_seconds: int = Field(default=1800, ge=60)
+    # A crashed request's reservation is released this long after its deadline.
+    reservation_grace_seconds: float = Field(default=30, ge=0)
     dev_account_balance_usd: str = "100.000000"
 
     # Upstream providers. A provider is enabled when its key is set; the conventional

@@ -69,6 +69,7 @@ class Generation:
         store: ImageStore,
         signer: UrlSigner,
         metrics: Metrics,
+        reservation_grace_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -77,6 +78,9 @@ class Generation:
         self._store = store
         self._signer = signer
         self._metrics = metrics
+        # Time after a request's deadline for its settlement to land before the sweeper
+        # may treat its reservation as orphaned.
+        self._reservation_grace = reservation_grace_seconds
         self._clock = clock
 
     async def generate(
@@ -87,12 +91,16 @@ class Generation:
         ``deadline`` is the caller's absolute loop time (from the gRPC deadline), or None.
         """
         quote = self._catalog.resolve(raw)
+        # Past the caller's deadline this request cannot be running any more, so if the
+        # process dies, the sweeper may release the reservation soon after it.
+        ttl = None if deadline is None else deadline - asyncio.get_running_loop().time() + self._reservation_grace
         reservation = await self._ledger.reserve(
             principal.account_id,
             quote.amount_micros,
             request_id=request_id,
             model=quote.spec.id,
             images=quote.request.n,
+            ttl_seconds=ttl,
         )
         self._metrics.reservations_open.inc()
         captured = 0

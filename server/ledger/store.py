@@ -441,12 +441,22 @@ class Ledger:
     # -- money ----------------------------------------------------------------------
 
     async def reserve(
-        self, account_id: str, amount_micros: int, *, request_id: str, model: str, images: int
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        request_id: str,
+        model: str,
+        images: int,
+        ttl_seconds: float | None = None,
     ) -> Reservation:
         """Holds ``amount_micros`` of the account's balance for one request, and commits.
 
         A zero amount (a free model) is allowed and still makes a reservation, so that
-        the request gets its usage row like any other.
+        the request gets its usage row like any other. ``ttl_seconds`` (at most the
+        ledger's TTL) lets a request whose deadline is near have its reservation expire
+        soon after it: once the deadline has passed the request cannot still be running,
+        so a reservation left by a crash is released that much sooner.
 
         Raises:
             InsufficientBalanceError: the balance is below the amount; nothing changed.
@@ -459,7 +469,8 @@ class Ledger:
             raise ValueError("images must be a non-negative int")
         reservation_id, now_f = _new_id("rsv_"), self._clock()
         # expires_at is rounded up, so a reservation lives at least the whole TTL.
-        created, expires_at = int(now_f), math.ceil(now_f) + self._ttl
+        ttl = self._ttl if ttl_seconds is None else max(1, min(self._ttl, math.ceil(ttl_seconds)))
+        created, expires_at = int(now_f), math.ceil(now_f) + ttl
         request_id, model = _clip(request_id, 255), _clip(model, 255)
         async with self._write() as conn:
             # The whole admission decision is this one statement: it cannot overdraw,

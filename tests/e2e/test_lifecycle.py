@@ -21,10 +21,10 @@ HEAVY = {"model": "local-1", "prompt": "a storm over the sea", "n": 4, "size": "
          "response_format": "b64_json", "quality": "high"}
 
 
-async def generate(stack: ProcessStack, key: str, body: dict[str, object]) -> httpx.Response:
+async def generate(stack: ProcessStack, key: str, body: dict[str, object], **headers: str) -> httpx.Response:
     async with httpx.AsyncClient(timeout=60) as client:
         return await client.post(
-            f"{stack.api_base}/images/generations", json=body, headers={"Authorization": f"Bearer {key}"}
+            f"{stack.api_base}/images/generations", json=body, headers={"Authorization": f"Bearer {key}", **headers}
         )
 
 
@@ -64,10 +64,12 @@ async def test_sigterm_drains_in_flight_requests_then_envoy_answers_503(tmp_path
 
 
 async def test_deadline_shorter_than_the_generation_is_504_and_releases(tmp_path: Path) -> None:
-    async with process_stack(tmp_path / "var", request_timeout_seconds=1) as stack:
+    # One render worker: ten large images take well over a second, the deadline is 0.3 s
+    # (a client grpc-timeout, which Envoy forwards and caps at the route timeout).
+    async with process_stack(tmp_path / "var", render_workers=1) as stack:
         account_id, key = await stack.admin.funded_key("1.00")
         heavy = {**HEAVY, "n": 10}
-        response = await generate(stack, key, heavy)
+        response = await generate(stack, key, heavy, **{"grpc-timeout": "300m"})
         assert response.status_code == 504, response.text
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("server_error", "timeout")
@@ -80,3 +82,44 @@ async def test_deadline_shorter_than_the_generation_is_504_and_releases(tmp_path
         usage = await stack.admin.usage(account_id)
         assert [(u.status, u.error_code, u.images_delivered) for u in usage] == [("failed", "timeout", 0)]
         assert (await stack.admin.reconcile()).ok
+
+
+async def test_sigkill_mid_request_leaves_a_reservation_the_next_start_releases(tmp_path: Path) -> None:
+    from server.dev import start_server, stop_process, wait_for_grpc
+
+    async with process_stack(
+        tmp_path / "var", reservation_grace_seconds=1, sweep_interval_seconds=0.5, render_workers=1
+    ) as stack:
+        account_id, key = await stack.admin.funded_key("1.00")
+        async with httpx.AsyncClient(timeout=30) as client:
+            pending = asyncio.create_task(
+                client.post(
+                    f"{stack.api_base}/images/generations",
+                    json={**HEAVY, "n": 10},
+                    headers={"Authorization": f"Bearer {key}", "grpc-timeout": "3S"},
+                )
+            )
+            for _ in range(100):
+                if (await stack.admin.get(account_id)).reserved_usd != "0.000000":
+                    break
+                await asyncio.sleep(0.05)
+            assert (await stack.admin.get(account_id)).reserved_usd == "0.020000"
+            stack.servers[0].kill()
+            await asyncio.to_thread(stack.servers[0].wait, 10)
+            crashed = await pending
+        assert crashed.status_code == 503
+        ok, balance, reserved, spent = await reconcile_offline(stack, account_id)
+        assert (ok, balance, reserved, spent) == (True, 980_000, 20_000, 0)
+        restarted = start_server(stack.env, log_path=stack.logs / "server-restarted.log")
+        stack.servers[0] = restarted
+        await asyncio.to_thread(wait_for_grpc, stack.grpc_targets[0], restarted)
+        for _ in range(100):
+            account = await stack.admin.get(account_id)
+            if account.reserved_usd == "0.000000":
+                break
+            await asyncio.sleep(0.1)
+        assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
+        usage = await stack.admin.usage(account_id)
+        assert [(u.status, u.error_code, u.cost_usd) for u in usage] == [("failed", "reservation_expired", "0.000000")]
+        assert (await stack.admin.reconcile()).ok
+        stop_process(restarted)
