@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fakes.postgres import PostgresServer, PostgresUnavailableError, running_postgres
 from tests.stack import InProcessStack, ProcessStack, in_process_stack, process_stack
 
 # Never let a developer's real provider keys or settings leak into a test run.
@@ -41,3 +43,28 @@ async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[InP
 @pytest.fixture
 def var_dir(tmp_path: Path) -> Path:
     return tmp_path / "var"
+
+
+# One throwaway PostgreSQL cluster (tests/fakes/postgres.py), started the first time a test
+# asks for it. Missing PostgreSQL binaries make those tests fail with instructions, never
+# skip: CI installs PostgreSQL, and a green run must mean both engines were tested.
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster for the whole session."""
+    stack = contextlib.ExitStack()
+    try:
+        server = stack.enter_context(running_postgres())
+    except PostgresUnavailableError as exc:
+        problem = str(exc)
+    else:
+        with stack:
+            yield server
+        return
+    # A failure, not a skip: a green run must mean PostgreSQL was tested.
+    pytest.fail(problem, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """``postgresql+asyncpg://`` URL of the session cluster's default database."""
+    return postgres_server.url

@@ -201,9 +201,10 @@ async def process_stack(var_dir: Path, *, servers: int = 1, **overrides: Any) ->
     settings = settings_from(env)
     try:
         for index, port in enumerate(ports):
-            processes.append(
-                start_server({**env, "IMAGEGW_GRPC_PORT": str(port)}, log_path=logs / f"server-{index}.log")
-            )
+            own = {"IMAGEGW_GRPC_PORT": str(port)}
+            if index:
+                own["IMAGEGW_METRICS_PORT"] = str(free_port())
+            processes.append(start_server({**env, **own}, log_path=logs / f"server-{index}.log"))
             # Migrations run on start; let the first server create the schema alone.
             if index == 0:
                 wait_for_grpc(f"127.0.0.1:{port}", processes[0])

@@ -1,9 +1,7 @@
 """Database fixtures for service tests: SQLite files and a real PostgreSQL.
 
-* ``postgres_server`` / ``postgres_url`` (session): one throwaway PostgreSQL cluster
-  (:mod:`tests.fakes.postgres`), started the first time a test asks for it. Missing
-  PostgreSQL binaries make those tests *fail* with instructions, never skip: CI installs
-  PostgreSQL, and a green run must mean both engines were tested.
+* ``postgres_server`` / ``postgres_url`` (session, in ``tests/conftest.py``): one
+  throwaway PostgreSQL cluster shared with the end-to-end tests.
 * ``database_url`` (per test, parametrized ``sqlite`` / ``postgres``): a fresh, empty
   database on each engine; the ``postgres`` case carries the ``postgres`` marker, so
   ``-m "not postgres"`` runs SQLite only.
@@ -13,37 +11,14 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.ledger.db import create_engine, migrate
-from tests.fakes.postgres import PostgresServer, PostgresUnavailableError, create_database, running_postgres
-
-
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """A throwaway PostgreSQL cluster for the whole session."""
-    stack = contextlib.ExitStack()
-    try:
-        server = stack.enter_context(running_postgres())
-    except PostgresUnavailableError as exc:
-        problem = str(exc)
-    else:
-        with stack:
-            yield server
-        return
-    # A failure, not a skip: a green run must mean PostgreSQL was tested.
-    pytest.fail(problem, pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """``postgresql+asyncpg://`` URL of the session cluster's default database."""
-    return postgres_server.url
+from tests.fakes.postgres import create_database
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
