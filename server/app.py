@@ -99,7 +99,10 @@ async def build_app(
     )
     specs = load_catalog(settings.catalog_file)
     catalog = ModelCatalog(
-        specs, enabled_providers=enabled_providers(settings, specs), default_model=settings.default_model
+        specs,
+        enabled_providers=enabled_providers(settings, specs),
+        default_model=settings.default_model,
+        max_response_bytes=settings.max_response_bytes,
     )
     _log_models(catalog)
     wired = dict(providers or {})

@@ -32,6 +32,9 @@ __all__ = ["CatalogError", "ModelCatalog", "ModelSpec", "RawImageRequest", "Quot
 DEFAULT_CATALOG = Path(__file__).with_name("catalog.toml")
 SIZE_RE = re.compile(r"^(\d{2,5})x(\d{2,5})$")
 RESPONSE_FORMATS = ("url", "b64_json")
+# Upper bound of an encoded image's size, per pixel: raw 8-bit RGB. PNG, JPEG and WebP of a
+# generated picture stay well below it, so an answer estimated with it always fits.
+MAX_BYTES_PER_PIXEL = 3
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 WILDCARD = "*"
 
@@ -156,7 +159,14 @@ class Quote:
 class ModelCatalog:
     """Looks models up and validates requests against them."""
 
-    def __init__(self, specs: Iterable[ModelSpec], *, enabled_providers: Iterable[str], default_model: str) -> None:
+    def __init__(
+        self,
+        specs: Iterable[ModelSpec],
+        *,
+        enabled_providers: Iterable[str],
+        default_model: str,
+        max_response_bytes: int | None = None,
+    ) -> None:
         self._specs: dict[str, ModelSpec] = {}
         for spec in specs:
             if spec.id in self._specs:
@@ -164,6 +174,8 @@ class ModelCatalog:
             self._specs[spec.id] = spec
         self._enabled = frozenset(enabled_providers)
         self.default_model = default_model
+        # The largest answer the gateway can carry (gRPC send limit, Envoy buffer).
+        self._max_response_bytes = max_response_bytes
         for spec in self._specs.values():
             for fallback in spec.fallbacks:
                 target = self._specs.get(fallback)
@@ -239,6 +251,17 @@ class ModelCatalog:
         response_format = raw.response_format or "url"
         if response_format not in RESPONSE_FORMATS:
             raise _invalid_value("response_format", response_format, RESPONSE_FORMATS)
+        if response_format == "b64_json" and self._max_response_bytes is not None:
+            # Base64 grows the bytes by 4/3; refuse up front rather than fail after paying.
+            worst = n * width * height * MAX_BYTES_PER_PIXEL * 4 // 3
+            if worst > self._max_response_bytes:
+                raise InvalidRequestError(
+                    f"{n} image(s) of {width}x{height} as b64_json could exceed the server's response limit of "
+                    f"{self._max_response_bytes} bytes; ask for fewer images, a smaller size, or "
+                    f"response_format 'url'.",
+                    param="n",
+                    code="response_too_large",
+                )
         output_format = _choose(spec, "output_format", raw.output_format, spec.output_formats, "png")
         compression = _resolve_compression(spec, raw.output_compression, output_format)
         background = _optional_choice(spec, "background", raw.background, spec.backgrounds)

@@ -1,0 +1,64 @@
+"""The largest answers fit end to end; answers that could not fit are refused up front."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import httpx
+import pytest
+from imagegw.v1 import images_pb2
+from PIL import Image
+
+from tests.stack import ProcessStack, process_stack
+
+pytestmark = pytest.mark.e2e
+
+LARGEST = {"model": "local-1", "prompt": "a wide harbour at noon", "n": 10, "size": "1792x1024",
+           "response_format": "b64_json", "quality": "hd"}
+
+
+async def test_ten_largest_images_as_b64_json_through_envoy(gateway: ProcessStack) -> None:
+    account_id, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=120) as client:
+        response = await client.post(
+            f"{gateway.api_base}/images/generations", json=LARGEST, headers={"Authorization": f"Bearer {key}"}
+        )
+    assert response.status_code == 200, response.text[:500]
+    data = response.json()["data"]
+    assert len(data) == 10
+    sizes = {Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).size for item in data}
+    assert sizes == {(1792, 1024)}
+    assert (await gateway.admin.get(account_id)).spent_usd == "0.020000"
+
+
+async def test_ten_largest_images_over_grpc(gateway: ProcessStack) -> None:
+    _, key = await gateway.admin.funded_key("1.00")
+    request = images_pb2.GenerateImagesRequest(
+        prompt=str(LARGEST["prompt"]), model="local-1", n=10, size="1024x1792", response_format="b64_json"
+    )
+    reply = await gateway.images.GenerateImages(request, metadata=(("authorization", f"Bearer {key}"),), timeout=120)
+    assert [Image.open(io.BytesIO(image.b64_json)).size for image in reply.data] == [(1024, 1792)] * 10
+
+
+async def test_an_answer_that_could_not_fit_is_400_before_any_charge(tmp_path: Path) -> None:
+    async with process_stack(tmp_path / "var", max_response_bytes=1048576) as stack:
+        account_id, key = await stack.admin.funded_key("1.00")
+        headers = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient(timeout=60) as client:
+            refused = await client.post(
+                f"{stack.api_base}/images/generations",
+                json={"prompt": "p", "size": "1024x1024", "response_format": "b64_json"},
+                headers=headers,
+            )
+            as_url = await client.post(
+                f"{stack.api_base}/images/generations", json={"prompt": "p", "size": "1024x1024"}, headers=headers
+            )
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("n", "response_too_large")
+        assert "response_format 'url'" in error["message"]
+        assert as_url.status_code == 200
+        account = await stack.admin.get(account_id)
+        assert (account.balance_usd, account.spent_usd) == ("0.999000", "0.001000")
