@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -129,3 +130,35 @@ async def test_models_list_and_retrieve(gateway: ProcessStack) -> None:
             await sdk.models.retrieve("nope")
     assert [m.id for m in models.data] == ["local-1"]
     assert (model.id, model.object, model.owned_by) == ("local-1", "model", "imagegw")
+
+
+async def test_tampered_image_url_raises_permission_denied(gateway: ProcessStack, schemas: dict[str, Any]) -> None:
+    async with client(gateway, "unused") as sdk:
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            await sdk.get(
+                "/images/files/img-AAAAAAAAAAAAAAAAAAAAAA.png?expires=4102444800&signature=forged", cast_to=object
+            )
+    assert caught.value.status_code == 403
+    assert caught.value.code == "invalid_signature"
+    schemas["ErrorResponse"].validate(caught.value.response.json())
+
+
+async def test_deadline_raises_internal_server_error_504(tmp_path: Path, schemas: dict[str, Any]) -> None:
+    from tests.stack import process_stack
+
+    async with process_stack(tmp_path / "var", render_workers=1) as stack:
+        account_id, key = await stack.admin.funded_key("1.00")
+        async with client(stack, key) as sdk:
+            with pytest.raises(openai.InternalServerError) as caught:
+                await sdk.images.generate(
+                    model="local-1", prompt="slow", n=10, size="1792x1024", extra_headers={"grpc-timeout": "300m"}
+                )
+        assert caught.value.status_code == 504
+        assert (caught.value.type, caught.value.code) == ("server_error", "timeout")
+        schemas["ErrorResponse"].validate(caught.value.response.json())
+        for _ in range(50):
+            account = await stack.admin.get(account_id)
+            if account.reserved_usd == "0.000000":
+                break
+            await asyncio.sleep(0.1)
+        assert (account.balance_usd, account.spent_usd) == ("1.000000", "0.000000")
