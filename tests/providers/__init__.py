@@ -1,0 +1,1 @@
+"""Each upstream adapter against its fake over real HTTP on loopback."""

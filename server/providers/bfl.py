@@ -1,0 +1,212 @@
+"""Black Forest Labs' FLUX API: submit, then poll (``reference/providers.md`` §4).
+
+``POST {base}/v1/{model}`` with ``x-key`` answers ``{id, polling_url}``. The global host
+routes tasks to regional clusters, so the ``polling_url`` may be on another host (or
+port) and is always followed, with ``x-key`` again, but only within the provider's domain
+(``_trusted``: the base host itself or a sibling under the same parent domain), so a
+malformed answer cannot send our key elsewhere. Poll states (``STATES``): ``Pending``
+(keep polling, 0.5 s rising to 2 s), ``Ready`` (download ``result.sample`` at once: the
+signed URL expires after about 10 minutes), ``Request Moderated`` / ``Content Moderated``
+(the caller's ``content_policy_violation``), ``Error`` and ``Task not found``.
+A 5xx or 429 on a poll is retried as a poll and never resubmits (that would pay twice).
+
+Size: width/height, multiples of 32 within 256..1440 (``server.providers.sizing``).
+One image per task, so ``n`` fans out with bounded concurrency. HTTP errors map by
+status in ``ERRORS`` (BFL's bodies carry only FastAPI ``detail`` text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import httpx
+
+from server.config import MIB
+from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
+from server.providers.base import GeneratedImage, ImageRequest, ProviderResult
+from server.providers.http import (
+    ErrorTable,
+    Failure,
+    Kind,
+    RetryPolicy,
+    UpstreamHttp,
+    UpstreamResponse,
+    fan_out,
+    lookup_kind,
+    malformed,
+)
+from server.providers.sizing import bfl_dimensions
+
+__all__ = ["ERRORS", "STATES", "BflImageProvider"]
+
+DEFAULT_BASE_URL = "https://api.bfl.ai"
+OUTPUT_FORMATS = ("jpeg", "png", "webp")
+
+# The one table: (HTTP status, -) -> kind; BFL has no structured error codes.
+ERRORS: ErrorTable = {
+    (400, None): Kind.REJECTED,
+    (401, None): Kind.CREDENTIALS,
+    (402, None): Kind.ACCOUNT,  # insufficient credits
+    (403, None): Kind.CREDENTIALS,  # the key is invalid or lacks permission
+    (404, None): Kind.MODEL_UNAVAILABLE,
+    (422, None): Kind.REJECTED,  # FastAPI validation (width not a multiple of 32, ...)
+    (429, None): Kind.RATE_LIMITED,  # more than 24 active tasks
+}
+
+# Poll `status` -> what to do. Anything else is a malformed answer.
+STATES: Mapping[str, str] = {
+    "Pending": "poll",
+    "Ready": "download",
+    "Request Moderated": "moderated",  # the prompt was flagged before generation
+    "Content Moderated": "moderated",  # the image was flagged after generation
+    "Error": "failed",  # generation failed upstream; nothing was charged
+    "Task not found": "failed",  # unknown or expired id (or the wrong regional host)
+}
+
+
+def classify(response: UpstreamResponse) -> Failure:
+    """Maps a non-2xx BFL answer through ``ERRORS``."""
+    body = response.json_or_none()
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(detail, list):
+        detail = "; ".join(str(d.get("msg")) for d in detail if isinstance(d, dict))
+    return Failure(
+        lookup_kind(ERRORS, response.status, []),
+        detail=detail if isinstance(detail, str) else "",
+        status=response.status,
+    )
+
+
+class BflImageProvider:
+    """FLUX models behind BFL's asynchronous API (see the module docstring)."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        name: str = "bfl",
+        max_response_bytes: int = 128 * MIB,
+        retry: RetryPolicy | None = None,
+        key_setting: str = "IMAGEGW_BFL_API_KEY",
+        fan_out_concurrency: int = 4,
+        poll_interval: float = 0.5,
+        max_poll_interval: float = 2.0,
+        safety_tolerance: int = 2,
+    ) -> None:
+        self.name = name
+        self._base = httpx.URL(base_url.rstrip("/") + "/")
+        self._headers = {"x-key": api_key, "accept": "application/json"}
+        self._concurrency = fan_out_concurrency
+        self._poll_interval = poll_interval
+        self._max_poll_interval = max_poll_interval
+        self._safety_tolerance = safety_tolerance
+        self._http = UpstreamHttp(
+            http,
+            provider=name,
+            max_response_bytes=max_response_bytes,
+            retry=retry or RetryPolicy(),
+            key_setting=key_setting,
+        )
+
+    def submit_body(self, request: ImageRequest) -> dict[str, object]:
+        """The submit body for one image of ``request``."""
+        if request.output_format not in OUTPUT_FORMATS:  # pragma: no cover - the catalog lists only these
+            raise InvalidRequestError(f"Invalid value for 'output_format': {request.output_format!r}.", param="output_format")
+        width, height = bfl_dimensions(request.width, request.height)
+        return {
+            "prompt": request.prompt,
+            "width": width,
+            "height": height,
+            "output_format": request.output_format,
+            "safety_tolerance": self._safety_tolerance,
+            "prompt_upsampling": False,
+        }
+
+    def _trusted(self, url: httpx.URL) -> bool:
+        """Whether ``url`` may receive our key: the base host, or a sibling under its parent domain."""
+        if url.scheme not in ("https", self._base.scheme):
+            return False
+        base_host, host = self._base.host, url.host
+        if host == base_host:
+            return True
+        labels = base_host.split(".")
+        if len(labels) < 3 or base_host.replace(".", "").isdigit():
+            return False  # an IP address or a bare domain has no siblings
+        parent = ".".join(labels[1:])
+        return host == parent or host.endswith("." + parent)
+
+    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+        """``request.n`` tasks of one image each; moderated ones are dropped."""
+        body = self.submit_body(request)
+        return await fan_out(
+            request.n,
+            lambda _index: self._once(request, body, deadline),
+            concurrency=self._concurrency,
+            provider=self.name,
+        )
+
+    async def _once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:
+        submitted = await self._http.send(
+            "POST",
+            str(self._base.join(f"v1/{request.upstream_model}")),
+            deadline=deadline,
+            classify=classify,
+            headers=self._headers,
+            json_body=body,
+            operation="submit",
+        )
+        task = await submitted.json()
+        if not isinstance(task, dict) or not isinstance(task.get("id"), str):
+            raise malformed("a submit answer without a task id")
+        polling = task.get("polling_url")
+        if polling is None:
+            polling_url = self._base.join("v1/get_result").copy_with(params={"id": task["id"]})
+        elif isinstance(polling, str):
+            try:
+                polling_url = httpx.URL(polling)
+            except httpx.InvalidURL as exc:
+                raise malformed("a polling_url that is not a URL") from exc
+        else:
+            raise malformed("a polling_url that is not a string")
+        if not self._trusted(polling_url):
+            raise malformed(f"a polling_url outside the provider's domain ({polling_url.host})")
+        return await self._poll(str(polling_url), request, deadline)
+
+    async def _poll(self, url: str, request: ImageRequest, deadline: float) -> ProviderResult:
+        loop = asyncio.get_running_loop()
+        interval = self._poll_interval
+        while True:
+            response = await self._http.send(
+                "GET", url, deadline=deadline, classify=classify, headers=self._headers, operation="poll"
+            )
+            state = await response.json()
+            status = state.get("status") if isinstance(state, dict) else None
+            if not isinstance(status, str) or status not in STATES:
+                raise malformed(f"an unknown task status {status!r}")
+            action = STATES[status]
+            if action == "download":
+                return ProviderResult(images=[await self._download(state, request, deadline)])
+            if action == "moderated":
+                raise ContentPolicyError("The upstream provider's safety system rejected the request.")
+            if action == "failed":
+                raise UpstreamError(f"The upstream task failed (status {status!r}).", retryable=True)
+            # Pending: wait, never past the deadline (the next send would fail at once).
+            await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
+            interval = min(interval * 1.5, self._max_poll_interval)
+
+    async def _download(self, state: dict[str, object], request: ImageRequest, deadline: float) -> GeneratedImage:
+        result = state.get("result")
+        sample = result.get("sample") if isinstance(result, dict) else None
+        if not isinstance(sample, str) or not sample:
+            raise malformed("a Ready task without result.sample")
+        image = await self._http.download_image(sample, deadline=deadline)
+        prompt = result.get("prompt") if isinstance(result, dict) else None
+        # BFL echoes the prompt it used; it differs only when it was upsampled.
+        revised = prompt if isinstance(prompt, str) and prompt != request.prompt else None
+        return GeneratedImage(data=image.data, format=image.format, revised_prompt=revised)
+
+    async def aclose(self) -> None:
+        """Nothing to release: the composition root owns and closes the HTTP client."""

@@ -1,0 +1,557 @@
+"""The HTTP discipline every upstream adapter shares.
+
+An adapter owns its wire format and one table that maps its vendor's errors to a
+``Kind``; this module owns everything else about talking to an upstream:
+
+* **Bounded reads.** Bodies are streamed and abandoned past ``max_response_bytes``
+  (a base64 answer with four 4K images is tens of MiB; a broken upstream could send more).
+* **Retries within the deadline.** Rate limits (429), 5xx, connection errors and read
+  timeouts before the answer's head are retried with exponential backoff and jitter,
+  honouring the upstream's own hint: the adapter's (Google's ``RetryInfo.retryDelay``),
+  then ``retry-after-ms``, then ``Retry-After`` (seconds or an HTTP-date). A wait that does
+  not fit before the deadline, or is longer than ``RetryPolicy.max_retry_after``, is not
+  slept: the call fails at once with a retryable ``UpstreamError`` carrying the wait.
+  A failure *after* the head arrived (a truncated body) is not retried: the upstream has
+  probably generated, and billed, the images already.
+* **Errors by type.** ``Kind`` -> exception happens in one place (``UpstreamHttp.error``).
+  Our own credentials or credit being refused is our misconfiguration: the caller gets a
+  generic 502 that never names the key, and the operator gets a loud ``logging.error``.
+* **Images are checked before anyone sees them.** Strict base64 (a ``data:`` URL prefix is
+  accepted, bad padding is not), magic-number sniffing and a full Pillow decode off the
+  event loop; provider URLs are downloaded at once with the same size bound.
+
+Nothing here sleeps past ``deadline`` (an absolute ``loop.time()``), and cancellation is
+never swallowed: cancelling the caller closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import enum
+import io
+import json
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from server.errors import ApiError, ContentPolicyError, DeadlineExceededError, UpstreamError
+from server.providers.base import GeneratedImage, ProviderResult, TokenUsage
+
+__all__ = [
+    "CREDENTIALS_MESSAGE",
+    "ErrorTable",
+    "Failure",
+    "Kind",
+    "RetryPolicy",
+    "UpstreamHttp",
+    "UpstreamResponse",
+    "create_http_client",
+    "decode_base64",
+    "fan_out",
+    "image_from_base64",
+    "image_from_bytes",
+    "lookup_kind",
+    "parse_duration",
+    "sniff_format",
+]
+
+logger = logging.getLogger(__name__)
+
+# One generic message for our key *and* our credit: the caller cannot fix either, and the
+# operator learns which it was from the log line.
+CREDENTIALS_MESSAGE = "The upstream provider rejected the gateway's credentials"
+# Decoding JSON or base64 of this size takes long enough to stall other requests.
+OFFLOAD_BYTES = 256 * 1024
+DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+USER_AGENT = "imagegw/0.1"
+
+
+class Kind(enum.Enum):
+    """What an upstream failure means for us; each adapter's table maps into these."""
+
+    CONTENT_POLICY = "content_policy"  # the provider's safety system refused: 400 to the caller
+    CREDENTIALS = "credentials"  # our key is wrong or lacks permission: our misconfiguration
+    ACCOUNT = "account"  # our credit, spend limit or daily quota is gone: our misconfiguration
+    MODEL_UNAVAILABLE = "model_unavailable"  # the upstream does not serve the catalog's model
+    REJECTED = "rejected"  # the upstream refused parameters we could not pre-validate
+    RATE_LIMITED = "rate_limited"  # retry after the hinted wait
+    TRANSIENT = "transient"  # 5xx, timeouts, connection errors: retry with backoff
+    MALFORMED = "malformed"  # an answer we cannot use: never retried, never an empty success
+
+
+RETRIED = frozenset({Kind.RATE_LIMITED, Kind.TRANSIENT})
+# Error tables key on (HTTP status, vendor code); None matches any status or any code.
+ErrorTable = Mapping[tuple[int | None, str | None], Kind]
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One classified upstream failure: what it means and what the vendor said."""
+
+    kind: Kind
+    detail: str = ""
+    status: int | None = None
+    code: str | None = None
+    # A wait the vendor put in the body (Google's RetryInfo); headers are read separately.
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try one upstream call. Delays are seconds."""
+
+    max_attempts: int = 3
+    base_delay: float = 0.5
+    max_delay: float = 8.0
+    jitter: float = 0.25
+    # A hint longer than this is not slept even when the deadline allows (OpenAI's SDK caps at 120 s).
+    max_retry_after: float = 120.0
+    # Wait after a 429 that carries no hint (Stability times a key out for 60 s).
+    rate_limit_delay: float | None = None
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential delay before retry number ``attempt`` (1-based), minus up to ``jitter``."""
+        delay = min(self.base_delay * 2 ** (attempt - 1), self.max_delay)
+        return delay * (1 - self.jitter * random.random())
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    """A complete upstream answer, read within the size bound."""
+
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    url: str
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    async def json(self) -> Any:
+        """The body as JSON, or a MALFORMED UpstreamError; large bodies parse off the loop."""
+        try:
+            if len(self.body) > OFFLOAD_BYTES:
+                return await asyncio.to_thread(json.loads, self.body)
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise malformed(f"invalid JSON from {_host(self.url)} (HTTP {self.status})") from exc
+
+    def json_or_none(self) -> Any:
+        """The body as JSON when it is small valid JSON (error bodies), else None."""
+        if len(self.body) > OFFLOAD_BYTES:
+            return None
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+class _BodyError(Exception):
+    """The answer's head arrived but its body could not be read in full."""
+
+
+def create_http_client(*, connect_timeout: float = 10.0, read_timeout: float = 330.0, max_connections: int = 100) -> httpx.AsyncClient:
+    """A pooled client fit for one provider; the composition root owns and closes it.
+
+    The read timeout is a backstop only: each call is bounded by its request's deadline.
+    Redirects are not followed, so a key never travels to a host the adapter did not pick.
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20),
+        follow_redirects=False,
+        headers={"user-agent": USER_AGENT},
+    )
+
+
+def malformed(detail: str) -> UpstreamError:
+    """The caller-facing error for an answer we cannot use."""
+    logger.warning("malformed upstream answer: %s", detail)
+    return UpstreamError(f"The upstream provider returned a malformed answer: {detail}.", retryable=False)
+
+
+def lookup_kind(table: ErrorTable, status: int, codes: Sequence[str | None]) -> Kind:
+    """The table's kind for ``status`` and the first matching vendor code, most specific first.
+
+    Codes are structured fields (OpenAI ``error.code``/``type``, Google ``status`` and
+    ``ErrorInfo.reason``, Stability ``name``), never message text. Unlisted statuses fall
+    back by class: 408/409/5xx transient, 429 rate limited, anything else rejected.
+    """
+    for code in codes:
+        if code is not None and (status, code) in table:
+            return table[(status, code)]
+    for code in codes:
+        if code is not None and (None, code) in table:
+            return table[(None, code)]
+    if (status, None) in table:
+        return table[(status, None)]
+    if status in (408, 409) or status >= 500:
+        return Kind.TRANSIENT
+    if status == 429:
+        return Kind.RATE_LIMITED
+    return Kind.REJECTED
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds from a protobuf JSON Duration such as ``"12.5s"``; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    match = DURATION_RE.match(value)
+    return float(match.group(1)) if match else None
+
+
+def retry_after_from_headers(headers: httpx.Headers) -> float | None:
+    """``retry-after-ms`` (float ms), else ``Retry-After`` (seconds or HTTP-date), in seconds."""
+    raw_ms = headers.get("retry-after-ms")
+    if raw_ms is not None:
+        try:
+            value = float(raw_ms) / 1000
+            if math.isfinite(value) and value >= 0:
+                return value
+        except ValueError:
+            pass
+    raw = headers.get("retry-after")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+        return value if math.isfinite(value) and value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons returned None instead of raising
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _host(url: str) -> str:
+    try:
+        return httpx.URL(url).host or "upstream"
+    except httpx.InvalidURL:  # pragma: no cover - we only build valid URLs
+        return "upstream"
+
+
+class UpstreamHttp:
+    """One provider's calls: bounded reads, retries within the deadline, errors by kind."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        provider: str,
+        max_response_bytes: int,
+        retry: RetryPolicy,
+        key_setting: str,
+    ) -> None:
+        self.client = client
+        self.provider = provider
+        self.max_response_bytes = max_response_bytes
+        self.retry = retry
+        # Named in the loud log line so the operator knows what to fix.
+        self.key_setting = key_setting
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        classify: Callable[[UpstreamResponse], Failure],
+        headers: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        files: Any = None,
+        operation: str = "request",
+    ) -> UpstreamResponse:
+        """Sends one logical request and returns its 2xx answer, retrying what is transient.
+
+        ``classify`` turns a non-2xx answer into a ``Failure`` using the adapter's table.
+        Raises the mapped ``ApiError``; ``DeadlineExceededError`` when ``deadline`` passes
+        while waiting for the upstream.
+        """
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            attempt += 1
+            response: UpstreamResponse | None = None
+            try:
+                response = await self._attempt(method, url, deadline=deadline, headers=headers, json_body=json_body, files=files)
+            except httpx.TransportError as exc:
+                failure = Failure(Kind.TRANSIENT, detail=f"{type(exc).__name__} on {operation}")
+            else:
+                if 200 <= response.status < 300:
+                    return response
+                failure = classify(response)
+            if failure.kind not in RETRIED:
+                raise self.error(failure)
+            should_retry = response.headers.get("x-should-retry") if response is not None else None
+            if should_retry == "false":
+                # The vendor says this one will not get better (OpenAI sends it on some 500s).
+                logger.warning("%s %s: HTTP %s marked x-should-retry: false", self.provider, operation, failure.status)
+                raise UpstreamError(
+                    f"The upstream provider failed (HTTP {failure.status}) and asked not to be retried.", retryable=False
+                )
+            hint = failure.retry_after
+            if hint is None and response is not None:
+                hint = retry_after_from_headers(response.headers)
+            if hint is None and failure.kind is Kind.RATE_LIMITED:
+                hint = self.retry.rate_limit_delay
+            delay = hint if hint is not None else self.retry.backoff(attempt)
+            what = "is rate limiting the gateway" if failure.kind is Kind.RATE_LIMITED else "is failing"
+            status = f"HTTP {failure.status}" if failure.status is not None else failure.detail
+            if attempt >= self.retry.max_attempts:
+                logger.warning("%s %s: giving up after %d attempts (%s)", self.provider, operation, attempt, status)
+                raise UpstreamError(
+                    f"The upstream provider {what} ({status}); gave up after {attempt} attempts.",
+                    retryable=True,
+                    retry_after=hint,
+                )
+            if delay > self.retry.max_retry_after or loop.time() + delay >= deadline:
+                logger.warning(
+                    "%s %s: %s, retry in %.2f s does not fit the deadline", self.provider, operation, status, delay
+                )
+                raise UpstreamError(
+                    f"The upstream provider {what} ({status}); retry after {math.ceil(delay)} s.",
+                    retryable=True,
+                    retry_after=delay,
+                )
+            logger.info("%s %s: %s, attempt %d, retrying in %.2f s", self.provider, operation, status, attempt, delay)
+            await asyncio.sleep(delay)
+
+    async def _attempt(
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        json_body: Any,
+        files: Any,
+    ) -> UpstreamResponse:
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with self.client.stream(method, url, headers=headers, json=json_body, files=files) as response:
+                    body = await self._read_bounded(response)
+        except TimeoutError as exc:
+            raise DeadlineExceededError("The upstream provider did not answer before the request's deadline.") from exc
+        except _BodyError as exc:
+            raise malformed(f"{exc} from {_host(url)}") from exc
+        return UpstreamResponse(status=response.status_code, headers=response.headers, body=body, url=url)
+
+    async def _read_bounded(self, response: httpx.Response) -> bytes:
+        limit = self.max_response_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyError(f"an answer of {declared} bytes, above the {limit}-byte limit")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise _BodyError(f"an answer above the {limit}-byte limit")
+                chunks.append(chunk)
+        except httpx.TransportError as exc:
+            # The head arrived, so the upstream did the work; a retry could bill twice.
+            raise _BodyError(f"a truncated answer ({type(exc).__name__} after {size} bytes)") from exc
+        except httpx.DecodingError as exc:
+            raise _BodyError("an answer whose content-encoding does not decode") from exc
+        return b"".join(chunks)
+
+    def error(self, failure: Failure) -> ApiError:
+        """The caller-facing exception for a failure that is not retried."""
+        where = f"HTTP {failure.status}" if failure.status is not None else "no status"
+        match failure.kind:
+            case Kind.CONTENT_POLICY:
+                return ContentPolicyError("The upstream provider's safety system rejected the request.")
+            case Kind.CREDENTIALS:
+                logger.error(
+                    "%s rejected the gateway's credentials (%s, code %s); check %s",
+                    self.provider,
+                    where,
+                    failure.code,
+                    self.key_setting,
+                )
+                return UpstreamError(CREDENTIALS_MESSAGE, retryable=False)
+            case Kind.ACCOUNT:
+                logger.error(
+                    "%s refused the gateway's account: credit or quota exhausted (%s, code %s); top up the account behind %s",
+                    self.provider,
+                    where,
+                    failure.code,
+                    self.key_setting,
+                )
+                return UpstreamError(CREDENTIALS_MESSAGE, retryable=False)
+            case Kind.MODEL_UNAVAILABLE:
+                logger.error("%s does not serve the requested model (%s): %s", self.provider, where, failure.detail)
+                return UpstreamError("The upstream provider does not serve this model.", retryable=False)
+            case Kind.REJECTED:
+                logger.warning("%s rejected a request (%s, code %s): %s", self.provider, where, failure.code, failure.detail)
+                detail = f": {failure.detail[:300]}" if failure.detail else ""
+                return UpstreamError(f"The upstream provider rejected the request ({where}){detail}", retryable=False)
+            case Kind.MALFORMED:
+                return malformed(failure.detail or where)
+            case Kind.RATE_LIMITED | Kind.TRANSIENT:  # pragma: no cover - send() retries these
+                return UpstreamError(f"The upstream provider failed ({where}).", retryable=True)
+
+    async def download_image(self, url: str, *, deadline: float) -> GeneratedImage:
+        """Fetches an image the provider only linked to (DALL·E, BFL), at once and bounded.
+
+        Sends no credentials: delivery URLs are pre-signed and often on another host.
+        """
+        if httpx.URL(url).scheme not in ("http", "https"):
+            raise malformed("an image URL that is not http(s)")
+        response = await self.send("GET", url, deadline=deadline, classify=_classify_download, operation="image download")
+        return await image_from_bytes(response.body)
+
+
+def _classify_download(response: UpstreamResponse) -> Failure:
+    # An expired signed URL answers 403 (Azure blob AuthenticationFailed) or 404: not retried.
+    if response.status == 429:
+        return Failure(Kind.RATE_LIMITED, status=429)
+    if response.status >= 500:
+        return Failure(Kind.TRANSIENT, status=response.status)
+    return Failure(Kind.MALFORMED, detail=f"the image URL answered HTTP {response.status}", status=response.status)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """``png``, ``jpeg`` or ``webp`` from the magic number, else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+_PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
+def _decode_check(data: bytes) -> str:
+    # Runs in a worker thread: a full decode catches truncated and corrupt images that a
+    # header-only check would pass (a JPEG has no checksum).
+    with Image.open(io.BytesIO(data)) as image:
+        fmt = _PIL_FORMATS.get(image.format or "")
+        if fmt is None:
+            raise ValueError(f"unexpected image format {image.format}")
+        image.load()
+    return fmt
+
+
+def decode_base64(value: object) -> bytes:
+    """Strict standard base64 (RFC 4648, padded); a ``data:image/...;base64,`` prefix is dropped."""
+    if not isinstance(value, str) or not value:
+        raise malformed("an image field that is not a base64 string")
+    text = DATA_URL_RE.sub("", value.strip(), count=1)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise malformed("image data that is not valid base64") from exc
+
+
+async def image_from_bytes(data: bytes, *, revised_prompt: str | None = None) -> GeneratedImage:
+    """Checks that ``data`` is a whole PNG, JPEG or WebP image; the format comes from the bytes."""
+    sniffed = sniff_format(data)
+    if sniffed is None:
+        raise malformed("bytes that are not a PNG, JPEG or WebP image")
+    try:
+        decoded = await asyncio.to_thread(_decode_check, data)
+    except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise malformed(f"a {sniffed} image that does not decode") from exc
+    return GeneratedImage(data=data, format=decoded, revised_prompt=revised_prompt)
+
+
+async def image_from_base64(value: object, *, revised_prompt: str | None = None) -> GeneratedImage:
+    """Decodes a base64 image field (off the loop when large) and validates the image."""
+    if isinstance(value, str) and len(value) > OFFLOAD_BYTES:
+        data = await asyncio.to_thread(decode_base64, value)
+    else:
+        data = decode_base64(value)
+    return await image_from_bytes(data, revised_prompt=revised_prompt)
+
+
+def sum_usage(usages: Sequence[TokenUsage]) -> TokenUsage:
+    """Token counts of several upstream calls added up."""
+    return TokenUsage(
+        input_text_tokens=sum(u.input_text_tokens for u in usages),
+        input_image_tokens=sum(u.input_image_tokens for u in usages),
+        output_image_tokens=sum(u.output_image_tokens for u in usages),
+        output_text_tokens=sum(u.output_text_tokens for u in usages),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    result: ProviderResult | None = None
+    error: ApiError | None = None
+
+
+async def fan_out(
+    n: int,
+    one: Callable[[int], Awaitable[ProviderResult]],
+    *,
+    concurrency: int,
+    provider: str,
+) -> ProviderResult:
+    """Makes ``n`` single-image calls, at most ``concurrency`` at a time, and merges them.
+
+    Images that survive are returned even when other calls were moderated or failed
+    (the use case charges only what is delivered). With none: ``ContentPolicyError`` when
+    every failure was the provider's safety system, else the first other error, so a
+    transient failure stays retryable.
+    """
+    semaphore = asyncio.Semaphore(max(1, concurrency))
+
+    async def guarded(index: int) -> _Outcome:
+        async with semaphore:
+            try:
+                return _Outcome(result=await one(index))
+            except ApiError as exc:  # CancelledError and bugs propagate
+                return _Outcome(error=exc)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(guarded(index)) for index in range(n)]
+    except BaseExceptionGroup as group_error:
+        # Only non-ApiError exceptions (bugs) get here; surface the first as itself.
+        raise group_error.exceptions[0] from None
+    outcomes = [task.result() for task in tasks]
+    images = [image for o in outcomes if o.result is not None for image in o.result.images]
+    usage = sum_usage([o.result.usage for o in outcomes if o.result is not None])
+    errors = [o.error for o in outcomes if o.error is not None]
+    if images:
+        if errors:
+            logger.warning(
+                "%s delivered %d of %d images (%s)", provider, len(images), n, ", ".join(type(e).__name__ for e in errors)
+            )
+        first = next(o.result for o in outcomes if o.result is not None)
+        return ProviderResult(
+            images=images,
+            usage=usage,
+            size=first.size,
+            quality=first.quality,
+            background=first.background,
+            output_format=first.output_format,
+        )
+    others = [e for e in errors if not isinstance(e, ContentPolicyError)]
+    if others:
+        raise others[0]
+    if errors:
+        raise errors[0]
+    raise malformed("no images")  # pragma: no cover - n >= 1 gives an outcome per call

@@ -1,0 +1,168 @@
+"""Stability AI's v2beta Stable Image API (``reference/providers.md`` §3).
+
+``POST {base}/v2beta/stable-image/generate/{ultra|core|sd3}`` with ``authorization:
+Bearer``. The body is ``multipart/form-data`` even though there is no file: every field
+goes as its own form part (a urlencoded body is refused). The upstream model picks the
+endpoint (``ENDPOINTS``); SD3 models also send ``model``. There is no size: the OpenAI
+size becomes ``aspect_ratio`` (``server.providers.sizing``). One image per call, so
+``n`` fans out with bounded concurrency.
+
+The answer is negotiated with ``accept``: ``image/*`` (the default here, no base64
+overhead) gives the bytes with ``finish-reason`` and ``seed`` headers;
+``application/json`` gives ``{image, finish_reason, seed}``. Moderation comes in two
+forms, both the caller's ``content_policy_violation`` when nothing survives: 403
+``content_moderation`` before generation, and a 200 with finish reason
+``CONTENT_FILTERED`` (a blurred image we must not deliver). Errors are
+``{id, name, errors[]}``; ``ERRORS`` keys on the status and ``name``. A 429 carries no
+``Retry-After``: Stability times the key out for 60 s, which ``RetryPolicy.rate_limit_delay``
+encodes, so a request with less time left fails fast and retryable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+
+from server.config import MIB
+from server.errors import ContentPolicyError, InvalidRequestError
+from server.providers.base import ImageRequest, ProviderResult
+from server.providers.http import (
+    ErrorTable,
+    Failure,
+    Kind,
+    RetryPolicy,
+    UpstreamHttp,
+    UpstreamResponse,
+    fan_out,
+    image_from_base64,
+    image_from_bytes,
+    lookup_kind,
+    malformed,
+)
+from server.providers.sizing import STABILITY_ASPECT_RATIOS, nearest_aspect_ratio
+
+__all__ = ["ENDPOINTS", "ERRORS", "StabilityImageProvider"]
+
+DEFAULT_BASE_URL = "https://api.stability.ai"
+# Upstream model -> (endpoint, whether the `model` form field names it).
+ENDPOINTS: Mapping[str, tuple[str, bool]] = {
+    "stable-image-ultra": ("ultra", False),
+    "stable-image-core": ("core", False),
+    "sd3.5-large": ("sd3", True),
+    "sd3.5-large-turbo": ("sd3", True),
+    "sd3.5-medium": ("sd3", True),
+}
+OUTPUT_FORMATS: Mapping[str, tuple[str, ...]] = {"ultra": ("png", "jpeg", "webp"), "core": ("png", "jpeg", "webp"), "sd3": ("png", "jpeg")}
+ACCEPTS = ("image/*", "application/json")
+FILTERED = "CONTENT_FILTERED"
+
+# The one table: (HTTP status, error `name`) -> kind.
+ERRORS: ErrorTable = {
+    (400, None): Kind.REJECTED,  # bad_request
+    (401, None): Kind.CREDENTIALS,
+    (402, None): Kind.ACCOUNT,  # payment_required: out of credits
+    (403, "content_moderation"): Kind.CONTENT_POLICY,
+    (403, None): Kind.CREDENTIALS,
+    (404, None): Kind.MODEL_UNAVAILABLE,
+    (413, None): Kind.REJECTED,
+    (422, None): Kind.REJECTED,
+    (429, None): Kind.RATE_LIMITED,
+}
+
+
+def classify(response: UpstreamResponse) -> Failure:
+    """Maps a non-2xx Stability answer through ``ERRORS`` by its ``name`` field."""
+    body = response.json_or_none()
+    name = body.get("name") if isinstance(body, dict) and isinstance(body.get("name"), str) else None
+    errors = body.get("errors") if isinstance(body, dict) else None
+    detail = "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
+    return Failure(lookup_kind(ERRORS, response.status, [name]), detail=detail, status=response.status, code=name)
+
+
+class StabilityImageProvider:
+    """Stable Image Ultra, Core and SD3.5 (see the module docstring)."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        api_key: str,
+        base_url: str = DEFAULT_BASE_URL,
+        accept: str = "image/*",
+        name: str = "stability",
+        max_response_bytes: int = 128 * MIB,
+        retry: RetryPolicy | None = None,
+        key_setting: str = "IMAGEGW_STABILITY_API_KEY",
+        fan_out_concurrency: int = 4,
+    ) -> None:
+        if accept not in ACCEPTS:
+            raise ValueError(f"accept must be one of {ACCEPTS}")
+        self.name = name
+        self._base = base_url.rstrip("/") + "/v2beta/stable-image/generate"
+        self._headers = {"authorization": f"Bearer {api_key}", "accept": accept}
+        self._concurrency = fan_out_concurrency
+        self._http = UpstreamHttp(
+            http,
+            provider=name,
+            max_response_bytes=max_response_bytes,
+            retry=retry or RetryPolicy(rate_limit_delay=60.0),
+            key_setting=key_setting,
+        )
+
+    def form(self, request: ImageRequest) -> tuple[str, list[tuple[str, tuple[None, str]]]]:
+        """The endpoint URL and the multipart fields (no filenames) for one image."""
+        endpoint = ENDPOINTS.get(request.upstream_model)
+        if endpoint is None:
+            raise InvalidRequestError(
+                f"Model '{request.model_id}' names an unknown Stability model '{request.upstream_model}'.", param="model"
+            )
+        path, names_model = endpoint
+        if request.output_format not in OUTPUT_FORMATS[path]:
+            raise InvalidRequestError(
+                f"Invalid value for 'output_format': model '{request.model_id}' supports "
+                f"{', '.join(repr(f) for f in OUTPUT_FORMATS[path])}.",
+                param="output_format",
+            )
+        fields = {
+            "prompt": request.prompt,
+            "aspect_ratio": nearest_aspect_ratio(request.width, request.height, STABILITY_ASPECT_RATIOS),
+            "output_format": request.output_format,
+        }
+        if names_model:
+            fields["model"] = request.upstream_model
+        # (None, value) parts make httpx send multipart/form-data without a dummy file.
+        return f"{self._base}/{path}", [(key, (None, value)) for key, value in fields.items()]
+
+    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+        """``request.n`` calls of one image each; filtered ones are dropped."""
+        url, fields = self.form(request)
+        return await fan_out(
+            request.n,
+            lambda _index: self._once(url, fields, deadline),
+            concurrency=self._concurrency,
+            provider=self.name,
+        )
+
+    async def _once(self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float) -> ProviderResult:
+        response = await self._http.send(
+            "POST", url, deadline=deadline, classify=classify, headers=self._headers, files=fields, operation="generate"
+        )
+        if response.content_type.startswith("image/"):
+            finish = response.headers.get("finish-reason", "SUCCESS")
+            if finish == FILTERED:
+                raise ContentPolicyError("The upstream provider's safety system rejected the request.")
+            return ProviderResult(images=[await image_from_bytes(response.body)])
+        if response.content_type == "application/json":
+            payload = await response.json()
+            if not isinstance(payload, dict):
+                raise malformed("an answer that is not a JSON object")
+            if payload.get("finish_reason") == FILTERED:
+                raise ContentPolicyError("The upstream provider's safety system rejected the request.")
+            if "image" not in payload:
+                raise malformed("an answer without an image field")
+            return ProviderResult(images=[await image_from_base64(payload["image"])])
+        raise malformed(f"an answer of content type {response.content_type or 'none'}")
+
+    async def aclose(self) -> None:
+        """Nothing to release: the composition root owns and closes the HTTP client."""

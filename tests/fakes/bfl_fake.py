@@ -1,0 +1,261 @@
+"""A fake Black Forest Labs FLUX API: submit on one host, poll and download on another.
+
+Faithful to ``reference/providers.md`` §4 and §8. Two real servers: the global API
+(``base_url``) takes ``POST /v1/{model}`` with ``x-key`` and answers ``{id, polling_url,
+cost, input_mp, output_mp}`` where ``polling_url`` points at the *regional* server (another
+port); the global host's own ``/v1/get_result`` answers ``Task not found`` for those tasks,
+as a wrong cluster does. The regional server runs each task's state machine: ``Pending``
+``pending`` times (rising ``progress``), then ``Ready`` with ``result.sample`` on its
+delivery path, a signed URL that expires after ``sample_ttl`` seconds (403 XML after).
+Submit validation follows FastAPI: 422 ``{"detail": [{loc, msg, type}]}`` for width/height
+not a multiple of 32 or outside 256..1440 and ``safety_tolerance`` above 6; a missing or
+wrong key is 403; more than ``max_active`` unfinished tasks is 429.
+
+Scenarios (prompt token or ``fake.enqueue``, both read at submit):
+
+    request-moderated, content-moderated, error, task-not-found    terminal poll states
+    pending=K          K Pending polls before Ready (default ``pending``)
+    poll-5xx=K         the first K polls answer 502/503 alternately (retry the poll, not the submit)
+    expired-sample     result.sample expires at once (403 on download)
+    garbage-sample     result.sample serves bytes that are no image
+    payment (402), forbidden (403), 429, 500, 503 at submit; no-polling-url (submit answers only an id)
+    foreign-polling-url (a polling_url on an unrelated host), poll-invalid-json, unknown-status
+    and the generic slow/drip/reset/truncated/html-502/html-504/html-200/invalid-json at submit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from tests.fakes.images import GARBAGE, MIME_TYPES, ImageCache
+from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
+from tests.fakes.server import FakeHttpServer, FakeResponse, RecordedRequest, SignedBlobs
+
+__all__ = ["BflFake", "start_bfl_fake"]
+
+DEFAULT_KEY = "bfl-test-fake-key"
+MODELS = {"flux-pro-1.1", "flux-pro-1.1-ultra", "flux-pro", "flux-dev", "flux-kontext-pro", "flux-kontext-max"}
+
+
+@dataclass(slots=True)
+class _Task:
+    id: str
+    prompt: str
+    width: int
+    height: int
+    fmt: str
+    scenario: Scenario
+    pending: int
+    poll_failures: int
+    polls: int = 0
+    done: bool = False
+
+
+class BflFake:
+    """The global API host plus a regional host that serves polls and deliveries."""
+
+    def __init__(
+        self, *, api_key: str = DEFAULT_KEY, host: str = "127.0.0.1", port: int = 0, regional_port: int = 0,
+        pending: int = 2, sample_ttl: float = 600.0, max_active: int = 24,
+    ) -> None:
+        self.api_key = api_key
+        self.pending = pending
+        self.sample_ttl = sample_ttl
+        self.max_active = max_active
+        self.server = FakeHttpServer(self._handle_api, host=host, port=port)
+        self.regional = FakeHttpServer(self._handle_regional, host=host, port=regional_port)
+        self.scenarios = ScenarioPicker()
+        self.blobs = SignedBlobs(prefix="/results")
+        self.tasks: dict[str, _Task] = {}
+        self._images = ImageCache()
+
+    @property
+    def base_url(self) -> str:
+        """The global host, as BFL's client takes it (the adapter adds ``/v1/...``)."""
+        return self.server.base_url
+
+    @property
+    def submits(self) -> list[RecordedRequest]:
+        return [r for r in self.server.requests if r.method == "POST"]
+
+    @property
+    def polls(self) -> list[RecordedRequest]:
+        return [r for r in self.regional.requests + self.server.requests if r.path == "/v1/get_result"]
+
+    @property
+    def downloads(self) -> list[RecordedRequest]:
+        return [r for r in self.regional.requests if r.path.startswith("/results/")]
+
+    def enqueue(self, *scenarios: str | Scenario) -> None:
+        self.scenarios.enqueue(*scenarios)
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.regional.start()
+
+    async def stop(self) -> None:
+        await self.regional.stop()
+        await self.server.stop()
+
+    def _authorized(self, request: RecordedRequest) -> bool:
+        return request.headers.get("x-key") == self.api_key
+
+    # -- global API: submit -------------------------------------------------------------------
+
+    async def _handle_api(self, request: RecordedRequest) -> FakeResponse:
+        if request.path == "/v1/get_result" and request.method == "GET":
+            if not self._authorized(request):
+                return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
+            task = self.tasks.get(request.query.get("id", ""))
+            if task is not None and task.scenario.name == "no-polling-url":
+                return self.poll(task.id)
+            # Tasks live on the regional cluster; the wrong host does not know them.
+            return FakeResponse.json_body({"id": request.query.get("id"), "status": "Task not found"})
+        model = request.path.removeprefix("/v1/")
+        if request.method != "POST" or model not in MODELS:
+            return FakeResponse.json_body({"detail": "Not Found"}, 404)
+        if not self._authorized(request):
+            return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
+        try:
+            body = request.json()
+        except ValueError:
+            return FakeResponse.json_body({"detail": [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]}, 422)
+        problems = self._validate(body)
+        if problems:
+            return FakeResponse.json_body({"detail": problems}, 422)
+        scenario = self.scenarios.pick(body.get("prompt"))
+        match scenario.name:
+            case "payment":
+                return FakeResponse.json_body({"detail": "Insufficient credits"}, 402)
+            case "forbidden":
+                return FakeResponse.json_body({"detail": "Not authenticated: key lacks permission"}, 403)
+            case "429":
+                return FakeResponse.json_body({"detail": "Too many active tasks"}, 429)
+            case "500":
+                return FakeResponse.json_body({"detail": "Internal Server Error"}, 500)
+            case "503":
+                return FakeResponse.json_body({"detail": "Service Unavailable"}, 503)
+        active = sum(1 for task in self.tasks.values() if not task.done)
+        if active >= self.max_active:
+            return FakeResponse.json_body({"detail": f"You have reached the limit of {self.max_active} active tasks"}, 429)
+        task = _Task(
+            id=str(uuid.uuid4()),
+            prompt=body["prompt"],
+            width=body.get("width", 1024),
+            height=body.get("height", 768),
+            fmt=body.get("output_format", "jpeg"),
+            scenario=scenario,
+            pending=int(scenario.arg_or(self.pending)) if scenario.name == "pending" else self.pending,
+            poll_failures=int(scenario.arg_or(2)) if scenario.name == "poll-5xx" else 0,
+        )
+        self.tasks[task.id] = task
+        payload: dict[str, Any] = {"id": task.id, "polling_url": f"{self.regional.base_url}/v1/get_result?id={task.id}",
+                                   "cost": 4.0, "input_mp": 0.0, "output_mp": round(task.width * task.height / 1e6, 2)}
+        if scenario.name == "no-polling-url":
+            # Older API versions answered only the id; polls then go to the global host.
+            del payload["polling_url"]
+            task.pending = 0
+        elif scenario.name == "foreign-polling-url":
+            payload["polling_url"] = f"https://collector.example.net/v1/get_result?id={task.id}"
+        ok = FakeResponse.json_body(payload)
+        return transport_variant(scenario, ok) or ok
+
+    @staticmethod
+    def _validate(body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, dict):
+            return [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]
+        problems = []
+        if not isinstance(body.get("prompt"), str):
+            problems.append({"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"})
+        for side in ("width", "height"):
+            value = body.get(side, 1024)
+            if not isinstance(value, int) or value % 32 or not 256 <= value <= 1440:
+                problems.append({"loc": ["body", side], "msg": f"{side} must be a multiple of 32 between 256 and 1440",
+                                 "type": "value_error"})
+        tolerance = body.get("safety_tolerance", 2)
+        if not isinstance(tolerance, int) or not 0 <= tolerance <= 6:
+            problems.append({"loc": ["body", "safety_tolerance"], "msg": "Input should be less than or equal to 6",
+                             "type": "less_than_equal"})
+        if body.get("output_format", "jpeg") not in ("jpeg", "png", "webp"):
+            problems.append({"loc": ["body", "output_format"], "msg": "Input should be 'jpeg', 'png' or 'webp'", "type": "enum"})
+        return problems
+
+    # -- regional host: poll and deliver -------------------------------------------------------
+
+    async def _handle_regional(self, request: RecordedRequest) -> FakeResponse:
+        blob = self.blobs.serve(request)
+        if blob is not None:
+            return blob
+        if request.path != "/v1/get_result" or request.method != "GET":
+            return FakeResponse.json_body({"detail": "Not Found"}, 404)
+        if not self._authorized(request):
+            return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
+        return self.poll(request.query.get("id", ""))
+
+    def poll(self, task_id: str) -> FakeResponse:
+        task = self.tasks.get(task_id)
+        if task is None:
+            return FakeResponse.json_body({"id": task_id, "status": "Task not found"})
+        if task.poll_failures:
+            # A flaky regional gateway: the task itself is unaffected.
+            task.poll_failures -= 1
+            status = 502 if task.poll_failures % 2 else 503
+            return FakeResponse.text(f"<html><body><h1>{status}</h1></body></html>", status)
+        task.polls += 1
+        state: dict[str, Any] = {"id": task.id, "result": None, "progress": None, "details": None, "preview": None}
+        name = task.scenario.name
+        if name == "poll-invalid-json":
+            return FakeResponse(body=b'{"id": "' + task.id.encode() + b'", "status": "Rea')
+        if task.polls <= task.pending:
+            return FakeResponse.json_body(state | {"status": "Pending", "progress": round(task.polls / (task.pending + 1), 2)})
+        task.done = True
+        terminal = {"request-moderated": "Request Moderated", "content-moderated": "Content Moderated",
+                    "error": "Error", "task-not-found": "Task not found", "unknown-status": "Sleeping"}
+        if name in terminal:
+            details = {"Moderation Reasons": ["Derivative Works Filter"]} if "moderated" in name else None
+            return FakeResponse.json_body(state | {"status": terminal[name], "details": details})
+        data = GARBAGE if name == "garbage-sample" else self._images.get(task.fmt, task.width // 16, task.height // 16)
+        ttl = 0.0 if name == "expired-sample" else self.sample_ttl
+        sample = self.blobs.put(self.regional.base_url, data, MIME_TYPES[task.fmt], ttl=ttl, suffix=task.fmt)
+        return FakeResponse.json_body(
+            state | {"status": "Ready", "result": {"sample": sample, "prompt": task.prompt, "seed": secrets.randbelow(2**31),
+                                                    "start_time": 1767225600.1, "end_time": 1767225606.4, "duration": 6.3}}
+        )
+
+
+@asynccontextmanager
+async def start_bfl_fake(**options: Any) -> AsyncIterator[BflFake]:
+    """A running ``BflFake`` (options as its constructor), both hosts stopped on exit."""
+    fake = BflFake(**options)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = BflFake(api_key=args.key, host=args.host, port=args.port, regional_port=args.regional_port)
+    await fake.start()
+    print(f"fake BFL API at {fake.base_url} (regional {fake.regional.base_url})  key {args.key}", flush=True)  # noqa: T201
+    await asyncio.gather(fake.server.serve_forever(), fake.regional.serve_forever())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9103)
+    parser.add_argument("--regional-port", type=int, default=9104)
+    parser.add_argument("--key", default=DEFAULT_KEY)
+    asyncio.run(_serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,463 @@
+"""A fake OpenAI Images API (and its xAI and Together dialects) on loopback.
+
+Faithful to ``reference/providers.md`` §1, §5 and §8: ``POST /v1/images/generations``
+with ``Authorization: Bearer``; the exact ``{"error": {message, type, param, code}}``
+envelope (xAI: ``{"code", "error"}``) with ``x-request-id``; per-model validation
+(``response_format`` refused by GPT image models, ``n=1`` for dall-e-3, size tables, xAI
+refusing ``size``, Together's ``width``/``height`` and ``response_format: base64``);
+GPT image answers with ``usage`` and ``size/quality/output_format/background``; DALL·E
+answers with ``revised_prompt`` and a ``url`` by default, served from an expiring fake
+blob host (403 XML after ``url_ttl``).
+
+Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
+``tests.fakes.scenarios``):
+
+    moderated, moderated-output   400 moderation_blocked (GPT image) / content_policy_violation (DALL·E)
+    content-policy                400 content_policy_violation
+    partial                       200 with n-1 images       flagged, blocked   xAI 200 moderation forms
+    429                           rate_limit_exceeded with retry-after: 2 and retry-after-ms: 2000
+    429-ms=MS, 429-s=S            only retry-after-ms / only retry-after (seconds, may be fractional)
+    429-date=S                    Retry-After as an HTTP-date S seconds ahead
+    429-huge, 429-none            retry-after: 600 / no hint at all
+    quota, billing                429 insufficient_quota / 400 billing_hard_limit_reached
+    spend-limit                   402 (Together)           region  403 unsupported country
+    model-gone                    404 model_not_found      invalid  400 invalid_request_error
+    500, 503, 500-no-retry        server_error / overloaded / 500 with x-should-retry: false
+    url, expired-url              answer a url (even when b64 was asked) / one already expired
+    missing-image, empty-data, bad-base64, data-url, garbage-image, fake-png, wrong-format
+    slow=S, drip=S, reset, truncated, html-502, html-504, html-200, invalid-json (generic)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from tests.fakes.images import FAKE_PNG, GARBAGE, ImageCache, MIME_TYPES, with_bad_padding
+from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
+from tests.fakes.server import FakeHttpServer, FakeResponse, RecordedRequest, SignedBlobs
+
+__all__ = ["OpenAIFake", "start_openai_fake"]
+
+DEFAULT_KEY = "sk-test-fake-openai"
+GPT_IMAGE = {"gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "gpt-image-2-2026-04-21", "chatgpt-image-latest"}
+GPT_SIZES = {"1024x1024", "1536x1024", "1024x1536", "auto"}
+DALLE_SIZES = {"dall-e-2": {"256x256", "512x512", "1024x1024"}, "dall-e-3": {"1024x1024", "1792x1024", "1024x1792"}}
+PROMPT_LIMITS = {"dall-e-2": 1000, "dall-e-3": 4000}
+GPT_ONLY = ("output_format", "output_compression", "background", "moderation", "stream", "partial_images")
+# gpt-image-1 output image tokens by quality for 1024², 1024x1536 and 1536x1024 (providers.md §1.4).
+OUTPUT_TOKENS = {
+    "low": {"1024x1024": 272, "1024x1536": 408, "1536x1024": 400},
+    "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
+    "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
+}
+XAI_RATIOS = {"1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20", "20:9", "1:2", "2:1"}
+SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def _mask(key: str) -> str:
+    return key[:3] + "*" * 8 + key[-4:] if len(key) > 8 else "*" * len(key)
+
+
+class OpenAIFake:
+    """One fake OpenAI-shaped host; ``dialect`` is ``openai``, ``xai`` or ``together``."""
+
+    def __init__(
+        self, *, api_key: str = DEFAULT_KEY, dialect: str = "openai", host: str = "127.0.0.1", port: int = 0,
+        url_ttl: float = 3600.0,
+    ) -> None:
+        if dialect not in ("openai", "xai", "together"):
+            raise ValueError(f"unknown dialect {dialect!r}")
+        self.api_key = api_key
+        self.dialect = dialect
+        self.url_ttl = url_ttl
+        self.server = FakeHttpServer(self._handle, host=host, port=port)
+        self.scenarios = ScenarioPicker()
+        self.blobs = SignedBlobs()
+        self._images = ImageCache()
+
+    @property
+    def base_url(self) -> str:
+        """What the OpenAI SDK calls base_url: the host plus ``/v1``."""
+        return f"{self.server.base_url}/v1"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return self.server.requests
+
+    @property
+    def generation_requests(self) -> list[RecordedRequest]:
+        return [r for r in self.server.requests if r.path == "/v1/images/generations"]
+
+    def enqueue(self, *scenarios: str | Scenario) -> None:
+        self.scenarios.enqueue(*scenarios)
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self) -> None:
+        await self.server.stop()
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _error(
+        self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+        code: str | None = None, headers: tuple[tuple[str, str], ...] = (), extra: dict[str, Any] | None = None,
+    ) -> FakeResponse:
+        request_id = ("x-request-id", f"req_{secrets.token_hex(16)}")
+        if self.dialect == "xai":
+            # xAI's own shape: a free-text code and an error string.
+            body: dict[str, Any] = {"code": code or type_, "error": message}
+        else:
+            body = {"error": {"message": message, "type": type_, "param": param, "code": code, **(extra or {})}}
+        return FakeResponse.json_body(body, status, headers=(request_id, *headers))
+
+    def _rate_limited(self, scenario: Scenario) -> FakeResponse:
+        message = "Rate limit exceeded for images per minute in organization org-fake. Limit: 5/1min. Current: 6/1min."
+        headers: tuple[tuple[str, str], ...]
+        match scenario.name:
+            case "429":
+                headers = (("retry-after", "2"), ("retry-after-ms", "2000"))
+            case "429-ms":
+                headers = (("retry-after-ms", f"{scenario.arg_or(50):g}"),)
+            case "429-s":
+                headers = (("retry-after", f"{scenario.arg_or(1):g}"),)
+            case "429-date":
+                when = time.time() + scenario.arg_or(1)
+                headers = (("retry-after", time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(int(when)))),)
+            case "429-huge":
+                headers = (("retry-after", "600"),)
+            case _:
+                headers = ()
+        return self._error(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
+
+    # -- the endpoint ----------------------------------------------------------------------
+
+    async def _handle(self, request: RecordedRequest) -> FakeResponse:
+        blob = self.blobs.serve(request)
+        if blob is not None:
+            return blob
+        if request.path != "/v1/images/generations" or request.method != "POST":
+            return self._error(404, f"Invalid URL ({request.method} {request.path})")
+        auth = request.headers.get("authorization", "")
+        if not auth.startswith("Bearer ") or not auth.removeprefix("Bearer "):
+            return self._error(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an Authorization header "
+                "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+            )
+        if auth.removeprefix("Bearer ") != self.api_key:
+            given = auth.removeprefix("Bearer ")
+            return self._error(
+                401,
+                f"Incorrect API key provided: {_mask(given)}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
+        if request.content_type != "application/json":
+            return self._error(400, "Invalid Content-Type header; expected application/json.")
+        try:
+            body = request.json()
+        except ValueError:
+            return self._error(400, "We could not parse the JSON body of your request.")
+        if not isinstance(body, dict):
+            return self._error(400, "The request body must be a JSON object.")
+        scenario = self.scenarios.pick(body.get("prompt"))
+        match self.dialect:
+            case "openai":
+                problem, answer = self._openai(body)
+            case "xai":
+                problem, answer = self._xai(body)
+            case _:
+                problem, answer = self._together(body)
+        if problem is not None:
+            return problem
+        assert answer is not None
+        return self._apply(scenario, body, answer)
+
+    def _check_prompt(self, body: dict[str, Any], limit: int) -> FakeResponse | None:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return self._error(400, "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+        if len(prompt) > limit:
+            return self._error(
+                400, f"Invalid 'prompt': string too long. Expected a string with maximum length {limit}.",
+                param="prompt", code="string_above_max_length",
+            )
+        return None
+
+    def _check_n(self, body: dict[str, Any], maximum: int) -> FakeResponse | None:
+        n = body.get("n", 1)
+        if not isinstance(n, int) or not 1 <= n <= maximum:
+            if maximum == 1:
+                return self._error(400, "You must provide n=1 for this model.", param="n")
+            return self._error(400, f"Invalid 'n': expected a value between 1 and {maximum}.", param="n", code="invalid_value")
+        return None
+
+    def _unknown(self, body: dict[str, Any], names: tuple[str, ...]) -> FakeResponse | None:
+        for name in names:
+            if name in body:
+                return self._error(400, f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+        return None
+
+    def _openai(self, body: dict[str, Any]) -> tuple[FakeResponse | None, dict[str, Any] | None]:
+        model = body.get("model", "dall-e-2")
+        if model not in GPT_IMAGE and model not in DALLE_SIZES:
+            return self._error(
+                404, f"The model `{model}` does not exist or you do not have access to it.", code="model_not_found"
+            ), None
+        gpt = model in GPT_IMAGE
+        problem = (
+            self._check_prompt(body, 32000 if gpt else PROMPT_LIMITS[model])
+            or self._check_n(body, 1 if model == "dall-e-3" else 10)
+            or self._unknown(body, ("response_format", "style") if gpt else GPT_ONLY)
+        )
+        if problem is None and not gpt and model == "dall-e-2" and "style" in body:
+            problem = self._unknown(body, ("style",))
+        if problem is not None:
+            return problem, None
+        size = body.get("size", "auto" if gpt else "1024x1024")
+        if gpt:
+            if not self._gpt_size_ok(model, size):
+                return self._error(400, "The size is not supported by this model.", param="size", code="invalid_size"), None
+            quality = body.get("quality", "auto")
+            if quality not in ("low", "medium", "high", "auto"):
+                return self._error(400, f"Invalid value: '{quality}'.", param="quality", code="invalid_value"), None
+            fmt = body.get("output_format", "png")
+            if fmt not in ("png", "jpeg", "webp"):
+                return self._error(400, f"Invalid value: '{fmt}'.", param="output_format", code="invalid_value"), None
+            background = body.get("background", "auto")
+            if background == "transparent" and fmt == "jpeg":
+                return self._error(400, "Transparent background requires png or webp.", param="background"), None
+        else:
+            if size not in DALLE_SIZES[model]:
+                return self._error(400, "The size is not supported by this model.", param="size", code="invalid_size"), None
+            quality = body.get("quality", "standard")
+            allowed = ("standard", "hd", "auto") if model == "dall-e-3" else ("standard", "auto")
+            if quality not in allowed:
+                return self._error(400, f"Invalid value: '{quality}'.", param="quality", code="invalid_value"), None
+            if body.get("response_format", "url") not in ("url", "b64_json"):
+                return self._error(400, "Invalid response_format.", param="response_format", code="invalid_value"), None
+            if body.get("style", "vivid") not in ("vivid", "natural"):
+                return self._error(400, "Invalid style.", param="style", code="invalid_value"), None
+            fmt = "png"
+        return None, {"model": model, "gpt": gpt, "size": size, "format": fmt}
+
+    @staticmethod
+    def _gpt_size_ok(model: str, size: object) -> bool:
+        if size in GPT_SIZES:
+            return True
+        if not model.startswith("gpt-image-2") or not isinstance(size, str):
+            return False
+        match = SIZE_RE.match(size)
+        if match is None:
+            return False
+        width, height = int(match.group(1)), int(match.group(2))
+        return width % 16 == 0 and height % 16 == 0 and 1 / 3 <= width / height <= 3 and width * height <= 3840 * 2160
+
+    def _xai(self, body: dict[str, Any]) -> tuple[FakeResponse | None, dict[str, Any] | None]:
+        if "size" in body:
+            return self._error(400, "Argument not supported: size", code="Client specified an invalid argument"), None
+        if "style" in body:
+            return self._error(400, "Argument not supported: style", code="Client specified an invalid argument"), None
+        problem = self._check_prompt(body, 8000) or self._check_n(body, 10)
+        if problem is not None:
+            return problem, None
+        ratio = body.get("aspect_ratio", "1:1")
+        if ratio not in XAI_RATIOS:
+            ratio = "1:1"  # xAI silently falls back on unknown values (observed)
+        width, height = (float(x) for x in ratio.split(":"))
+        return None, {"model": body.get("model"), "gpt": False, "size": f"{round(96 * width / height)}x96", "format": "jpeg"}
+
+    def _together(self, body: dict[str, Any]) -> tuple[FakeResponse | None, dict[str, Any] | None]:
+        if not body.get("model"):
+            return self._error(400, "model is required", param="model"), None
+        problem = self._check_prompt(body, 8000) or self._check_n(body, 4)
+        if problem is not None:
+            return problem, None
+        width, height = body.get("width", 1024), body.get("height", 1024)
+        if not isinstance(width, int) or not isinstance(height, int):
+            return self._error(400, "width and height must be integers", param="width"), None
+        if body.get("response_format", "url") not in ("url", "base64"):
+            return self._error(400, "response_format must be one of url, base64", param="response_format"), None
+        fmt = body.get("output_format", "jpeg")
+        if fmt not in ("jpeg", "png"):
+            return self._error(400, "output_format must be one of jpeg, png", param="output_format"), None
+        return None, {"model": body["model"], "gpt": False, "size": f"{width}x{height}", "format": fmt}
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _apply(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
+        gpt = answer["gpt"]
+        match scenario.name:
+            case "moderated" | "moderated-output":
+                if gpt:
+                    stage = "output" if scenario.name == "moderated-output" else "input"
+                    return self._error(
+                        400,
+                        "Your request was rejected by the safety system. If you believe this is an error, contact us "
+                        "at help.openai.com and include the request ID req_fake. safety_violations=[sexual].",
+                        type_="image_generation_user_error", code="moderation_blocked",
+                        extra={"moderation_details": {"moderation_stage": stage, "categories": ["sexual"]}},
+                    )
+                return self._content_policy()
+            case "content-policy":
+                return self._content_policy()
+            case "429" | "429-ms" | "429-s" | "429-date" | "429-huge" | "429-none":
+                return self._rate_limited(scenario)
+            case "quota":
+                return self._error(
+                    429, "You exceeded your current quota, please check your plan and billing details.",
+                    type_="insufficient_quota", code="insufficient_quota",
+                )
+            case "billing":
+                return self._error(400, "Billing hard limit has been reached", code="billing_hard_limit_reached")
+            case "spend-limit":
+                return self._error(402, "Monthly spend limit reached", type_="invalid_request_error", code="payment_required")
+            case "region":
+                return self._error(403, "Country, region, or territory not supported", type_="request_forbidden",
+                                   code="unsupported_country_region_territory")
+            case "model-gone":
+                return self._error(404, f"The model `{answer['model']}` has been deprecated.", code="model_not_found")
+            case "invalid":
+                return self._error(400, "Invalid value for 'size'.", param="size", code="invalid_value")
+            case "500":
+                return self._error(500, "The server had an error while processing your request.", type_="server_error")
+            case "500-no-retry":
+                return self._error(500, "The server had an error while processing your request.", type_="server_error",
+                                   headers=(("x-should-retry", "false"),))
+            case "503":
+                return self._error(503, "The engine is currently overloaded, please try again later.", type_="server_error")
+        ok = self._success(scenario, body, answer)
+        return transport_variant(scenario, ok) or ok
+
+    def _content_policy(self) -> FakeResponse:
+        return self._error(
+            400,
+            "Your request was rejected as a result of our safety system. Your prompt may contain text that is not "
+            "allowed by our safety system.",
+            code="content_policy_violation",
+        )
+
+    def _image_bytes(self, answer: dict[str, Any], index: int) -> bytes:
+        size = answer["size"]
+        width, height = (1024, 1024) if size == "auto" else (int(x) for x in size.split("x"))
+        return self._images.get(answer["format"], width, height, index)
+
+    def _success(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
+        n = body.get("n", 1)
+        count = max(0, n - 1) if scenario.name == "partial" else n
+        fmt = answer["format"]
+        if self.dialect == "together":
+            wants_url = body.get("response_format", "url") == "url"
+        elif answer["gpt"]:
+            wants_url = False
+        else:
+            wants_url = body.get("response_format", "url") == "url"
+        if scenario.name in ("url", "expired-url"):
+            wants_url = True
+        items: list[dict[str, Any]] = []
+        for index in range(count):
+            data = self._image_bytes(answer, index)
+            if scenario.name == "garbage-image":
+                data = GARBAGE
+            elif scenario.name == "fake-png":
+                data = FAKE_PNG
+            elif scenario.name == "wrong-format":
+                data = self._images.get("jpeg" if fmt != "jpeg" else "png", 8, 8, index)
+            item: dict[str, Any] = {}
+            if wants_url:
+                ttl = 0.0 if scenario.name == "expired-url" else self.url_ttl
+                item["url"] = self.blobs.put(self.server.base_url, data, MIME_TYPES.get(fmt, "image/png"), ttl=ttl, suffix=fmt)
+            else:
+                encoded = base64.b64encode(data).decode()
+                if scenario.name == "bad-base64":
+                    encoded = with_bad_padding(encoded)
+                elif scenario.name == "data-url":
+                    encoded = f"data:{MIME_TYPES.get(fmt, 'image/png')};base64,{encoded}"
+                item["b64_json"] = encoded
+            if scenario.name == "missing-image":
+                item = {"revised_prompt": "no image here"}
+            if answer["model"] == "dall-e-3" or (self.dialect == "xai" and answer["model"] == "grok-2-image"):
+                item["revised_prompt"] = f"A detailed rendition of: {body['prompt']}"
+            if self.dialect == "together":
+                item = {"index": index, "type": "url" if wants_url else "b64_json", **item}
+            if self.dialect == "xai" and "b64_json" in item:
+                item["mime_type"] = "image/jpeg"
+            items.append(item)
+        if self.dialect == "xai" and scenario.name == "flagged" and items:
+            items[0] = {"url": None, "respect_moderation": False}
+        if (self.dialect == "xai" and scenario.name == "blocked") or scenario.name == "empty-data":
+            items = []
+        payload: dict[str, Any]
+        if self.dialect == "together":
+            payload = {"id": f"oFuw-{secrets.token_hex(6)}", "model": answer["model"], "object": "list", "data": items}
+        elif self.dialect == "xai":
+            payload = {"data": items, "usage": {"cost_in_usd_ticks": 200_000_000 * len(items)}}
+        else:
+            payload = {"created": int(time.time()), "data": items}
+            if answer["gpt"]:
+                quality = body.get("quality", "auto")
+                quality = "medium" if quality == "auto" else quality
+                size = "1024x1024" if answer["size"] == "auto" else answer["size"]
+                per_image = OUTPUT_TOKENS[quality].get(size, 1056)
+                text_tokens = len(body["prompt"].split())
+                payload |= {
+                    "background": "transparent" if body.get("background") == "transparent" else "opaque",
+                    "output_format": fmt,
+                    "quality": quality,
+                    "size": size,
+                    "usage": {
+                        "input_tokens": text_tokens,
+                        "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+                        "output_tokens": per_image * len(items),
+                        "output_tokens_details": {"image_tokens": per_image * len(items), "text_tokens": 0},
+                        "total_tokens": text_tokens + per_image * len(items),
+                    },
+                }
+        headers = (
+            ("x-request-id", f"req_{secrets.token_hex(16)}"),
+            ("openai-processing-ms", "21873"),
+            ("x-ratelimit-limit-requests", "50"),
+            ("x-ratelimit-remaining-requests", "49"),
+            ("x-ratelimit-reset-requests", "1s"),
+        )
+        return FakeResponse.json_body(payload, 200, headers=headers)
+
+
+@asynccontextmanager
+async def start_openai_fake(**options: Any) -> AsyncIterator[OpenAIFake]:
+    """A running ``OpenAIFake`` (options as its constructor), stopped on exit."""
+    fake = OpenAIFake(**options)
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.stop()
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = OpenAIFake(api_key=args.key, dialect=args.dialect, host=args.host, port=args.port)
+    await fake.start()
+    print(f"fake OpenAI ({args.dialect}) at {fake.base_url}  key {args.key}", flush=True)  # noqa: T201
+    await fake.server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--key", default=DEFAULT_KEY)
+    parser.add_argument("--dialect", default="openai", choices=["openai", "xai", "together"])
+    asyncio.run(_serve(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Fixtures for the adapter tests: real fakes on loopback, one pooled client, the real catalog.
+
+Every test talks HTTP to a fake from ``tests.fakes``; nothing of ours is mocked. Requests
+are built by the real ``ModelCatalog.resolve`` so adapters see exactly what production
+gives them. Retry delays are scaled down through ``support.FAST_RETRY`` and the fakes' scenario
+arguments, so the whole folder runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from server.catalog import ModelCatalog, RawImageRequest
+from server.providers.base import ImageRequest
+from tests.fakes.bfl_fake import BflFake, start_bfl_fake
+from tests.fakes.google_fake import GoogleFake, start_google_fake
+from tests.fakes.openai_fake import OpenAIFake, start_openai_fake
+from tests.fakes.stability_fake import StabilityFake, start_stability_fake
+from tests.providers.support import SPECS
+
+
+@pytest.fixture(scope="session")
+def catalog() -> ModelCatalog:
+    return ModelCatalog(SPECS, enabled_providers={spec.provider for spec in SPECS}, default_model="local-1")
+
+
+@pytest.fixture
+def image_request(catalog: ModelCatalog) -> Callable[..., ImageRequest]:
+    """``image_request(model, prompt=..., **params)``: a request resolved by the real catalog."""
+
+    def make(model: str, prompt: str = "a red fox in snow, watercolor", **params: object) -> ImageRequest:
+        return catalog.resolve(RawImageRequest(prompt=prompt, model=model, **params)).request  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture
+def deadline() -> Callable[[float], float]:
+    """``deadline(seconds)``: an absolute loop time that many seconds from now."""
+    return lambda seconds: asyncio.get_running_loop().time() + seconds
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+        yield client
+
+
+@pytest.fixture
+async def openai_fake() -> AsyncIterator[OpenAIFake]:
+    async with start_openai_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def google_fake() -> AsyncIterator[GoogleFake]:
+    async with start_google_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def stability_fake() -> AsyncIterator[StabilityFake]:
+    async with start_stability_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def bfl_fake() -> AsyncIterator[BflFake]:
+    async with start_bfl_fake(pending=1) as fake:
+        yield fake
