@@ -82,6 +82,9 @@ class Generation:
         # may treat its reservation as orphaned.
         self._reservation_grace = reservation_grace_seconds
         self._clock = clock
+        # Settlements outlive cancelled requests (they are shielded); shutdown waits for
+        # them so that no money is left reserved by a clean stop.
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def generate(
         self, principal: Principal, raw: RawImageRequest, *, request_id: str, deadline: float | None
@@ -140,7 +143,15 @@ class Generation:
                 captured = 0
             # Shielded: a second cancellation must not stop the money from settling. If the
             # process dies here, the reservation expires and the sweeper releases it.
-            await asyncio.shield(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
+            settle = asyncio.create_task(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            await asyncio.shield(settle)
+
+    async def wait_settled(self) -> None:
+        """Waits for every settlement still in progress (used at shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _settle(self, quote: Quote, reservation_id: str, captured: int, delivered: int, error_code: str) -> None:
         try:

@@ -32,7 +32,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import ERROR_DOMAIN, ApiError, AuthenticationError, InternalError
+from server.errors import ERROR_DOMAIN, ApiError, AuthenticationError, InternalError, ServiceUnavailableError
 from server.ledger import Ledger, Principal
 from server.metrics import Metrics
 
@@ -108,7 +108,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._admin_token = admin_token.encode()
         self._policies = policies
         self._metrics = metrics
+        # Handlers running now, so that shutdown can wait for them and, past its grace
+        # period, end them with a retryable 503 instead of a bare transport reset.
+        self._running: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._aborting = False
 
+    async def wait_idle(self) -> None:
+        """Returns once no handler is running."""
+        await self._idle.wait()
+
+    def abort_in_flight(self) -> int:
+        """Ends every running handler with ServiceUnavailableError (503, retryable); their
+        reservations are released as for any failure. Returns how many were running."""
+        self._aborting = True
+        for task in self._running:
+            task.cancel("server shutting down")
+        return len(self._running)
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -148,9 +165,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         short_method = method.rsplit("/", 1)[-1]
         in_flight = self._metrics.in_flight.labels(short_method)
         in_flight.inc()
+        task = asyncio.current_task()
+        assert task is not None
+        self._running.add(task)
+        self._idle.clear()
         try:
-            await self._authenticate(policy, metadata, call)
-            return await behavior(request, context)
+            try:
+                await self._authenticate(policy, metadata, call)
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                if not self._aborting:
+                    raise
+                # Cancelled by abort_in_flight, not by the client: the call is still open,
+                # so answer it with a retryable error the SDK will retry elsewhere.
+                task.uncancel()
+                raise ServiceUnavailableError(
+                    "The server is shutting down; retry the request.", code="shutting_down"
+                ) from None
         except ApiError as exc:
             outcome, status = exc.code or exc.reason, exc.http_status
             code, message, trailers = error_trailers(exc, call.request_id)
@@ -170,6 +201,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         finally:
             elapsed = time.perf_counter() - started
             _CURRENT.reset(token)
+            self._running.discard(task)
+            if not self._running:
+                self._idle.set()
             in_flight.dec()
             call.log_fields["status"] = status
             self._log(call, outcome, elapsed)
