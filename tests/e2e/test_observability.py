@@ -1,0 +1,76 @@
+"""Metrics, server log lines and Envoy's access log tell the same story of a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from tests.stack import ProcessStack
+
+pytestmark = pytest.mark.e2e
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in metrics.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
+
+
+async def scrape(stack: ProcessStack) -> str:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{stack.env['IMAGEGW_METRICS_PORT']}/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -> None:
+    account_id, key = await gateway.admin.funded_key("1.00")
+    before = await scrape(gateway)
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = await client.post(
+            f"{gateway.api_base}/images/generations",
+            json={"model": "local-1", "prompt": "a metric", "n": 3, "size": "256x256", "quality": "high"},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": "obs-ok-1"},
+        )
+        short = await client.post(
+            f"{gateway.api_base}/images/generations",
+            json={"model": "local-1", "prompt": "a metric", "n": 1, "size": "7x7"},
+            headers={"Authorization": f"Bearer {key}", "x-request-id": "obs-bad-1"},
+        )
+    assert (ok.status_code, short.status_code) == (200, 400)
+    after = await scrape(gateway)
+
+    def delta(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert delta("imagegw_requests_total", method="GenerateImages", model="local-1", provider="local", status="200") == 1
+    assert delta("imagegw_requests_total", method="GenerateImages", status="400") == 1
+    assert delta("imagegw_images_generated_total", model="local-1", provider="local") == 3
+    assert delta("imagegw_captured_microdollars_total", model="local-1") == 6000
+    assert delta("imagegw_upstream_duration_seconds_count", provider="local", model="local-1", outcome="ok") == 1
+    assert sample(after, "imagegw_reservations_open") == 0
+    assert sample(after, "imagegw_requests_in_flight", method="GenerateImages") == 0
+    assert "authorization" not in after.lower() and key not in after
+
+    await asyncio.sleep(1.5)  # Envoy flushes its access log every second
+    server_lines = [json.loads(line) for line in gateway.server_log().splitlines() if line.startswith("{")]
+    access = [line for line in server_lines if line.get("request_id") == "obs-ok-1" and line.get("logger") == "imagegw.access"]
+    assert len(access) == 1
+    assert {k: access[0][k] for k in ("method", "outcome", "status", "model", "images", "cost_micros", "account_id")} == {
+        "method": "/imagegw.v1.ImageService/GenerateImages", "outcome": "ok", "status": 200, "model": "local-1",
+        "images": 3, "cost_micros": 6000, "account_id": account_id,
+    }
+    assert key not in gateway.server_log()
+    envoy_lines = [json.loads(line) for line in gateway.envoy_log().splitlines() if line.startswith("{")]
+    by_id = {line["request_id"]: line for line in envoy_lines}
+    assert (by_id["obs-ok-1"]["status"], by_id["obs-ok-1"]["path"]) == (200, "/v1/images/generations")
+    assert by_id["obs-ok-1"]["grpc_path"] == "/imagegw.v1.ImageService/GenerateImages"
+    assert by_id["obs-bad-1"]["status"] == 400
