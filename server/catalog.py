@@ -262,7 +262,9 @@ class ModelCatalog:
                     param="n",
                     code="response_too_large",
                 )
-        output_format = _choose(spec, "output_format", raw.output_format, spec.output_formats, "png")
+        # PNG is OpenAI's default; a model that cannot make PNG defaults to its first format.
+        default_format = "png" if "png" in spec.output_formats else spec.output_formats[0]
+        output_format = _choose(spec, "output_format", raw.output_format, spec.output_formats, default_format)
         compression = _resolve_compression(spec, raw.output_compression, output_format)
         background = _optional_choice(spec, "background", raw.background, spec.backgrounds)
         if background == "transparent" and output_format == "jpeg":

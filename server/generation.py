@@ -176,7 +176,8 @@ class Generation:
                 candidates.append(self._catalog.resolve(replace(_raw_of(quote), model=fallback_id)))
             except ApiError:
                 continue  # the fallback cannot take these parameters or is not enabled
-        last_error: UpstreamError | None = None
+        last_error: UpstreamError | DeadlineExceededError | None = None
+        loop = asyncio.get_running_loop()
         for candidate in candidates:
             try:
                 return candidate, await self._call(candidate, deadline)
@@ -184,10 +185,18 @@ class Generation:
                 if not exc.should_retry:
                     raise
                 last_error = exc
-                if candidate is not candidates[-1]:
-                    following = candidates[candidates.index(candidate) + 1]
-                    self._metrics.fallbacks.labels(quote.spec.id, following.spec.id).inc()
-                    log.warning("model %s failed (%s); falling back to %s", candidate.spec.id, exc.code, following.spec.id)
+            except DeadlineExceededError as exc:
+                # The model's own timeout is a transient failure of that model; the caller's
+                # deadline running out is final.
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                last_error = exc
+            if candidate is not candidates[-1]:
+                following = candidates[candidates.index(candidate) + 1]
+                self._metrics.fallbacks.labels(quote.spec.id, following.spec.id).inc()
+                log.warning(
+                    "model %s failed (%s); falling back to %s", candidate.spec.id, last_error.code, following.spec.id
+                )
         assert last_error is not None
         raise last_error
 

@@ -12,6 +12,14 @@ import pytest
 from tests.fakes.postgres import PostgresServer, PostgresUnavailableError, running_postgres
 from tests.stack import InProcessStack, ProcessStack, in_process_stack, process_stack
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--live", action="store_true", default=False,
+        help="also run the live checks against the real providers (tests/live; needs their keys, costs money)",
+    )
+
+
 # Never let a developer's real provider keys or settings leak into a test run.
 _LEAKY = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "STABILITY_API_KEY", "BFL_API_KEY")
 

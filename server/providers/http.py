@@ -163,6 +163,16 @@ class _BodyError(Exception):
     """The answer's head arrived but its body could not be read in full."""
 
 
+# Abandoned upstream exchanges still closing their connection (referenced until done).
+_CLOSING: set[asyncio.Task[Any]] = set()
+
+
+def _closed(task: asyncio.Task[Any]) -> None:
+    _CLOSING.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: nobody awaits an abandoned exchange
+
+
 def create_http_client(*, connect_timeout: float = 10.0, read_timeout: float = 330.0, max_connections: int = 100) -> httpx.AsyncClient:
     """A pooled client fit for one provider; the composition root owns and closes it.
 
@@ -343,15 +353,31 @@ class UpstreamHttp:
         json_body: Any,
         files: Any,
     ) -> UpstreamResponse:
+        # The exchange runs in its own task, cancelled at most once however often we are:
+        # httpcore closes an abandoned connection in a cleanup that a second cancellation
+        # (a fan-out's own deadline and its parent's, at the same instant) would interrupt,
+        # leaving the connection open and counted in the pool forever.
+        exchange = asyncio.create_task(self._exchange(method, url, headers=headers, json_body=json_body, files=files))
         try:
             async with asyncio.timeout_at(deadline):
-                async with self.client.stream(method, url, headers=headers, json=json_body, files=files) as response:
-                    body = await self._read_bounded(response)
+                status, response_headers, body = await asyncio.shield(exchange)
         except TimeoutError as exc:
             raise DeadlineExceededError("The upstream provider did not answer before the request's deadline.") from exc
         except _BodyError as exc:
             raise malformed(f"{exc} from {_host(url)}") from exc
-        return UpstreamResponse(status=response.status_code, headers=response.headers, body=body, url=url)
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+                _CLOSING.add(exchange)
+                exchange.add_done_callback(_closed)
+        return UpstreamResponse(status=status, headers=response_headers, body=body, url=url)
+
+    async def _exchange(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None, json_body: Any, files: Any
+    ) -> tuple[int, httpx.Headers, bytes]:
+        async with self.client.stream(method, url, headers=headers, json=json_body, files=files) as response:
+            body = await self._read_bounded(response)
+        return response.status_code, response.headers, body
 
     async def _read_bounded(self, response: httpx.Response) -> bytes:
         limit = self.max_response_bytes
