@@ -20,7 +20,7 @@ The composition root builds one adapter, on one pooled client, per distinct
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -116,8 +116,10 @@ def build_provider(
     http: httpx.AsyncClient,
     spec: ModelSpec | None = None,
     environ: Mapping[str, str] | None = None,
+    on_retry: Callable[[], None] | None = None,
 ) -> ImageProvider:
     """The adapter for ``provider`` on the injected client; imports its module lazily.
+    ``on_retry`` is called for every retried upstream call (a metric counts them).
 
     ``spec`` is the model's catalog row (needed for OpenAI-compatible hosts: its
     ``base_url`` and ``api_key_env``). ``local`` is not built here (the composition root
@@ -138,24 +140,25 @@ def build_provider(
             name=provider,
             max_response_bytes=limit,
             key_setting=provider_key_setting(provider, spec),
+            on_retry=on_retry,
         )
     match provider:
         case "openai":
             from server.providers.openai import OpenAIImageProvider
 
-            return OpenAIImageProvider(http, api_key=key, base_url=settings.openai_base_url, max_response_bytes=limit)
+            return OpenAIImageProvider(http, api_key=key, base_url=settings.openai_base_url, max_response_bytes=limit, on_retry=on_retry)
         case "google":
             from server.providers.google import GoogleImageProvider
 
-            return GoogleImageProvider(http, api_key=key, base_url=settings.google_base_url, max_response_bytes=limit)
+            return GoogleImageProvider(http, api_key=key, base_url=settings.google_base_url, max_response_bytes=limit, on_retry=on_retry)
         case "stability":
             from server.providers.stability import StabilityImageProvider
 
             return StabilityImageProvider(
-                http, api_key=key, base_url=settings.stability_base_url, max_response_bytes=limit
+                http, api_key=key, base_url=settings.stability_base_url, max_response_bytes=limit, on_retry=on_retry
             )
         case "bfl":
             from server.providers.bfl import BflImageProvider
 
-            return BflImageProvider(http, api_key=key, base_url=settings.bfl_base_url, max_response_bytes=limit)
+            return BflImageProvider(http, api_key=key, base_url=settings.bfl_base_url, max_response_bytes=limit, on_retry=on_retry)
     raise ValueError(f"unknown provider {provider!r}")

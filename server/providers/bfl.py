@@ -18,7 +18,7 @@ status in ``ERRORS`` (BFL's bodies carry only FastAPI ``detail`` text).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -91,6 +91,7 @@ class BflImageProvider:
         max_response_bytes: int = 128 * MIB,
         retry: RetryPolicy | None = None,
         key_setting: str = "IMAGEGW_BFL_API_KEY",
+        on_retry: Callable[[], None] | None = None,
         fan_out_concurrency: int = 4,
         poll_interval: float = 0.5,
         max_poll_interval: float = 2.0,
@@ -109,6 +110,7 @@ class BflImageProvider:
             max_response_bytes=max_response_bytes,
             retry=retry or RetryPolicy(),
             key_setting=key_setting,
+            on_retry=on_retry,
         )
 
     def submit_body(self, request: ImageRequest) -> dict[str, object]:

@@ -26,7 +26,7 @@ send was validated by the catalog first, that row reads as moderation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -162,6 +162,7 @@ class GoogleImageProvider:
         max_response_bytes: int = 128 * MIB,
         retry: RetryPolicy | None = None,
         key_setting: str = "IMAGEGW_GOOGLE_API_KEY",
+        on_retry: Callable[[], None] | None = None,
         fan_out_concurrency: int = 4,
     ) -> None:
         self.name = name
@@ -174,6 +175,7 @@ class GoogleImageProvider:
             max_response_bytes=max_response_bytes,
             retry=retry or RetryPolicy(),
             key_setting=key_setting,
+            on_retry=on_retry,
         )
 
     @staticmethod

@@ -268,8 +268,11 @@ class UpstreamHttp:
         max_response_bytes: int,
         retry: RetryPolicy,
         key_setting: str,
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         self.client = client
+        # Told of every retry (the composition root counts them in a metric).
+        self.on_retry = on_retry
         self.provider = provider
         self.max_response_bytes = max_response_bytes
         self.retry = retry
@@ -341,6 +344,8 @@ class UpstreamHttp:
                     retry_after=delay,
                 )
             logger.info("%s %s: %s, attempt %d, retrying in %.2f s", self.provider, operation, status, attempt, delay)
+            if self.on_retry is not None:
+                self.on_retry()
             await asyncio.sleep(delay)
 
     async def _attempt(

@@ -22,6 +22,8 @@ never passed on. Errors map by status and ``error.code`` (then ``error.type``) i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import httpx
 
 from server.config import MIB
@@ -127,6 +129,7 @@ class OpenAIImageProvider:
         max_response_bytes: int = 128 * MIB,
         retry: RetryPolicy | None = None,
         key_setting: str = "IMAGEGW_OPENAI_API_KEY",
+        on_retry: Callable[[], None] | None = None,
     ) -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"unknown OpenAI dialect {dialect!r}; expected one of {DIALECTS}")
@@ -141,6 +144,7 @@ class OpenAIImageProvider:
             max_response_bytes=max_response_bytes,
             retry=retry or RetryPolicy(),
             key_setting=key_setting,
+            on_retry=on_retry,
         )
 
     def family(self, upstream_model: str) -> str:

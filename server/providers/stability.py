@@ -20,7 +20,7 @@ encodes, so a request with less time left fails fast and retryable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -94,6 +94,7 @@ class StabilityImageProvider:
         max_response_bytes: int = 128 * MIB,
         retry: RetryPolicy | None = None,
         key_setting: str = "IMAGEGW_STABILITY_API_KEY",
+        on_retry: Callable[[], None] | None = None,
         fan_out_concurrency: int = 4,
     ) -> None:
         if accept not in ACCEPTS:
@@ -108,6 +109,7 @@ class StabilityImageProvider:
             max_response_bytes=max_response_bytes,
             retry=retry or RetryPolicy(rate_limit_delay=60.0),
             key_setting=key_setting,
+            on_retry=on_retry,
         )
 
     def form(self, request: ImageRequest) -> tuple[str, list[tuple[str, tuple[None, str]]]]:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -255,13 +256,25 @@ async def test_fewer_images_than_asked_are_returned_and_only_they_are_charged(
 # -- rate limits and transient failures ------------------------------------------------------------
 
 
+async def upstream_retries(stack: ProcessStack) -> float:
+    """imagegw_upstream_retries_total{provider="openai"} from the server's /metrics."""
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{stack.env['IMAGEGW_METRICS_PORT']}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith('imagegw_upstream_retries_total{provider="openai"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 @pytest.mark.parametrize(("scenario", "wait"), [("429-s=0.6", 0.6), ("429-ms=400", 0.4), ("503", 0.0), ("html-502", 0.0)])
 async def test_a_transient_failure_is_retried_then_served_and_charged_once(env: Env, scenario: str, wait: float) -> None:
     account_id, key = await env.stack.admin.funded_key(FUNDED)
     prompt = unique(f"a harbour [[fake:{scenario}x1]]")
+    retries_before = await upstream_retries(env.stack)
     reply = await generate(env.stack, key, {"model": "gpt-image-1", "prompt": prompt})
     assert await fetch_images(env.stack, reply, "url") == [("PNG", 1024, 1024)]
     assert len(env.sent(prompt)) == 2
+    assert await upstream_retries(env.stack) == retries_before + 1  # the metric counts it
     assert reply.seconds >= wait  # the Retry-After hint was honoured
     await expect_money(env.stack, account_id, spent=42_000, usage_rows=[("succeeded", "", 1, 1, 42_000)])
 
