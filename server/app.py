@@ -33,11 +33,13 @@ from server.api.models import ModelServicer
 from server.catalog import ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
 from server.generation import Generation
+from server.idempotency import IdempotencyStore
 from server.ledger import Ledger, create_engine, migrate
 from server.metrics import Metrics
-from server.providers import build_provider, enabled_providers
+from server.providers import build_provider, enabled_providers, provider_key_setting
 from server.providers.base import ImageProvider
 from server.providers.local import LocalRenderer
+from server.ratelimit import Limits, RateLimiter
 from server.storage import FilesystemImageStore, ImageStore, UrlSigner
 
 __all__ = ["App", "build_app", "build_server", "serve", "SERVICE_NAMES"]
@@ -78,6 +80,8 @@ class App:
     generation: Generation
     metrics: Metrics
     health: health.aio.HealthServicer
+    limiter: RateLimiter
+    idempotency: IdempotencyStore
 
 
 async def build_app(
@@ -106,17 +110,18 @@ async def build_app(
     )
     _log_models(catalog)
     wired = dict(providers or {})
-    wired.update({k: v for k, v in (await _build_providers(settings, catalog, stack)).items() if k not in wired})
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
+        stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
+    built = await _build_providers(settings, catalog, stack, metrics)
+    wired.update({model: provider for model, provider in built.items() if model not in wired})
     store = FilesystemImageStore(settings.resolved_image_dir)
     signer = UrlSigner(
         settings.secret("url_signing_secret").encode(),
         base_url=settings.base_url,
         ttl_seconds=settings.url_ttl_seconds,
     )
-    metrics = Metrics()
-    if settings.metrics_port:
-        metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
-        stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
     generation = Generation(
         catalog=catalog,
         providers=wired,
@@ -126,7 +131,17 @@ async def build_app(
         metrics=metrics,
         reservation_grace_seconds=settings.reservation_grace_seconds,
     )
-    sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store), name="imagegw-sweeper")
+    limiter = RateLimiter(
+        engine, defaults=Limits(requests_per_minute=settings.rate_limit_rpm, images_per_minute=settings.rate_limit_ipm)
+    )
+    idempotency = IdempotencyStore(
+        engine,
+        ttl_seconds=settings.idempotency_ttl_seconds,
+        max_lease_seconds=settings.reservation_ttl_seconds,
+        lease_grace_seconds=settings.reservation_grace_seconds,
+        max_wait_seconds=settings.request_timeout_seconds,
+    )
+    sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store, idempotency), name="imagegw-sweeper")
     stack.push_async_callback(_cancel, sweeper)
     return App(
         settings=settings,
@@ -138,11 +153,13 @@ async def build_app(
         generation=generation,
         metrics=metrics,
         health=health.aio.HealthServicer(),
+        limiter=limiter,
+        idempotency=idempotency,
     )
 
 
 async def _build_providers(
-    settings: Settings, catalog: ModelCatalog, stack: AsyncExitStack
+    settings: Settings, catalog: ModelCatalog, stack: AsyncExitStack, metrics: Metrics
 ) -> dict[str, ImageProvider]:
     """One adapter per provider (one pooled HTTP client each), mapped by model id."""
     by_model: dict[str, ImageProvider] = {}
@@ -152,7 +169,7 @@ async def _build_providers(
             continue
         key = _provider_key(spec)
         if key not in shared:
-            shared[key] = await _new_provider(spec, settings, stack)
+            shared[key] = await _new_provider(spec, settings, stack, metrics)
         by_model[spec.id] = shared[key]
     return by_model
 
@@ -162,7 +179,9 @@ def _provider_key(spec: ModelSpec) -> str:
     return f"{spec.provider}|{spec.base_url or ''}|{spec.api_key_env or ''}"
 
 
-async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitStack) -> ImageProvider:
+async def _new_provider(
+    spec: ModelSpec, settings: Settings, stack: AsyncExitStack, metrics: Metrics
+) -> ImageProvider:
     if spec.provider == "local":
         executor = ThreadPoolExecutor(max_workers=settings.render_workers, thread_name_prefix="imagegw-render")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
@@ -174,7 +193,13 @@ async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitSta
             follow_redirects=False,
         )
         stack.push_async_callback(http.aclose)
-        provider = build_provider(spec.provider, settings=settings, http=http, spec=spec)
+        provider = build_provider(
+            spec.provider,
+            settings=settings,
+            http=http,
+            spec=spec,
+            on_retry=metrics.upstream_retries.labels(spec.provider).inc,
+        )
     stack.push_async_callback(provider.aclose)
     return provider
 
@@ -184,7 +209,7 @@ def _log_models(catalog: ModelCatalog) -> None:
     log.info("models enabled: %s", ", ".join(enabled) or "none")
     disabled = catalog.disabled_models()
     if disabled:
-        hints = sorted({f"{spec.provider} (IMAGEGW_{spec.provider.upper()}_API_KEY)" for spec in disabled})
+        hints = sorted({f"{spec.provider} ({provider_key_setting(spec.provider, spec)})" for spec in disabled})
         log.info(
             "models not enabled: %s; set the provider key to enable them: %s",
             ", ".join(spec.id for spec in disabled),
@@ -192,12 +217,16 @@ def _log_models(catalog: ModelCatalog) -> None:
         )
 
 
-async def _sweep_forever(settings: Settings, ledger: Ledger, store: ImageStore) -> None:
-    """Deletes expired images and releases reservations left behind by crashed requests."""
+async def _sweep_forever(settings: Settings, ledger: Ledger, store: ImageStore, idempotency: IdempotencyStore) -> None:
+    """Deletes expired images and idempotency keys, and releases reservations left behind by
+    crashed requests."""
     while True:
         try:
             released = await ledger.release_expired()
             removed = await store.delete_older_than(time.time() - settings.url_ttl_seconds)
+            keys = await idempotency.delete_expired()
+            if keys:
+                log.info("sweep: deleted %d expired idempotency keys", keys)
             if released or removed:
                 log.info("sweep: released %d expired reservations, deleted %d expired images", released, removed)
         except asyncio.CancelledError:
@@ -213,18 +242,21 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def build_server(app: App) -> grpc.aio.Server:
+def build_interceptor(app: App) -> ServerInterceptor:
+    """The interceptor every RPC passes through (auth, errors, logs, in-flight tracking)."""
+    return ServerInterceptor(
+        ledger=app.ledger,
+        admin_token=app.settings.secret("admin_token"),
+        policies=METHOD_POLICIES,
+        metrics=app.metrics,
+    )
+
+
+def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc.aio.Server:
     """A server with every service, health and reflection registered; no port bound."""
     settings = app.settings
     server = grpc.aio.server(
-        interceptors=[
-            ServerInterceptor(
-                ledger=app.ledger,
-                admin_token=settings.secret("admin_token"),
-                policies=METHOD_POLICIES,
-                metrics=app.metrics,
-            )
-        ],
+        interceptors=[interceptor or build_interceptor(app)],
         options=[
             # Sized from the one setting that also sizes Envoy's buffers (server/envoy.py).
             ("grpc.max_send_message_length", settings.max_response_bytes),
@@ -234,10 +266,17 @@ def build_server(app: App) -> grpc.aio.Server:
         ],
     )
     images_pb2_grpc.add_ImageServiceServicer_to_server(
-        ImageServicer(generation=app.generation, store=app.store, signer=app.signer), server
+        ImageServicer(
+            generation=app.generation,
+            store=app.store,
+            signer=app.signer,
+            limiter=app.limiter,
+            idempotency=app.idempotency,
+        ),
+        server,
     )
     models_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(app.catalog), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.ledger), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(app.ledger, app.limiter), server)
     health_pb2_grpc.add_HealthServicer_to_server(app.health, server)
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -255,14 +294,17 @@ async def set_serving(app: App) -> None:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     """Runs the gRPC server until SIGTERM/SIGINT, then drains and stops gracefully:
     health goes NOT_SERVING (Envoy stops routing new requests here), in-flight requests
-    get ``shutdown_grace_seconds`` to finish, then everything is closed."""
+    get ``shutdown_grace_seconds`` to finish, those still running then end with a
+    retryable 503 and a full release, and only after every settlement has landed is the
+    database closed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with AsyncExitStack() as stack:
         app = await build_app(settings, stack)
-        server = build_server(app)
+        interceptor = build_interceptor(app)
+        server = build_server(app, interceptor)
         server.add_insecure_port(settings.grpc_target)
         await server.start()
         await set_serving(app)
@@ -275,5 +317,13 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         # that long to stop routing here, so no request arrives at a closed door.
         await app.health.enter_graceful_shutdown()
         await asyncio.sleep(settings.shutdown_drain_seconds)
-        await server.stop(settings.shutdown_grace_seconds)
+        # Refuse new calls from here on, while the running ones get the grace period.
+        stopping = asyncio.create_task(server.stop(settings.shutdown_grace_seconds + 10))
+        try:
+            await asyncio.wait_for(interceptor.wait_idle(), settings.shutdown_grace_seconds)
+        except TimeoutError:
+            aborted = interceptor.abort_in_flight()
+            log.warning("grace period over: ended %d in-flight requests with a retryable 503", aborted)
+        await stopping
+        await app.generation.wait_settled()
         log.info("server stopped")

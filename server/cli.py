@@ -4,7 +4,7 @@
     imagegw dev                    run the server and Envoy together on embedded defaults
     imagegw migrate                apply database migrations and exit
     imagegw envoy-config           print the Envoy config rendered for these settings
-    imagegw accounts create|credit|show ...   operator commands over AdminService
+    imagegw accounts create|credit|show|limits ...   operator commands over AdminService
     imagegw keys create|revoke ...
     imagegw usage --account ID
     imagegw reconcile
@@ -90,6 +90,17 @@ def _error_payload(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
     return {"message": exc.details() or exc.code().name, "type": "server_error", "param": None, "code": None}
 
 
+def _int32(text: str) -> int:
+    # The server checks the range it accepts; this only keeps the value in the proto's int32.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not -(2**31) <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"out of range: {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegw", description="OpenAI-compatible image generation gateway")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -112,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
     credit.add_argument("--amount", required=True, help="USD, e.g. 2.50")
     show = admin(accounts.add_parser("show", help="show an account"))
     show.add_argument("--account", required=True)
+    limits = admin(
+        accounts.add_parser(
+            "limits", help="show or set the rate limits of each of an account's API keys (0 = unlimited)"
+        )
+    )
+    limits.add_argument("--account", required=True)
+    limits.add_argument("--rpm", type=_int32, help="requests per minute per key; 0 = unlimited")
+    limits.add_argument("--ipm", type=_int32, help="images per minute per key; 0 = unlimited")
+    limits.add_argument(
+        "--defaults", action="store_true", help="go back to the server defaults for whatever --rpm/--ipm do not set"
+    )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     key_create = admin(keys.add_parser("create", help="issue an API key (shown once)"))
@@ -135,6 +157,13 @@ def _admin_request(args: argparse.Namespace) -> tuple[str, Message]:
             return "CreditAccount", admin_pb2.CreditAccountRequest(account_id=args.account, amount_usd=args.amount)
         case ("accounts", "show"):
             return "GetAccount", admin_pb2.GetAccountRequest(account_id=args.account)
+        case ("accounts", "limits"):
+            return "SetRateLimits", admin_pb2.SetRateLimitsRequest(
+                account_id=args.account,
+                requests_per_minute=args.rpm,
+                images_per_minute=args.ipm,
+                use_defaults=args.defaults,
+            )
         case ("keys", "create"):
             return "CreateKey", admin_pb2.CreateKeyRequest(account_id=args.account, name=args.name)
         case ("keys", "revoke"):

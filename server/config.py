@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     reservation_grace_seconds: float = Field(default=30, ge=0)
     dev_account_balance_usd: str = "100.000000"
 
+    # Rate limits of each API key, per minute (server.ratelimit); 0 means unlimited.
+    # Accounts can override them (`imagegw accounts limits`).
+    rate_limit_rpm: int = Field(default=600, ge=0, le=1_000_000)
+    rate_limit_ipm: int = Field(default=3000, ge=0, le=1_000_000)
+    # How long an Idempotency-Key's answer is kept and replayed (server.idempotency).
+    idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
+
     # Upstream providers. A provider is enabled when its key is set; the conventional
     # variable names of each vendor's own SDK are accepted as fallbacks.
     openai_api_key: SecretStr | None = Field(

@@ -1,4 +1,4 @@
-"""AdminService: accounts, keys and money for operators (gRPC only, admin token)."""
+"""AdminService: accounts, keys, money and rate limits for operators (gRPC only, admin token)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,18 @@ import grpc
 from imagegw.v1 import admin_pb2, admin_pb2_grpc
 
 from server.ledger import AccountView, KeyView, Ledger, format_usd, parse_usd
+from server.ratelimit import AccountLimits, RateLimiter
 
 __all__ = ["AdminServicer"]
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    """Thin translation to the ledger; every rule (names, amounts) lives there."""
+    """Thin translation to the ledger and the rate limiter; every rule (names, amounts,
+    limits) lives there."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, limiter: RateLimiter) -> None:
         self._ledger = ledger
+        self._limiter = limiter
 
     async def CreateAccount(  # noqa: N802 - gRPC method name
         self, request: admin_pb2.CreateAccountRequest, context: grpc.aio.ServicerContext
@@ -75,6 +78,27 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ReconcileResponse(
             ok=report.ok, accounts_checked=report.accounts_checked, mismatches=list(report.mismatches)
         )
+
+    async def SetRateLimits(  # noqa: N802 - gRPC method name
+        self, request: admin_pb2.SetRateLimitsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RateLimits:
+        limits = await self._limiter.set_account_limits(
+            request.account_id,
+            requests_per_minute=request.requests_per_minute if request.HasField("requests_per_minute") else None,
+            images_per_minute=request.images_per_minute if request.HasField("images_per_minute") else None,
+            use_defaults=request.use_defaults,
+        )
+        return _rate_limits(limits)
+
+
+def _rate_limits(view: AccountLimits) -> admin_pb2.RateLimits:
+    return admin_pb2.RateLimits(
+        account_id=view.account_id,
+        requests_per_minute=view.limits.requests_per_minute,
+        images_per_minute=view.limits.images_per_minute,
+        requests_per_minute_is_default=view.requests_is_default,
+        images_per_minute_is_default=view.images_is_default,
+    )
 
 
 def _account(view: AccountView) -> admin_pb2.Account:

@@ -1,4 +1,9 @@
-"""ImageService: thin translation between protobuf and the generation use case."""
+"""ImageService: thin translation between protobuf and the generation use case.
+
+GenerateImages: Idempotency-Key metadata (server.idempotency) -> rate limit of the key
+(server.ratelimit; before anything is reserved) -> generation, at most once per
+idempotency key (server.generation) -> response headers as initial metadata.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +17,15 @@ from server.api.interceptors import current_call
 from server.catalog import RawImageRequest
 from server.errors import InternalError, NotFoundError
 from server.generation import Generation, GenerationResult
+from server.idempotency import REPLAY_HEADER, Headers, IdempotencyStore, fingerprint, parse_key
 from server.ledger import format_usd
+from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
 
 __all__ = ["ImageServicer"]
 
+# Part of every idempotency fingerprint, so a key reused on another method never matches.
+_GENERATE_IMAGES = images_pb2.DESCRIPTOR.services_by_name["ImageService"].methods_by_name["GenerateImages"].full_name
 _OPTIONAL_FIELDS = (
     "model",
     "n",
@@ -37,17 +46,29 @@ _OPTIONAL_FIELDS = (
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     """Generates images and serves stored image files."""
 
-    def __init__(self, *, generation: Generation, store: ImageStore, signer: UrlSigner) -> None:
+    def __init__(
+        self,
+        *,
+        generation: Generation,
+        store: ImageStore,
+        signer: UrlSigner,
+        limiter: RateLimiter,
+        idempotency: IdempotencyStore,
+    ) -> None:
         self._generation = generation
         self._store = store
         self._signer = signer
+        self._limiter = limiter
+        self._idempotency = idempotency
 
     async def GenerateImages(  # noqa: N802 - gRPC method name
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.GenerateImagesResponse:
         call = current_call()
-        if call.principal is None:  # the interceptor's policy guarantees one
+        principal = call.principal
+        if principal is None:  # the interceptor's policy guarantees one
             raise InternalError("GenerateImages ran without a principal")
+        idempotency_key = parse_key(context.invocation_metadata())
         raw = RawImageRequest(
             prompt=request.prompt,
             **{name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)},
@@ -57,22 +78,36 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         # Finish a little before the caller's deadline, so that the caller gets our 504
         # (with its OpenAI body) rather than a transport timeout.
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining * 0.95 - 0.05
-        result = await self._generation.generate(
-            call.principal, raw, request_id=call.request_id, deadline=deadline
+        # Before anything is reserved: a limited request costs nothing.
+        quota = await self._limiter.acquire(principal, images=requested_images(raw.n))
+
+        async def generate() -> tuple[images_pb2.GenerateImagesResponse, Headers]:
+            result = await self._generation.generate(principal, raw, request_id=call.request_id, deadline=deadline)
+            call.log_fields.update(
+                model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
+            )
+            headers = (("x-imagegw-cost-usd", format_usd(result.cost_micros)), ("x-imagegw-model", result.model))
+            return _response(result), headers
+
+        answer = await self._idempotency.run(
+            principal.account_id,
+            idempotency_key,
+            fingerprint(_GENERATE_IMAGES, request) if idempotency_key is not None else "",
+            request_id=call.request_id,
+            deadline=deadline,
+            produce=generate,
+            parse=images_pb2.GenerateImagesResponse.FromString,
         )
-        call.log_fields.update(
-            model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
-        )
+        headers = [("x-request-id", call.request_id), *answer.headers]
+        if answer.replayed:  # nothing generated or charged this time
+            call.log_fields.update(idempotent_replay=True, images=len(answer.message.data), cost_micros=0)
+            headers.append((REPLAY_HEADER, "true"))
+        if quota is not None:
+            headers += quota.headers()
         # Response headers travel as initial metadata, sent only once the call has
         # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
-        await context.send_initial_metadata(
-            (
-                ("x-request-id", call.request_id),
-                ("x-imagegw-cost-usd", format_usd(result.cost_micros)),
-                ("x-imagegw-model", result.model),
-            )
-        )
-        return _response(result)
+        await context.send_initial_metadata(tuple(headers))
+        return answer.message
 
     async def GetImageFile(  # noqa: N802 - gRPC method name
         self, request: images_pb2.GetImageFileRequest, context: grpc.aio.ServicerContext

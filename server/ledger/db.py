@@ -29,7 +29,13 @@ server (on start) or the CLI, and is safe when several processes start at once.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import sqlite3
+import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,10 +44,19 @@ from alembic.config import Config
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-__all__ = ["MIGRATION_LOCK_KEY", "READ_ONLY", "SQLITE_BUSY_TIMEOUT_MS", "create_engine", "migrate", "normalize_url"]
+__all__ = [
+    "MIGRATION_LOCK_KEY",
+    "READ_ONLY",
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "create_engine",
+    "migrate",
+    "normalize_url",
+    "write_lock",
+    "write_transaction",
+]
 
 SQLITE_BUSY_TIMEOUT_MS: Final = 30_000
 # Execution option marking read-only work: on SQLite it gets a deferred BEGIN instead of
@@ -102,6 +117,55 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
+# One writer queue per SQLite engine, shared by every component that writes through it
+# (ledger, idempotency keys, rate-limit counters); see write_lock().
+_WRITE_LOCKS: weakref.WeakKeyDictionary[AsyncEngine, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def write_lock(engine: AsyncEngine) -> asyncio.Lock | None:
+    """The in-process queue of SQLite writers on ``engine`` (None on PostgreSQL).
+
+    SQLite has one writer at a time anyway. Queueing this process's writers on an
+    asyncio lock hands the write lock over as soon as it is free, where SQLite's busy
+    handler would poll with sleeps; other processes still queue on ``busy_timeout``.
+    Every component that writes through the same engine gets the same lock, so they
+    queue together instead of competing through the busy handler.
+    """
+    if engine.dialect.name != "sqlite":
+        return None
+    lock = _WRITE_LOCKS.get(engine)
+    if lock is None:
+        lock = _WRITE_LOCKS[engine] = asyncio.Lock()
+    return lock
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """One short write transaction (BEGIN IMMEDIATE on SQLite, behind :func:`write_lock`),
+    committed on exit, rolled back on an exception."""
+    lock = write_lock(engine)
+    if lock is None:
+        async with engine.begin() as conn:
+            yield conn
+        return
+    async with lock, engine.begin() as conn:
+        yield conn
+
+
+def _set_wal(cursor: Any) -> None:
+    # Two connections switching a fresh file to WAL at the same moment: SQLite answers the
+    # loser "database is locked" at once, without consulting busy_timeout. This runs in
+    # aiosqlite's worker thread, so a short blocking wait here never stalls the event loop.
+    for attempt in range(100):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or attempt == 99:
+                raise
+            time.sleep(0.02)
+
+
 def _sqlite_on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
     # Take transaction control away from the sqlite3 module (it would emit a deferred
     # BEGIN before DML only); _sqlite_on_begin emits our own BEGIN. SQLAlchemy's
@@ -114,7 +178,7 @@ def _sqlite_on_connect(dbapi_connection: DBAPIConnection, _record: ConnectionPoo
         cursor.execute("PRAGMA foreign_keys = ON")
         # WAL: readers and the one writer do not block each other. The setting is
         # persistent in the file; re-asserting it is a no-op. (In-memory: stays "memory".)
-        cursor.execute("PRAGMA journal_mode = WAL")
+        _set_wal(cursor)
         # synchronous stays at its default, FULL: a committed capture or credit must
         # survive a power cut, and the ledger's write rate makes the fsync affordable.
     finally:

@@ -19,6 +19,14 @@ spell the tables out, so that an old revision never changes when this file does)
   ``release`` (held -> available). Amounts are never negative; the kind gives the sign.
 * ``usage_records``: one row per settled reservation (UNIQUE ``reservation_id``), what
   ``imagegw usage`` lists.
+* ``accounts.rate_limit_rpm`` / ``rate_limit_ipm``: per-account overrides of the
+  per-key rate limits (NULL: the server default; 0: unlimited), see :mod:`server.ratelimit`.
+* ``rate_limit_counters``: one row per API key, the requests and images counted in its
+  current one-minute window (:mod:`server.ratelimit`).
+* ``idempotency_keys``: one row per (account, ``Idempotency-Key``): the request's hash,
+  ``in_progress`` while its first attempt runs (owned by ``owner`` until
+  ``locked_until``), then ``completed`` with the serialized response, until
+  ``expires_at`` (:mod:`server.idempotency`).
 
 Money columns are BIGINT micro-dollars; times are BIGINT unix seconds.
 """
@@ -32,19 +40,24 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
 )
 
 __all__ = [
     "ENTRY_KINDS",
+    "IDEMPOTENCY_STATES",
     "RESERVATION_STATUSES",
     "USAGE_STATUSES",
     "accounts",
     "api_keys",
+    "idempotency_keys",
     "ledger_entries",
     "metadata",
+    "rate_limit_counters",
     "reservations",
     "usage_records",
 ]
@@ -52,6 +65,7 @@ __all__ = [
 ENTRY_KINDS = ("credit", "reserve", "capture", "release")
 RESERVATION_STATUSES = ("open", "settled", "expired")
 USAGE_STATUSES = ("succeeded", "failed")
+IDEMPOTENCY_STATES = ("in_progress", "completed")
 
 # Deterministic constraint names, so that migrations can refer to them on both engines.
 metadata = MetaData(
@@ -82,6 +96,9 @@ accounts = Table(
     Column("spent_micros", BigInteger, nullable=False),
     Column("credited_micros", BigInteger, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    # Rate-limit overrides for each of the account's keys; NULL: server default, 0: unlimited.
+    Column("rate_limit_rpm", Integer, nullable=True),
+    Column("rate_limit_ipm", Integer, nullable=True),
     CheckConstraint("balance_micros >= 0", name="balance_not_negative"),
     CheckConstraint("reserved_micros >= 0", name="reserved_not_negative"),
     CheckConstraint("spent_micros >= 0", name="spent_not_negative"),
@@ -155,4 +172,36 @@ usage_records = Table(
     CheckConstraint(_in("status", USAGE_STATUSES), name="status_known"),
     # `imagegw usage`: an account's rows, newest first.
     Index("ix_usage_records_account_id_id", "account_id", "id"),
+)
+
+rate_limit_counters = Table(
+    "rate_limit_counters",
+    metadata,
+    Column("key_id", String(40), ForeignKey("api_keys.id"), primary_key=True),
+    # Unix time of the start of the key's current one-minute window.
+    Column("window_start", BigInteger, nullable=False),
+    Column("requests", Integer, nullable=False),
+    Column("images", Integer, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", String(40), ForeignKey("accounts.id"), primary_key=True),
+    Column("idempotency_key", String(255), primary_key=True),
+    # SHA-256 (hex) of the method and the canonical request.
+    Column("request_hash", String(64), nullable=False),
+    Column("state", String(16), nullable=False),
+    # The attempt that holds an in_progress row, and until when (then it is abandoned).
+    Column("owner", String(40), nullable=True),
+    Column("locked_until", BigInteger, nullable=True),
+    Column("request_id", String(255), nullable=False),
+    # The serialized response message and its response headers (JSON), once completed.
+    Column("response", LargeBinary, nullable=True),
+    Column("response_headers", Text, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    CheckConstraint(_in("state", IDEMPOTENCY_STATES), name="state_known"),
+    # The sweeper's query: rows past their expiry.
+    Index("ix_idempotency_keys_expires_at", "expires_at"),
 )

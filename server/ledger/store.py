@@ -45,7 +45,6 @@ unix seconds from the injected ``clock``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import math
@@ -67,7 +66,7 @@ from server.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from server.ledger.db import READ_ONLY
+from server.ledger.db import READ_ONLY, write_lock
 from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key, parse_api_key
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_usd
 from server.ledger.schema import USAGE_STATUSES, accounts, api_keys, ledger_entries, reservations, usage_records
@@ -257,8 +256,9 @@ class Ledger:
         # SQLite has one writer at a time anyway. Queueing this process's writers on an
         # asyncio lock hands the write lock over as soon as it is free, where SQLite's
         # busy handler would poll with sleeps (about twice the throughput for 200
-        # concurrent reservations); other processes still queue on busy_timeout.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        # concurrent reservations); other processes still queue on busy_timeout. The
+        # lock is per engine, shared with the other writers on it (see db.write_lock).
+        self._write_lock = write_lock(engine)
         self._key_hash_secret = key_hash_secret
         self._ttl = reservation_ttl_seconds
         self._clock = clock

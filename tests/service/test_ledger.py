@@ -112,7 +112,7 @@ async def test_migrations_create_exactly_the_schema_the_code_uses(ledger_engine:
 
     async with ledger_engine.connect() as conn:
         assert await conn.run_sync(diff) == []
-    assert await rows(ledger_engine, "SELECT version_num FROM alembic_version") == [("0001",)]
+    assert await rows(ledger_engine, "SELECT version_num FROM alembic_version") == [("0002",)]
 
 
 async def test_migrate_twice_at_once_is_safe(database_url: str) -> None:
@@ -122,7 +122,7 @@ async def test_migrate_twice_at_once_is_safe(database_url: str) -> None:
         await asyncio.wait_for(asyncio.gather(*(migrate(engine) for engine in engines)), timeout=60)
         await asyncio.wait_for(asyncio.gather(*(migrate(engine) for engine in engines)), timeout=60)
         await migrate(database_url)  # by URL: its own engine, disposed
-        assert await rows(engines[0], "SELECT version_num FROM alembic_version") == [("0001",)]
+        assert await rows(engines[0], "SELECT version_num FROM alembic_version") == [("0002",)]
     finally:
         for engine in engines:
             await engine.dispose()

@@ -419,3 +419,93 @@ class ReconcileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015
+
+@_typing.final
+class SetRateLimitsRequest(_message.Message):
+    """Request for SetRateLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    IMAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    USE_DEFAULTS_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose keys the limits apply to."""
+    requests_per_minute: _builtins.int
+    """Requests per minute allowed to each of the account's API keys, 0 to
+    1000000; 0 means unlimited. Unset keeps the current setting.
+    """
+    images_per_minute: _builtins.int
+    """Images per minute (the sum of `n`) allowed to each of the account's API
+    keys, 0 to 1000000; 0 means unlimited. Unset keeps the current setting.
+    """
+    use_defaults: _builtins.bool
+    """Drops both overrides first, so the server defaults
+    (`IMAGEGW_RATE_LIMIT_RPM`, `IMAGEGW_RATE_LIMIT_IPM`) apply to any limit
+    not set in this request.
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        requests_per_minute: _builtins.int | None = ...,
+        images_per_minute: _builtins.int | None = ...,
+        use_defaults: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_images_per_minute", b"_images_per_minute", "_requests_per_minute", b"_requests_per_minute", "images_per_minute", b"images_per_minute", "requests_per_minute", b"requests_per_minute"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_images_per_minute", b"_images_per_minute", "_requests_per_minute", b"_requests_per_minute", "account_id", b"account_id", "images_per_minute", b"images_per_minute", "requests_per_minute", b"requests_per_minute", "use_defaults", b"use_defaults"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__images_per_minute: _TypeAlias = _typing.Literal["images_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__images_per_minute: _TypeAlias = _typing.Literal["_images_per_minute", b"_images_per_minute"]  # noqa: Y015
+    _WhichOneofReturnType__requests_per_minute: _TypeAlias = _typing.Literal["requests_per_minute"]  # noqa: Y015
+    _WhichOneofArgType__requests_per_minute: _TypeAlias = _typing.Literal["_requests_per_minute", b"_requests_per_minute"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__images_per_minute) -> _WhichOneofReturnType__images_per_minute | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__requests_per_minute) -> _WhichOneofReturnType__requests_per_minute | None: ...
+
+Global___SetRateLimitsRequest: _TypeAlias = SetRateLimitsRequest  # noqa: Y015
+
+@_typing.final
+class RateLimits(_message.Message):
+    """The rate limits in force for each API key of an account."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    IMAGES_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    IMAGES_PER_MINUTE_IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account."""
+    requests_per_minute: _builtins.int
+    """Requests per minute per API key; 0 means unlimited."""
+    images_per_minute: _builtins.int
+    """Images per minute per API key; 0 means unlimited."""
+    requests_per_minute_is_default: _builtins.bool
+    """True when requests_per_minute is the server default, false when it is set
+    for this account.
+    """
+    images_per_minute_is_default: _builtins.bool
+    """True when images_per_minute is the server default, false when it is set
+    for this account.
+    """
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        requests_per_minute: _builtins.int = ...,
+        images_per_minute: _builtins.int = ...,
+        requests_per_minute_is_default: _builtins.bool = ...,
+        images_per_minute_is_default: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "images_per_minute", b"images_per_minute", "images_per_minute_is_default", b"images_per_minute_is_default", "requests_per_minute", b"requests_per_minute", "requests_per_minute_is_default", b"requests_per_minute_is_default"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimits: _TypeAlias = RateLimits  # noqa: Y015

@@ -71,6 +71,11 @@ class AdminServiceStub:
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=imagegw_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimits = channel.unary_unary(
+                '/imagegw.v1.AdminService/SetRateLimits',
+                request_serializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.RateLimits.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -128,6 +133,16 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimits(self, request, context):
+        """Sets the rate limits of each of an account's API keys, overriding the
+        server defaults, and returns the limits in force. With no limit set and
+        `use_defaults` false it changes nothing, so it also reads them. Applies to
+        the next request on every replica.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +180,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
                     response_serializer=imagegw_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'SetRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimits,
+                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.RateLimits.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +378,33 @@ class AdminService:
             '/imagegw.v1.AdminService/Reconcile',
             imagegw_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
             imagegw_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegw.v1.AdminService/SetRateLimits',
+            imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.SerializeToString,
+            imagegw_dot_v1_dot_admin__pb2.RateLimits.FromString,
             options,
             channel_credentials,
             insecure,

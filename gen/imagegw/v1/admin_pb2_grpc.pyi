@@ -58,6 +58,12 @@ class AdminServiceStub:
     """Checks that every balance equals credits minus captures minus open
     reservations, from the append-only ledger.
     """
+    SetRateLimits: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetRateLimitsRequest, _admin_pb2.RateLimits]
+    """Sets the rate limits of each of an account's API keys, overriding the
+    server defaults, and returns the limits in force. With no limit set and
+    `use_defaults` false it changes nothing, so it also reads them. Applies to
+    the next request on every replica.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -81,6 +87,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     Reconcile: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReconcileRequest, _admin_pb2.ReconcileResponse]  # type: ignore[assignment]
     """Checks that every balance equals credits minus captures minus open
     reservations, from the append-only ledger.
+    """
+    SetRateLimits: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetRateLimitsRequest, _admin_pb2.RateLimits]  # type: ignore[assignment]
+    """Sets the rate limits of each of an account's API keys, overriding the
+    server defaults, and returns the limits in force. With no limit set and
+    `use_defaults` false it changes nothing, so it also reads them. Applies to
+    the next request on every replica.
     """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -144,6 +156,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.ReconcileResponse, _abc.Awaitable[_admin_pb2.ReconcileResponse]]:
         """Checks that every balance equals credits minus captures minus open
         reservations, from the append-only ledger.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRateLimits(
+        self,
+        request: _admin_pb2.SetRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RateLimits, _abc.Awaitable[_admin_pb2.RateLimits]]:
+        """Sets the rate limits of each of an account's API keys, overriding the
+        server defaults, and returns the limits in force. With no limit set and
+        `use_defaults` false it changes nothing, so it also reads them. Applies to
+        the next request on every replica.
         """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,455 @@
+"""Idempotent retries: an ``Idempotency-Key`` makes a paid request safe to send again.
+
+A caller that sends ``Idempotency-Key: <key>`` (HTTP header; gRPC metadata
+``idempotency-key``) gets, for every later request with the same key and the same body
+within ``IMAGEGW_IDEMPOTENCY_TTL_SECONDS`` (24 h), the first request's response again:
+the same serialized message (same images, same URLs), the same cost and model headers,
+plus ``x-imagegw-idempotent-replay: true``, and no new charge. Keys are scoped to the
+account; the state lives in the shared database (table ``idempotency_keys``), so it works
+across replicas.
+
+Life of a key (one row per (account, key))::
+
+    claim ── INSERT ... ON CONFLICT DO NOTHING ──> we own it: state in_progress, owner, locked_until
+      │                                             │ produce() succeeds -> completed (response stored)
+      │                                             │ produce() fails (any error, cancellation)
+      │                                             │      -> row deleted: a retry runs afresh
+      │                                             │ process dies -> locked_until passes -> abandoned:
+      │                                             │      the next claim takes the row over
+      └─ row exists ── different request hash ─> 400 idempotency_key_reused
+                    ── completed ──────────────> replay the stored response
+                    ── in_progress ────────────> wait (poll, reads only) until it completes
+                                                  (replay), fails or is abandoned (claim again),
+                                                  or the caller's deadline is near: 409
+                                                  idempotency_key_in_use (retryable)
+
+* The claim is atomic: one write transaction whose INSERT either creates the row or
+  conflicts with the unique (account, key) primary key; the loser of a race sees the
+  winner's row (PostgreSQL waits for the winner's transaction; SQLite serialises writers
+  with ``BEGIN IMMEDIATE``). Taking over an expired or abandoned row is a conditional
+  UPDATE that re-checks the condition, so only one taker wins.
+* Completing and abandoning are conditional on ``owner``: an attempt that lost its row
+  (it ran past ``locked_until`` and someone took over) changes nothing.
+* ``locked_until`` is the first attempt's deadline plus the reservation grace (the
+  reservation TTL when the caller set no deadline): past it the attempt cannot still be
+  running, exactly like the ledger's reservations.
+* The request hash is SHA-256 over the method name and the canonical request: the set
+  fields of the request message as JSON with sorted keys (:func:`fingerprint`). Fields
+  that were not sent are not part of it, so ``"n": 1`` and no ``n`` are different bodies.
+* Expired rows (``expires_at`` passed, not held by a live attempt) are deleted by the
+  sweeper (:meth:`IdempotencyStore.delete_expired`); until then they count as absent.
+
+Requests without the header do not touch the table at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from sqlalchemy import and_, delete, or_, select, tuple_, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from server.errors import ConflictError, IdempotencyKeyReusedError, InvalidRequestError
+from server.ledger.db import READ_ONLY, write_transaction
+from server.ledger.schema import idempotency_keys
+
+__all__ = [
+    "HEADER",
+    "MAX_KEY_LENGTH",
+    "REPLAY_HEADER",
+    "Answer",
+    "Busy",
+    "Claim",
+    "Headers",
+    "IdempotencyStore",
+    "Owned",
+    "Retry",
+    "StoredResponse",
+    "fingerprint",
+    "parse_key",
+]
+
+log = logging.getLogger(__name__)
+
+HEADER: Final = "idempotency-key"
+REPLAY_HEADER: Final = "x-imagegw-idempotent-replay"
+MAX_KEY_LENGTH: Final = 255
+_PARAM: Final = "Idempotency-Key"
+# Waiting for an in-progress attempt: reads with exponential back-off between these.
+_POLL_FIRST_SECONDS: Final = 0.05
+_POLL_MAX_SECONDS: Final = 1.0
+# The sweeper deletes in batches of this many rows, one transaction each.
+_SWEEP_BATCH: Final = 500
+
+Headers = tuple[tuple[str, str], ...]
+M = TypeVar("M", bound=Message)
+
+
+def parse_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The ``idempotency-key`` value from request metadata, or None when absent.
+
+    Raises:
+        InvalidRequestError: sent more than once, empty, longer than 255 characters, or
+            not printable ASCII (``param`` is ``Idempotency-Key``).
+    """
+    values = [value for key, value in metadata or () if key.lower() == HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequestError("Send at most one Idempotency-Key header.", param=_PARAM)
+    value = values[0]
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_KEY_LENGTH or not _printable_ascii(value):
+        raise InvalidRequestError(
+            f"The Idempotency-Key header must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.", param=_PARAM
+        )
+    return value
+
+
+def _printable_ascii(value: str) -> bool:
+    return all(" " <= char <= "~" for char in value)
+
+
+def fingerprint(method: str, request: Message) -> str:
+    """SHA-256 (hex) of the method and the canonical request: its set fields as JSON
+    with sorted keys and no whitespace (bytes as base64, names as in the proto)."""
+    fields = json_format.MessageToDict(request, preserving_proto_field_name=True)
+    canonical = json.dumps([method, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A completed attempt's response as stored: the serialized message and its headers."""
+
+    body: bytes
+    headers: Headers
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[M]):
+    """What to send back: the response message, its headers, and whether it is a replay."""
+
+    message: M
+    headers: Headers
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """The claim won: run the request, then complete or abandon the key as ``owner``."""
+
+    owner: str
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Another attempt holds the key and is still running."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """The row changed between two statements of the claim; claim again."""
+
+
+Claim = Owned | StoredResponse | Busy | Retry
+
+
+class IdempotencyStore:
+    """Idempotency keys in the shared database (see the module docstring).
+
+    Args:
+        engine: the ledger's engine (migrated).
+        ttl_seconds: how long a key's answer is replayed (24 h by default).
+        max_lease_seconds: how long an attempt with no deadline holds its key (the
+            reservation TTL: longer than any request).
+        lease_grace_seconds: how long after its deadline an attempt still holds its key.
+        max_wait_seconds: how long a replay waits for a running attempt when the caller
+            set no deadline.
+        clock: unix time in seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        ttl_seconds: int,
+        max_lease_seconds: int,
+        lease_grace_seconds: float,
+        max_wait_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if ttl_seconds <= 0 or max_lease_seconds <= 0:
+            raise ValueError("ttl_seconds and max_lease_seconds must be positive")
+        self._engine = engine
+        self._reader = engine.execution_options(**READ_ONLY)
+        self._ttl = ttl_seconds
+        self._max_lease = max_lease_seconds
+        self._grace = lease_grace_seconds
+        self._max_wait = max_wait_seconds
+        self._clock = clock
+        self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    async def run(
+        self,
+        account_id: str,
+        key: str | None,
+        request_hash: str,
+        *,
+        request_id: str,
+        deadline: float | None,
+        produce: Callable[[], Awaitable[tuple[M, Headers]]],
+        parse: Callable[[bytes], M],
+    ) -> Answer[M]:
+        """Runs ``produce`` at most once per (account, key, request) and replays its answer.
+
+        Args:
+            key: the caller's Idempotency-Key; None runs ``produce`` with no bookkeeping.
+            request_hash: :func:`fingerprint` of the request.
+            deadline: the caller's deadline (event-loop time) or None: bounds both the
+                lease of a first attempt and how long a replay waits for one.
+            produce: makes the response message and its response headers.
+            parse: turns stored bytes back into the message (``Message.FromString``).
+
+        Raises:
+            IdempotencyKeyReusedError: the key was used with a different request.
+            ConflictError: an attempt with this key was still running at the deadline.
+            Whatever ``produce`` raises (the key is then released for a retry).
+        """
+        if key is None:
+            message, headers = await produce()
+            return Answer(message, headers, replayed=False)
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + self._max_wait if deadline is None else deadline
+        while True:
+            lease = self._lease_seconds(deadline, loop.time())
+            claimed = await self.claim(account_id, key, request_hash, request_id=request_id, lease_seconds=lease)
+            if isinstance(claimed, Owned):
+                return await self._produce(account_id, key, claimed.owner, produce)
+            if isinstance(claimed, StoredResponse):
+                return Answer(parse(claimed.body), claimed.headers, replayed=True)
+            if isinstance(claimed, Busy):
+                finished = await self._wait(account_id, key, request_hash, wait_until)
+                if finished is not None:
+                    return Answer(parse(finished.body), finished.headers, replayed=True)
+            # Released, abandoned or expired meanwhile (or Retry): claim again.
+
+    def _lease_seconds(self, deadline: float | None, now: float) -> int:
+        if deadline is None:
+            return self._max_lease
+        return max(1, min(self._max_lease, math.ceil(deadline - now + self._grace)))
+
+    async def _produce(
+        self, account_id: str, key: str, owner: str, produce: Callable[[], Awaitable[tuple[M, Headers]]]
+    ) -> Answer[M]:
+        try:
+            message, headers = await produce()
+        except BaseException:
+            # Shielded: a cancelled request must still free its key for the retry.
+            await asyncio.shield(self._abandon_quietly(account_id, key, owner))
+            raise
+        try:
+            await asyncio.shield(self.complete(account_id, key, owner, message.SerializeToString(), headers))
+        except Exception:
+            # The caller still gets its (paid) answer; the key is freed rather than stuck.
+            log.exception("could not store the idempotent response", extra={"account_id": account_id})
+            await asyncio.shield(self._abandon_quietly(account_id, key, owner))
+        return Answer(message, headers, replayed=False)
+
+    async def _wait(self, account_id: str, key: str, request_hash: str, wait_until: float) -> StoredResponse | None:
+        """Polls (reads only) until the running attempt completes (returns its response)
+        or the row is gone or claimable (returns None); 409 at ``wait_until``."""
+        loop = asyncio.get_running_loop()
+        delay = _POLL_FIRST_SECONDS
+        while True:
+            remaining = wait_until - loop.time()
+            if remaining <= 0:
+                raise ConflictError(
+                    "A request with this Idempotency-Key is still in progress. Retry it later to get its result.",
+                    code="idempotency_key_in_use",
+                    retry_after=1,
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, _POLL_MAX_SECONDS)
+            row = await self._read(account_id, key, with_response=True)
+            if row is None or self._claimable(row, self._now()):
+                return None
+            if row.request_hash != request_hash:
+                raise _reused()
+            if row.state == "completed":
+                return _stored(row)
+
+    # -- the steps, public for tests -----------------------------------------------------
+
+    async def claim(
+        self, account_id: str, key: str, request_hash: str, *, request_id: str, lease_seconds: int
+    ) -> Claim:
+        """One claim attempt, atomic: :class:`Owned` (run the request), a
+        :class:`StoredResponse` (replay it), :class:`Busy` (another attempt is running)
+        or :class:`Retry` (the row changed under us).
+
+        Raises:
+            IdempotencyKeyReusedError: the key is held or completed for another request.
+        """
+        now = self._now()
+        owner = secrets.token_hex(16)
+        fresh = {
+            "request_hash": request_hash,
+            "state": "in_progress",
+            "owner": owner,
+            "locked_until": now + lease_seconds,
+            "request_id": request_id[:255],
+            "response": None,
+            "response_headers": None,
+            "created_at": now,
+            "expires_at": now + self._ttl,
+        }
+        row = idempotency_keys.c
+        async with write_transaction(self._engine) as conn:
+            inserted = await conn.execute(
+                self._insert(idempotency_keys)
+                .values(account_id=account_id, idempotency_key=key, **fresh)
+                .on_conflict_do_nothing(index_elements=[row.account_id, row.idempotency_key])
+            )
+            if inserted.rowcount == 1:
+                return Owned(owner)
+            existing = await self._read(account_id, key, with_response=False, conn=conn)
+            if existing is None:
+                return Retry()  # deleted between the conflict and the read
+            if self._claimable(existing, now):
+                taken = await conn.execute(
+                    update(idempotency_keys)
+                    .where(_pk(account_id, key), self._claimable_clause(now))
+                    .values(**fresh)
+                )
+                return Owned(owner) if taken.rowcount == 1 else Retry()
+        if existing.request_hash != request_hash:
+            raise _reused()
+        if existing.state == "in_progress":
+            return Busy()
+        # Completed: read the (possibly large) response outside the write transaction.
+        stored = await self._read(account_id, key, with_response=True)
+        if stored is None or stored.state != "completed" or stored.request_hash != request_hash:
+            return Retry()
+        return _stored(stored)
+
+    async def complete(self, account_id: str, key: str, owner: str, body: bytes, headers: Headers) -> bool:
+        """Stores the owner's response; False when the owner no longer holds the key."""
+        async with write_transaction(self._engine) as conn:
+            done = await conn.execute(
+                update(idempotency_keys)
+                .where(
+                    _pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress"
+                )
+                .values(
+                    state="completed",
+                    owner=None,
+                    locked_until=None,
+                    response=body,
+                    response_headers=json.dumps([list(pair) for pair in headers], separators=(",", ":")),
+                )
+            )
+        if done.rowcount != 1:
+            log.warning("idempotency key lost before completion", extra={"account_id": account_id})
+        return done.rowcount == 1
+
+    async def abandon(self, account_id: str, key: str, owner: str) -> bool:
+        """Frees the owner's in-progress key (its attempt failed); False if not held."""
+        async with write_transaction(self._engine) as conn:
+            gone = await conn.execute(
+                delete(idempotency_keys).where(
+                    _pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress"
+                )
+            )
+        return gone.rowcount == 1
+
+    async def _abandon_quietly(self, account_id: str, key: str, owner: str) -> None:
+        try:
+            await self.abandon(account_id, key, owner)
+        except Exception:
+            # The lease runs out at locked_until; then the key can be claimed again.
+            log.exception("could not release an idempotency key", extra={"account_id": account_id})
+
+    async def delete_expired(self) -> int:
+        """The sweeper: deletes rows past ``expires_at`` that no live attempt holds.
+
+        Returns:
+            How many rows were deleted.
+        """
+        now = self._now()
+        row = idempotency_keys.c
+        expired = and_(row.expires_at <= now, or_(row.state == "completed", row.locked_until <= now))
+        deleted = 0
+        while True:
+            async with self._reader.connect() as conn:
+                keys = (
+                    await conn.execute(select(row.account_id, row.idempotency_key).where(expired).limit(_SWEEP_BATCH))
+                ).all()
+            if not keys:
+                break
+            async with write_transaction(self._engine) as conn:
+                result = await conn.execute(
+                    delete(idempotency_keys).where(
+                        tuple_(row.account_id, row.idempotency_key).in_([tuple(k) for k in keys]), expired
+                    )
+                )
+            deleted += result.rowcount
+            if len(keys) < _SWEEP_BATCH:
+                break
+        return deleted
+
+    # -- helpers ------------------------------------------------------------------------
+
+    @staticmethod
+    def _claimable(row: Any, now: int) -> bool:
+        """Expired, or held by an attempt that ran past its lease (its process died)."""
+        return bool(row.expires_at <= now or (row.state == "in_progress" and (row.locked_until or 0) <= now))
+
+    @staticmethod
+    def _claimable_clause(now: int) -> Any:
+        row = idempotency_keys.c
+        return or_(row.expires_at <= now, and_(row.state == "in_progress", row.locked_until <= now))
+
+    async def _read(
+        self, account_id: str, key: str, *, with_response: bool, conn: AsyncConnection | None = None
+    ) -> Any:
+        row = idempotency_keys.c
+        columns = [row.request_hash, row.state, row.locked_until, row.expires_at]
+        if with_response:
+            columns += [row.response, row.response_headers]
+        query = select(*columns).where(_pk(account_id, key))
+        if conn is not None:
+            return (await conn.execute(query)).first()
+        async with self._reader.connect() as reader:
+            return (await reader.execute(query)).first()
+
+
+def _pk(account_id: str, key: str) -> Any:
+    return and_(idempotency_keys.c.account_id == account_id, idempotency_keys.c.idempotency_key == key)
+
+
+def _stored(row: Any) -> StoredResponse:
+    headers = tuple((str(name), str(value)) for name, value in json.loads(row.response_headers or "[]"))
+    return StoredResponse(body=bytes(row.response), headers=headers)
+
+
+def _reused() -> IdempotencyKeyReusedError:
+    return IdempotencyKeyReusedError(
+        "This Idempotency-Key was already used with a different request. "
+        "Use a new key for a new request, or send exactly the same request to get its result.",
+        param=_PARAM,
+    )
