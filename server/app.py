@@ -30,7 +30,7 @@ from server.api.admin import AdminServicer
 from server.api.images import ImageServicer
 from server.api.interceptors import MethodPolicy, ServerInterceptor
 from server.api.models import ModelServicer
-from server.catalog import ModelCatalog, ModelSpec, load_catalog
+from server.catalog import CatalogError, ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
 from server.generation import Generation
 from server.idempotency import IdempotencyStore
@@ -102,6 +102,7 @@ async def build_app(
         reservation_ttl_seconds=settings.reservation_ttl_seconds,
     )
     specs = load_catalog(settings.catalog_file)
+    _check_timeouts(specs, settings)
     catalog = ModelCatalog(
         specs,
         enabled_providers=enabled_providers(settings, specs),
@@ -156,6 +157,17 @@ async def build_app(
         limiter=limiter,
         idempotency=idempotency,
     )
+
+
+def _check_timeouts(specs: list[ModelSpec], settings: Settings) -> None:
+    """A model's timeout must fit inside the request timeout (Envoy's route timeout and the
+    gRPC deadline it sends), or Envoy would cut generations the model is still allowed."""
+    too_slow = [spec.id for spec in specs if spec.is_image and spec.timeout_seconds > settings.request_timeout_seconds]
+    if too_slow:
+        raise CatalogError(
+            f"models {', '.join(too_slow)} have timeout_seconds above IMAGEGW_REQUEST_TIMEOUT_SECONDS "
+            f"({settings.request_timeout_seconds:g} s); raise the request timeout or lower the models' timeouts"
+        )
 
 
 async def _build_providers(

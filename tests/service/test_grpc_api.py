@@ -172,3 +172,12 @@ async def test_client_deadline_gives_deadline_exceeded_and_no_charge(tmp_path: P
             await asyncio.sleep(0.1)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         assert (await stack.admin.reconcile()).ok
+
+
+async def test_a_model_timeout_longer_than_the_request_timeout_stops_start_up(tmp_path: Path) -> None:
+    from server.catalog import CatalogError
+
+    # gpt-image-1's timeout_seconds is 300 (server/catalog.toml); Envoy would cut it at 60.
+    with pytest.raises(CatalogError, match=r"gpt-image-1.*IMAGEGW_REQUEST_TIMEOUT_SECONDS \(60 s\)"):
+        async with in_process_stack(tmp_path / "var", request_timeout_seconds=60):
+            pass
