@@ -24,7 +24,14 @@ import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2, images_pb2_grpc, models_pb2, models_pb2_grpc
+from imagegw.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    images_pb2,
+    images_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 from server.api.admin import AdminServicer
 from server.api.images import ImageServicer

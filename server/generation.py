@@ -24,7 +24,12 @@ from server.catalog import ModelCatalog, Quote, RawImageRequest
 from server.errors import ApiError, DeadlineExceededError, InternalError, UpstreamError
 from server.ledger import Ledger, Principal
 from server.metrics import Metrics
-from server.providers.base import GeneratedImage, ImageProvider, ProviderResult, TokenUsage
+from server.providers.base import (
+    GeneratedImage,
+    ImageProvider,
+    ProviderResult,
+    TokenUsage,
+)
 from server.storage import ImageStore, UrlSigner, new_image_id
 
 __all__ = ["DeliveredImage", "Generation", "GenerationResult"]
@@ -235,10 +240,11 @@ class Generation:
         if response_format == "b64_json":
             return [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
         ids = [new_image_id(image.format) for image in images]
-        await asyncio.gather(*(self._store.put(image_id, image.data) for image_id, image in zip(ids, images)))
+        pairs = list(zip(ids, images, strict=True))
+        await asyncio.gather(*(self._store.put(image_id, image.data) for image_id, image in pairs))
         return [
             DeliveredImage(url=self._signer.url(image_id), data=None, revised_prompt=image.revised_prompt)
-            for image_id, image in zip(ids, images)
+            for image_id, image in pairs
         ]
 
 

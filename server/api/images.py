@@ -17,7 +17,13 @@ from server.api.interceptors import current_call
 from server.catalog import RawImageRequest
 from server.errors import InternalError, NotFoundError
 from server.generation import Generation, GenerationResult
-from server.idempotency import REPLAY_HEADER, Headers, IdempotencyStore, fingerprint, parse_key
+from server.idempotency import (
+    REPLAY_HEADER,
+    Headers,
+    IdempotencyStore,
+    fingerprint,
+    parse_key,
+)
 from server.ledger import format_usd
 from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id

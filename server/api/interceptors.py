@@ -32,7 +32,13 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import ERROR_DOMAIN, ApiError, AuthenticationError, InternalError, ServiceUnavailableError
+from server.errors import (
+    ERROR_DOMAIN,
+    ApiError,
+    AuthenticationError,
+    InternalError,
+    ServiceUnavailableError,
+)
 from server.ledger import Ledger, Principal
 from server.metrics import Metrics
 

@@ -67,9 +67,21 @@ from server.errors import (
     NotFoundError,
 )
 from server.ledger.db import READ_ONLY, write_lock
-from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key, parse_api_key
+from server.ledger.keys import (
+    INVALID_API_KEY_MESSAGE,
+    generate_api_key,
+    hash_api_key,
+    parse_api_key,
+)
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_usd
-from server.ledger.schema import USAGE_STATUSES, accounts, api_keys, ledger_entries, reservations, usage_records
+from server.ledger.schema import (
+    USAGE_STATUSES,
+    accounts,
+    api_keys,
+    ledger_entries,
+    reservations,
+    usage_records,
+)
 
 __all__ = [
     "AccountView",

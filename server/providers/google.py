@@ -32,7 +32,12 @@ import httpx
 
 from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
-from server.providers.base import GeneratedImage, ImageRequest, ProviderResult, TokenUsage
+from server.providers.base import (
+    GeneratedImage,
+    ImageRequest,
+    ProviderResult,
+    TokenUsage,
+)
 from server.providers.http import (
     ErrorTable,
     Failure,
@@ -47,7 +52,11 @@ from server.providers.http import (
     parse_duration,
     sum_usage,
 )
-from server.providers.sizing import GEMINI_ASPECT_RATIOS, IMAGEN_ASPECT_RATIOS, nearest_aspect_ratio
+from server.providers.sizing import (
+    GEMINI_ASPECT_RATIOS,
+    IMAGEN_ASPECT_RATIOS,
+    nearest_aspect_ratio,
+)
 
 __all__ = ["ERRORS", "FINISH_REASONS", "GoogleImageProvider"]
 

@@ -45,7 +45,12 @@ from typing import Any
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from server.errors import ApiError, ContentPolicyError, DeadlineExceededError, UpstreamError
+from server.errors import (
+    ApiError,
+    ContentPolicyError,
+    DeadlineExceededError,
+    UpstreamError,
+)
 from server.providers.base import GeneratedImage, ProviderResult, TokenUsage
 
 __all__ = [

@@ -47,7 +47,12 @@ from typing import Final
 from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
 
 from server.errors import InvalidRequestError, ServiceUnavailableError
-from server.providers.base import GeneratedImage, ImageRequest, ProviderResult, TokenUsage
+from server.providers.base import (
+    GeneratedImage,
+    ImageRequest,
+    ProviderResult,
+    TokenUsage,
+)
 
 __all__ = ["LocalRenderer", "render_image", "revised_prompt"]
 
@@ -745,7 +750,7 @@ def _letter_prompt(c: _Canvas, prompt: str) -> None:
         return
     # Band height from fixed letters, so it does not jump with the prompt's letters.
     _, t, _, b = c.draw.textbbox((0, 0), "Ag", font=font)
-    band_h = (b - t) + 2 * pad
+    band_h = round(b - t) + 2 * pad
     band_w = round(c.draw.textlength(shown, font=font)) + 2 * pad
     box = (margin, c.height - margin - band_h, margin + band_w, c.height - margin)
     band = Image.new("L", (band_w, band_h), 0)
@@ -895,8 +900,8 @@ def _paint(
         elif plain and i >= len(near_layers) - 2 and detail > 0 and near.random() < 0.6:
             # Plain hills get a few round trees (snowy ones firs); forests have their own.
             tree = _mix(p.tree, haze, 0.2 * (1 - t))
-            height = m * (0.05 + 0.05 * t)
-            _plant_trees(c, ridge, tree, height, W * 0.12, near, conifers="snow" in terrain)
+            tree_height = m * (0.05 + 0.05 * t)
+            _plant_trees(c, ridge, tree, tree_height, W * 0.12, near, conifers="snow" in terrain)
 
     if "snow" in terrain:
         _paint_snowfall(c, p, detail, stream("snowfall"))

@@ -28,7 +28,12 @@ import httpx
 
 from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError
-from server.providers.base import GeneratedImage, ImageRequest, ProviderResult, TokenUsage
+from server.providers.base import (
+    GeneratedImage,
+    ImageRequest,
+    ProviderResult,
+    TokenUsage,
+)
 from server.providers.http import (
     ErrorTable,
     Failure,
