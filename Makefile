@@ -41,6 +41,10 @@ $(DESCRIPTOR): $(PROTOS) $(STAMP)
 
 descriptor: $(DESCRIPTOR) ## Build Envoy's descriptor set (build/imagegw.pb)
 
+lint: $(STAMP) ## ruff and mypy on server/
+	$(VENV)/bin/ruff check server
+	$(VENV)/bin/mypy server
+
 run: $(STAMP) $(DESCRIPTOR) ## Start the gRPC server and Envoy on embedded defaults (Ctrl-C stops both)
 	$(VENV)/bin/imagegw dev
 
@@ -53,4 +57,4 @@ bench: $(STAMP) $(DESCRIPTOR) ## Run the load benchmarks and print a markdown ta
 clean: ## Remove build outputs and local state (var/)
 	rm -rf build var .pytest_cache
 
-.PHONY: help install gen check-gen descriptor run test bench clean
+.PHONY: help install gen check-gen descriptor lint run test bench clean

@@ -77,7 +77,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         idempotency_key = parse_key(context.invocation_metadata())
         raw = RawImageRequest(
             prompt=request.prompt,
-            **{name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)},
+            **{name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)},  # type: ignore[arg-type]
         )
         call.log_fields["model"] = raw.model or "default"
         remaining = context.time_remaining()

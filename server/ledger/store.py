@@ -581,14 +581,14 @@ class Ledger:
         released = 0
         while True:
             async with self._reader.connect() as conn:
-                ids = (
+                ids: list[str] = list(
                     await conn.scalars(
                         select(reservations.c.id)
                         .where(reservations.c.status == "open", reservations.c.expires_at <= now)
                         .order_by(reservations.c.expires_at, reservations.c.id)
                         .limit(_SWEEP_BATCH)
                     )
-                ).all()
+                )
             if not ids:
                 break
             for reservation_id in ids:

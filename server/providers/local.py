@@ -882,12 +882,12 @@ def _paint(
             colour = _mix(colour, p.snow, 0.2)
         else:
             colour = _scale(colour, 1 - 0.28 * t)  # nearer land is darker
-        floor = None if last else max(near_layers[i + 1][0].ys)
+        near_floor = None if last else max(near_layers[i + 1][0].ys)
         if "desert" in terrain:
             # Dunes: a sunlit crest over a shaded flank.
-            _fill_ridge(c, ridge, _mix(colour, p.light, 0.2), _scale(colour, 0.7), floor)
+            _fill_ridge(c, ridge, _mix(colour, p.light, 0.2), _scale(colour, 0.7), near_floor)
         else:
-            _fill_ridge(c, ridge, _mix(colour, haze, 0.12), _scale(colour, 0.85), floor)
+            _fill_ridge(c, ridge, _mix(colour, haze, 0.12), _scale(colour, 0.85), near_floor)
         if "forest" in terrain:
             tree = _mix(p.tree, haze, 0.3 * (1 - t))
             spacing = m * (0.04 - 0.012 * detail)
