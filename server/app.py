@@ -208,7 +208,7 @@ async def _new_provider(
     else:
         http = httpx.AsyncClient(
             timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=64),
+            limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
             follow_redirects=False,
         )
         stack.push_async_callback(http.aclose)

@@ -85,7 +85,25 @@ async def test_real_images_pass_and_report_their_format(fmt):
     assert (await image_from_base64(base64.b64encode(data).decode())).format == fmt
 
 
-@pytest.mark.parametrize("data", [GARBAGE, FAKE_PNG, make_image("jpeg", 64, 64)[:200], b""])
+def _corrupt_png() -> bytes:
+    data = bytearray(make_image("png", 64, 64))
+    data[60] ^= 0xFF  # inside the first chunk after IHDR: its CRC no longer matches
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        GARBAGE,
+        FAKE_PNG,
+        make_image("jpeg", 64, 64)[:200],
+        make_image("png", 64, 64)[:-20],  # cut before IEND
+        make_image("webp", 64, 64)[:-10],  # RIFF length larger than the bytes
+        _corrupt_png(),
+        b"",
+    ],
+    ids=["garbage", "fake-png", "truncated-jpeg", "truncated-png", "truncated-webp", "corrupt-png", "empty"],
+)
 async def test_garbage_and_truncated_images_are_refused(data):
     with pytest.raises(UpstreamError) as caught:
         await image_from_bytes(data)
