@@ -56,7 +56,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import case, func, select
+from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -101,6 +101,36 @@ MAX_USAGE_LIMIT = 1000
 EXPIRED_ERROR_CODE = "reservation_expired"
 # The sweeper closes expired reservations in batches of this many, one transaction each.
 _SWEEP_BATCH = 500
+
+# The statements of the hot path (every generation reserves and settles), built once with
+# bind parameters: building them per call (coercions, labels, cache keys) was most of the
+# server's database CPU in the benchmark (bench/README.md). Immutable SQL constructs.
+_RESERVE = (
+    accounts.update()
+    .where(accounts.c.id == bindparam("a_id"), accounts.c.balance_micros >= bindparam("amount"))
+    .values(
+        balance_micros=accounts.c.balance_micros - bindparam("amount"),
+        reserved_micros=accounts.c.reserved_micros + bindparam("amount"),
+    )
+)
+_INSERT_RESERVATION = reservations.insert()
+_INSERT_ENTRY = ledger_entries.insert()
+_INSERT_USAGE = usage_records.insert()
+_RESERVATION = select(reservations).where(reservations.c.id == bindparam("r_id"))
+_CLAIM = (
+    reservations.update()
+    .where(reservations.c.id == bindparam("r_id"), reservations.c.status == "open")
+    .values(status=bindparam("closed_status"), captured_micros=bindparam("captured"), closed_at=bindparam("now"))
+)
+_SETTLE_ACCOUNT = (
+    accounts.update()
+    .where(accounts.c.id == bindparam("a_id"))
+    .values(
+        balance_micros=accounts.c.balance_micros + bindparam("released"),
+        reserved_micros=accounts.c.reserved_micros - bindparam("reserved"),
+        spent_micros=accounts.c.spent_micros + bindparam("captured"),
+    )
+)
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -487,14 +517,7 @@ class Ledger:
         async with self._write() as conn:
             # The whole admission decision is this one statement: it cannot overdraw,
             # however many requests race for the same balance, on either engine.
-            updated = await conn.execute(
-                accounts.update()
-                .where(accounts.c.id == account_id, accounts.c.balance_micros >= amount_micros)
-                .values(
-                    balance_micros=accounts.c.balance_micros - amount_micros,
-                    reserved_micros=accounts.c.reserved_micros + amount_micros,
-                )
-            )
+            updated = await conn.execute(_RESERVE, {"a_id": account_id, "amount": amount_micros})
             if updated.rowcount == 0:
                 balance = (await self._require_account(conn, account_id)).balance_micros
                 raise InsufficientBalanceError(
@@ -502,19 +525,20 @@ class Ledger:
                     f"but the account has {format_usd(balance)} USD available. Add credit and retry."
                 )
             await conn.execute(
-                reservations.insert().values(
-                    id=reservation_id,
-                    account_id=account_id,
-                    request_id=request_id,
-                    model=model,
-                    images=images,
-                    amount_micros=amount_micros,
-                    status="open",
-                    captured_micros=None,
-                    created_at=created,
-                    expires_at=expires_at,
-                    closed_at=None,
-                )
+                _INSERT_RESERVATION,
+                {
+                    "id": reservation_id,
+                    "account_id": account_id,
+                    "request_id": request_id,
+                    "model": model,
+                    "images": images,
+                    "amount_micros": amount_micros,
+                    "status": "open",
+                    "captured_micros": None,
+                    "created_at": created,
+                    "expires_at": expires_at,
+                    "closed_at": None,
+                },
             )
             await self._entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
         return Reservation(reservation_id, account_id, request_id, model, images, amount_micros, created, expires_at)
@@ -619,7 +643,7 @@ class Ledger:
         was already closed."""
         now = self._now()
         async with self._write() as conn:
-            row = (await conn.execute(select(reservations).where(reservations.c.id == reservation_id))).first()
+            row = (await conn.execute(_RESERVATION, {"r_id": reservation_id})).first()
             if row is None:
                 raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
             if row.status != "open":
@@ -631,21 +655,15 @@ class Ledger:
             # The claim: whoever flips status from 'open' owns the close. A concurrent
             # settle or sweeper (other task, other replica) updates zero rows and stops.
             claimed = await conn.execute(
-                reservations.update()
-                .where(reservations.c.id == reservation_id, reservations.c.status == "open")
-                .values(status=closed_status, captured_micros=captured_micros, closed_at=now)
+                _CLAIM,
+                {"r_id": reservation_id, "closed_status": closed_status, "captured": captured_micros, "now": now},
             )
             if claimed.rowcount == 0:
                 return None
             released = row.amount_micros - captured_micros
             await conn.execute(
-                accounts.update()
-                .where(accounts.c.id == row.account_id)
-                .values(
-                    balance_micros=accounts.c.balance_micros + released,
-                    reserved_micros=accounts.c.reserved_micros - row.amount_micros,
-                    spent_micros=accounts.c.spent_micros + captured_micros,
-                )
+                _SETTLE_ACCOUNT,
+                {"a_id": row.account_id, "released": released, "reserved": row.amount_micros, "captured": captured_micros},
             )
             # Zero-amount entries carry no information; the reservation row records both.
             if captured_micros:
@@ -653,18 +671,19 @@ class Ledger:
             if released:
                 await self._entry(conn, row.account_id, "release", released, reservation_id, now)
             await conn.execute(
-                usage_records.insert().values(
-                    account_id=row.account_id,
-                    reservation_id=reservation_id,
-                    request_id=row.request_id,
-                    model=row.model,
-                    images_requested=row.images,
-                    images_delivered=images_delivered,
-                    cost_micros=captured_micros,
-                    status=status,
-                    error_code=_clip(error_code, 100),
-                    created_at=now,
-                )
+                _INSERT_USAGE,
+                {
+                    "account_id": row.account_id,
+                    "reservation_id": reservation_id,
+                    "request_id": row.request_id,
+                    "model": row.model,
+                    "images_requested": row.images,
+                    "images_delivered": images_delivered,
+                    "cost_micros": captured_micros,
+                    "status": status,
+                    "error_code": _clip(error_code, 100),
+                    "created_at": now,
+                },
             )
         return captured_micros
 
@@ -818,11 +837,12 @@ class Ledger:
         conn: AsyncConnection, account_id: str, kind: str, amount_micros: int, reservation_id: str | None, now: int
     ) -> None:
         await conn.execute(
-            ledger_entries.insert().values(
-                account_id=account_id,
-                kind=kind,
-                amount_micros=amount_micros,
-                reservation_id=reservation_id,
-                created_at=now,
-            )
+            _INSERT_ENTRY,
+            {
+                "account_id": account_id,
+                "kind": kind,
+                "amount_micros": amount_micros,
+                "reservation_id": reservation_id,
+                "created_at": now,
+            },
         )
