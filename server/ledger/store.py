@@ -51,8 +51,8 @@ import math
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -66,7 +66,7 @@ from server.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from server.ledger.db import READ_ONLY, write_lock
+from server.ledger.db import READ_ONLY, write_transaction
 from server.ledger.keys import (
     INVALID_API_KEY_MESSAGE,
     generate_api_key,
@@ -295,12 +295,6 @@ class Ledger:
             if engine.dialect.name == "postgresql"
             else self._reader
         )
-        # SQLite has one writer at a time anyway. Queueing this process's writers on an
-        # asyncio lock hands the write lock over as soon as it is free, where SQLite's
-        # busy handler would poll with sleeps (about twice the throughput for 200
-        # concurrent reservations); other processes still queue on busy_timeout. The
-        # lock is per engine, shared with the other writers on it (see db.write_lock).
-        self._write_lock = write_lock(engine)
         self._key_hash_secret = key_hash_secret
         self._ttl = reservation_ttl_seconds
         self._clock = clock
@@ -308,15 +302,15 @@ class Ledger:
     def _now(self) -> int:
         return int(self._clock())
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        """One short write transaction (BEGIN IMMEDIATE on SQLite), committed on exit."""
-        if self._write_lock is None:
-            async with self._engine.begin() as conn:
-                yield conn
-            return
-        async with self._write_lock, self._engine.begin() as conn:
-            yield conn
+    def _write(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """One short write transaction (BEGIN IMMEDIATE on SQLite), committed on exit.
+
+        On SQLite it queues on the engine's in-process writer lock shared with every other
+        writer on the engine (``db.write_transaction``): SQLite has one writer at a time,
+        and the lock hands it over as soon as it is free where the busy handler would
+        poll with sleeps (about twice the throughput for 200 concurrent reservations).
+        """
+        return write_transaction(self._engine)
 
     # -- accounts -----------------------------------------------------------------
 
