@@ -8,6 +8,7 @@ Both listen on loopback only.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2_grpc, models_pb2_grpc
 
 from server.app import App, build_app, build_server, set_serving
@@ -29,6 +31,17 @@ from server.providers.base import ImageProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR = ROOT / "build" / "imagegw.pb"
+
+
+def metric_sample(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    for line in metrics.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{k}="{v}"' in head for k, v in labels.items()):
+            return float(value)
+    return 0.0
 
 
 def free_port() -> int:
@@ -111,6 +124,16 @@ class Admin:
     async def get(self, account_id: str) -> admin_pb2.Account:
         return await self.stub.GetAccount(admin_pb2.GetAccountRequest(account_id=account_id), metadata=self.auth)
 
+    async def settled(self, account_id: str, timeout: float = 10) -> admin_pb2.Account:
+        """The account once nothing is reserved any more (or as it is after ``timeout``):
+        a cancelled or failed request settles just after its answer went out."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            account = await self.get(account_id)
+            if account.reserved_usd == "0.000000" or asyncio.get_running_loop().time() >= deadline:
+                return account
+            await asyncio.sleep(0.05)
+
     async def reconcile(self) -> admin_pb2.ReconcileResponse:
         return await self.stub.Reconcile(admin_pb2.ReconcileRequest(), metadata=self.auth)
 
@@ -181,6 +204,13 @@ class ProcessStack:
     @property
     def images(self) -> images_pb2_grpc.ImageServiceStub:
         return images_pb2_grpc.ImageServiceStub(self.channel)
+
+    async def metrics(self) -> str:
+        """The first server's /metrics page (Prometheus text format)."""
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{self.env['IMAGEGW_METRICS_PORT']}/metrics")
+        response.raise_for_status()
+        return response.text
 
     def server_log(self, index: int = 0) -> str:
         return (self.logs / f"server-{index}.log").read_text(errors="replace")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 from pathlib import Path
@@ -156,9 +155,5 @@ async def test_deadline_raises_internal_server_error_504(tmp_path: Path, schemas
         assert caught.value.status_code == 504
         assert (caught.value.type, caught.value.code) == ("server_error", "timeout")
         schemas["ErrorResponse"].validate(caught.value.response.json())
-        for _ in range(50):
-            account = await stack.admin.get(account_id)
-            if account.reserved_usd == "0.000000":
-                break
-            await asyncio.sleep(0.1)
+        account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.spent_usd) == ("1.000000", "0.000000")

@@ -196,11 +196,7 @@ async def expect_money(
 
     Waits briefly for a reservation to settle (a cancelled request settles after its answer).
     """
-    for _ in range(100):
-        account = await stack.admin.get(account_id)
-        if account.reserved_usd == "0.000000":
-            break
-        await asyncio.sleep(0.05)
+    account = await stack.admin.settled(account_id)
     assert (account.balance_usd, account.reserved_usd, account.spent_usd) == (usd(funded - spent), "0.000000", usd(spent))
     rows = await stack.admin.usage(account_id)
     assert [(u.status, u.error_code, u.images_requested, u.images_delivered, u.cost_usd) for u in rows] == [

@@ -73,11 +73,7 @@ async def test_deadline_shorter_than_the_generation_is_504_and_releases(tmp_path
         assert response.status_code == 504, response.text
         error = response.json()["error"]
         assert (error["type"], error["code"]) == ("server_error", "timeout")
-        for _ in range(50):
-            account = await stack.admin.get(account_id)
-            if account.reserved_usd == "0.000000":
-                break
-            await asyncio.sleep(0.1)
+        account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
         assert [(u.status, u.error_code, u.images_delivered) for u in usage] == [("failed", "timeout", 0)]
@@ -113,11 +109,7 @@ async def test_sigkill_mid_request_leaves_a_reservation_the_next_start_releases(
         restarted = start_server(stack.env, log_path=stack.logs / "server-restarted.log")
         stack.servers[0] = restarted
         await asyncio.to_thread(wait_for_grpc, stack.grpc_targets[0], restarted)
-        for _ in range(100):
-            account = await stack.admin.get(account_id)
-            if account.reserved_usd == "0.000000":
-                break
-            await asyncio.sleep(0.1)
+        account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
         assert [(u.status, u.error_code, u.cost_usd) for u in usage] == [("failed", "reservation_expired", "0.000000")]

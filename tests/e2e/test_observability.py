@@ -8,32 +8,14 @@ import json
 import httpx
 import pytest
 
-from tests.stack import ProcessStack
+from tests.stack import ProcessStack, metric_sample
 
 pytestmark = pytest.mark.e2e
 
 
-def sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
-    for line in metrics.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        head, _, value = line.rpartition(" ")
-        if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return 0.0
-
-
-async def scrape(stack: ProcessStack) -> str:
-    async with httpx.AsyncClient() as client:
-        response = await client.get(f"http://127.0.0.1:{stack.env['IMAGEGW_METRICS_PORT']}/metrics")
-    assert response.status_code == 200
-    return response.text
-
-
 async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -> None:
     account_id, key = await gateway.admin.funded_key("1.00")
-    before = await scrape(gateway)
+    before = await gateway.metrics()
     async with httpx.AsyncClient(timeout=60) as client:
         ok = await client.post(
             f"{gateway.api_base}/images/generations",
@@ -46,18 +28,18 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
             headers={"Authorization": f"Bearer {key}", "x-request-id": "obs-bad-1"},
         )
     assert (ok.status_code, short.status_code) == (200, 400)
-    after = await scrape(gateway)
+    after = await gateway.metrics()
 
     def delta(name: str, **labels: str) -> float:
-        return sample(after, name, **labels) - sample(before, name, **labels)
+        return metric_sample(after, name, **labels) - metric_sample(before, name, **labels)
 
     assert delta("imagegw_requests_total", method="GenerateImages", model="local-1", provider="local", status="200") == 1
     assert delta("imagegw_requests_total", method="GenerateImages", status="400") == 1
     assert delta("imagegw_images_generated_total", model="local-1", provider="local") == 3
     assert delta("imagegw_captured_microdollars_total", model="local-1") == 6000
     assert delta("imagegw_upstream_duration_seconds_count", provider="local", model="local-1", outcome="ok") == 1
-    assert sample(after, "imagegw_reservations_open") == 0
-    assert sample(after, "imagegw_requests_in_flight", method="GenerateImages") == 0
+    assert metric_sample(after, "imagegw_reservations_open") == 0
+    assert metric_sample(after, "imagegw_requests_in_flight", method="GenerateImages") == 0
     assert "authorization" not in after.lower() and key not in after
 
     await asyncio.sleep(1.5)  # Envoy flushes its access log every second

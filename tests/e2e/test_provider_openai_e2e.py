@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -36,7 +35,7 @@ from tests.e2e.provider_support import (
     wait_for_disconnect,
 )
 from tests.fakes.openai_fake import OpenAIFake, start_openai_fake
-from tests.stack import ProcessStack, process_stack
+from tests.stack import ProcessStack, metric_sample, process_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -257,13 +256,7 @@ async def test_fewer_images_than_asked_are_returned_and_only_they_are_charged(
 
 
 async def upstream_retries(stack: ProcessStack) -> float:
-    """imagegw_upstream_retries_total{provider="openai"} from the server's /metrics."""
-    async with httpx.AsyncClient() as client:
-        text = (await client.get(f"http://127.0.0.1:{stack.env['IMAGEGW_METRICS_PORT']}/metrics")).text
-    for line in text.splitlines():
-        if line.startswith('imagegw_upstream_retries_total{provider="openai"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric_sample(await stack.metrics(), "imagegw_upstream_retries_total", provider="openai")
 
 
 @pytest.mark.parametrize(("scenario", "wait"), [("429-s=0.6", 0.6), ("429-ms=400", 0.4), ("503", 0.0), ("html-502", 0.0)])
