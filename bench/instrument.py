@@ -1,23 +1,21 @@
-"""``imagegw serve`` with its SQLite write lock timed: the bench's only probe inside the server.
+"""``imagegw serve`` with its SQLite writer timed: the bench's only probe inside the server.
 
-SQLite has one writer; imagegw queues its writers (ledger reservations and settlements,
-rate-limit counters, idempotency keys) on one ``asyncio.Lock`` per engine
-(``server.ledger.db.write_lock``). Under load that lock decides throughput, and neither
-py-spy nor CPU time shows it: waiting on it costs nothing. This wrapper replaces
-``write_lock`` (in every ``server`` module that imported it) with one handing out an
-``asyncio.Lock`` subclass that adds up acquisitions, time waited and time held, and writes
-the totals (including the hold in progress) as JSON to ``$BENCH_LOCK_STATS`` five times
-a second. Two ``perf_counter()``
-calls per acquisition; nothing else in the server changes. When the server no longer
-has that function (e.g. it moved to PostgreSQL or another design), the file says
-``"instrumented": false`` and the bench leaves the column empty.
+SQLite has one writer; imagegw runs every write transaction (ledger reservations and
+settlements, rate-limit counters, idempotency keys) on the one writer thread of
+``server.ledger.db.Database``. If that thread is busy all the time, it decides throughput,
+and neither py-spy nor CPU time shows the queue in front of it. This wrapper times
+``Database._run_sqlite`` on the writer thread (the transaction, BEGIN IMMEDIATE to COMMIT:
+the time SQLite's write lock is held) and ``Database.write`` (queueing included), and writes
+the totals (including the hold in progress) as JSON to ``$BENCH_LOCK_STATS`` five times a
+second. A few ``perf_counter()`` calls per transaction; nothing else in the server changes.
+When the server no longer has those methods, or runs on PostgreSQL, the file says
+``"instrumented": false`` or counts nothing, and the bench leaves the column empty.
 
     BENCH_LOCK_STATS=/tmp/lock.json python -m bench.instrument   # instead of: imagegw serve
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import runpy
@@ -27,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TimedLock", "install", "main"]
+__all__ = ["install", "main"]
 
 STATS: dict[str, Any] = {
     "instrumented": False,
@@ -38,46 +36,39 @@ STATS: dict[str, Any] = {
 }
 
 
-class TimedLock(asyncio.Lock):
-    """An ``asyncio.Lock`` that adds its waits and holds to ``STATS``."""
-
-    _held_since = 0.0
-
-    async def acquire(self) -> bool:  # type: ignore[override]
-        started = time.perf_counter()
-        result = await super().acquire()
-        now = time.perf_counter()
-        STATS["acquired"] += 1
-        STATS["wait_s"] += now - started
-        STATS["held_since"] = self._held_since = now
-        return result
-
-    def release(self) -> None:
-        STATS["hold_s"] += time.perf_counter() - self._held_since
-        STATS["held_since"] = None
-        super().release()
-
-
 def install(stats_path: Path) -> bool:
-    """Patches ``write_lock`` everywhere it was imported; starts the writer thread."""
-    import server.app  # noqa: F401 - imports every module that may hold write_lock
+    """Times ``Database``'s SQLite writer; starts the thread that writes the totals."""
     from server.ledger import db
 
-    original = getattr(db, "write_lock", None)
-    if original is not None and hasattr(db, "_WRITE_LOCKS"):
+    database = getattr(db, "Database", None)
+    if database is not None and hasattr(database, "_run_sqlite"):
+        run, write = database._run_sqlite, database.write
 
-        def write_lock(engine: Any) -> asyncio.Lock | None:
-            if engine.dialect.name != "sqlite":
-                return None
-            lock = db._WRITE_LOCKS.get(engine)
-            if lock is None:
-                lock = TimedLock()
-                db._WRITE_LOCKS[engine] = lock
-            return lock
+        def timed_run(engine: Any, work: Any) -> Any:
+            if not threading.current_thread().name.startswith("imagegw-db-writer"):
+                return run(engine, work)  # a read
+            started = time.perf_counter()
+            STATS["held_since"] = started
+            try:
+                return run(engine, work)
+            finally:
+                STATS["hold_s"] += time.perf_counter() - started
+                STATS["held_since"] = None
+                STATS["acquired"] += 1
 
-        for name, module in list(sys.modules.items()):
-            if (name == "server" or name.startswith("server.")) and getattr(module, "write_lock", None) is original:
-                module.write_lock = write_lock  # type: ignore[attr-defined]
+        async def timed_write(self: Any, work: Any) -> Any:
+            if self.dialect != "sqlite":
+                return await write(self, work)
+            started, hold_before = time.perf_counter(), STATS["hold_s"]
+            try:
+                return await write(self, work)
+            finally:
+                # Waiting = in the writer's queue: the whole call minus this hold. (Other
+                # holds finishing meanwhile make this an upper bound of the queueing.)
+                STATS["wait_s"] += max(0.0, time.perf_counter() - started - (STATS["hold_s"] - hold_before))
+
+        database._run_sqlite = staticmethod(timed_run)
+        database.write = timed_write
         STATS["instrumented"] = True
 
     def dump() -> None:

@@ -41,7 +41,7 @@ from server.catalog import CatalogError, ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
 from server.generation import Generation
 from server.idempotency import IdempotencyStore
-from server.ledger import Ledger, create_engine, migrate
+from server.ledger import Database, Ledger, migrate
 from server.metrics import Metrics
 from server.providers import build_provider, enabled_providers, provider_key_setting
 from server.providers.base import ImageProvider
@@ -100,11 +100,11 @@ async def build_app(
     """Builds every component from ``settings``; ``providers`` (by model id) override the
     configured adapters, which is how tests put a fake in front of a model."""
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(settings.resolved_database_url)
-    stack.push_async_callback(engine.dispose)
-    await migrate(engine)
+    db = Database(settings.resolved_database_url)
+    stack.push_async_callback(db.close)
+    await migrate(db.engine)
     ledger = Ledger(
-        engine,
+        db,
         key_hash_secret=settings.secret("key_hash_secret").encode(),
         reservation_ttl_seconds=settings.reservation_ttl_seconds,
     )
@@ -140,10 +140,10 @@ async def build_app(
         reservation_grace_seconds=settings.reservation_grace_seconds,
     )
     limiter = RateLimiter(
-        engine, defaults=Limits(requests_per_minute=settings.rate_limit_rpm, images_per_minute=settings.rate_limit_ipm)
+        db, defaults=Limits(requests_per_minute=settings.rate_limit_rpm, images_per_minute=settings.rate_limit_ipm)
     )
     idempotency = IdempotencyStore(
-        engine,
+        db,
         ttl_seconds=settings.idempotency_ttl_seconds,
         max_lease_seconds=settings.reservation_ttl_seconds,
         lease_grace_seconds=settings.reservation_grace_seconds,
@@ -198,9 +198,7 @@ def _provider_key(spec: ModelSpec) -> str:
     return f"{spec.provider}|{spec.base_url or ''}|{spec.api_key_env or ''}"
 
 
-async def _new_provider(
-    spec: ModelSpec, settings: Settings, stack: AsyncExitStack, metrics: Metrics
-) -> ImageProvider:
+async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> ImageProvider:
     if spec.provider == "local":
         executor = ThreadPoolExecutor(max_workers=settings.render_workers, thread_name_prefix="imagegw-render")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)

@@ -59,10 +59,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from sqlalchemy import and_, delete, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.engine import Connection
 
 from server.errors import ConflictError, IdempotencyKeyReusedError, InvalidRequestError
-from server.ledger.db import READ_ONLY, write_transaction
+from server.ledger.db import Database
 from server.ledger.schema import idempotency_keys
 
 __all__ = [
@@ -182,7 +182,7 @@ class IdempotencyStore:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        db: Database,
         *,
         ttl_seconds: int,
         max_lease_seconds: int,
@@ -192,14 +192,13 @@ class IdempotencyStore:
     ) -> None:
         if ttl_seconds <= 0 or max_lease_seconds <= 0:
             raise ValueError("ttl_seconds and max_lease_seconds must be positive")
-        self._engine = engine
-        self._reader = engine.execution_options(**READ_ONLY)
+        self._db = db
         self._ttl = ttl_seconds
         self._max_lease = max_lease_seconds
         self._grace = lease_grace_seconds
         self._max_wait = max_wait_seconds
         self._clock = clock
-        self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
 
     def _now(self) -> int:
         return int(self._clock())
@@ -319,24 +318,29 @@ class IdempotencyStore:
             "expires_at": now + self._ttl,
         }
         row = idempotency_keys.c
-        async with write_transaction(self._engine) as conn:
-            inserted = await conn.execute(
-                self._insert(idempotency_keys)
-                .values(account_id=account_id, idempotency_key=key, **fresh)
-                .on_conflict_do_nothing(index_elements=[row.account_id, row.idempotency_key])
-            )
-            if inserted.rowcount == 1:
+        insert = (
+            self._insert(idempotency_keys)
+            .values(account_id=account_id, idempotency_key=key, **fresh)
+            .on_conflict_do_nothing(index_elements=[row.account_id, row.idempotency_key])
+        )
+
+        def try_claim(conn: Connection) -> Owned | Retry | Any:
+            """Owned, Retry, or the existing row that cannot be claimed."""
+            if conn.execute(insert).rowcount == 1:
                 return Owned(owner)
-            existing = await self._read(account_id, key, with_response=False, conn=conn)
+            existing = conn.execute(_select(account_id, key, with_response=False)).first()
             if existing is None:
                 return Retry()  # deleted between the conflict and the read
             if self._claimable(existing, now):
-                taken = await conn.execute(
-                    update(idempotency_keys)
-                    .where(_pk(account_id, key), self._claimable_clause(now))
-                    .values(**fresh)
+                taken = conn.execute(
+                    update(idempotency_keys).where(_pk(account_id, key), self._claimable_clause(now)).values(**fresh)
                 )
                 return Owned(owner) if taken.rowcount == 1 else Retry()
+            return existing
+
+        existing = await self._db.write(try_claim)
+        if isinstance(existing, (Owned, Retry)):
+            return existing
         if existing.request_hash != request_hash:
             raise _reused()
         if existing.state == "in_progress":
@@ -349,33 +353,28 @@ class IdempotencyStore:
 
     async def complete(self, account_id: str, key: str, owner: str, body: bytes, headers: Headers) -> bool:
         """Stores the owner's response; False when the owner no longer holds the key."""
-        async with write_transaction(self._engine) as conn:
-            done = await conn.execute(
-                update(idempotency_keys)
-                .where(
-                    _pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress"
-                )
-                .values(
-                    state="completed",
-                    owner=None,
-                    locked_until=None,
-                    response=body,
-                    response_headers=json.dumps([list(pair) for pair in headers], separators=(",", ":")),
-                )
+        statement = (
+            update(idempotency_keys)
+            .where(_pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress")
+            .values(
+                state="completed",
+                owner=None,
+                locked_until=None,
+                response=body,
+                response_headers=json.dumps([list(pair) for pair in headers], separators=(",", ":")),
             )
-        if done.rowcount != 1:
+        )
+        done = await self._db.write(lambda conn: conn.execute(statement).rowcount == 1)
+        if not done:
             log.warning("idempotency key lost before completion", extra={"account_id": account_id})
-        return done.rowcount == 1
+        return done
 
     async def abandon(self, account_id: str, key: str, owner: str) -> bool:
         """Frees the owner's in-progress key (its attempt failed); False if not held."""
-        async with write_transaction(self._engine) as conn:
-            gone = await conn.execute(
-                delete(idempotency_keys).where(
-                    _pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress"
-                )
-            )
-        return gone.rowcount == 1
+        statement = delete(idempotency_keys).where(
+            _pk(account_id, key), idempotency_keys.c.owner == owner, idempotency_keys.c.state == "in_progress"
+        )
+        return await self._db.write(lambda conn: conn.execute(statement).rowcount == 1)
 
     async def _abandon_quietly(self, account_id: str, key: str, owner: str) -> None:
         try:
@@ -393,22 +392,23 @@ class IdempotencyStore:
         now = self._now()
         row = idempotency_keys.c
         expired = and_(row.expires_at <= now, or_(row.state == "completed", row.locked_until <= now))
+        batch = select(row.account_id, row.idempotency_key).where(expired).limit(_SWEEP_BATCH)
+
+        def delete_batch(conn: Connection) -> tuple[int, int]:
+            """(rows found, rows deleted): one batch, one short transaction."""
+            keys = [tuple(key) for key in conn.execute(batch)]
+            if not keys:
+                return 0, 0
+            gone = conn.execute(
+                delete(idempotency_keys).where(tuple_(row.account_id, row.idempotency_key).in_(keys), expired)
+            )
+            return len(keys), gone.rowcount
+
         deleted = 0
         while True:
-            async with self._reader.connect() as conn:
-                keys = (
-                    await conn.execute(select(row.account_id, row.idempotency_key).where(expired).limit(_SWEEP_BATCH))
-                ).all()
-            if not keys:
-                break
-            async with write_transaction(self._engine) as conn:
-                result = await conn.execute(
-                    delete(idempotency_keys).where(
-                        tuple_(row.account_id, row.idempotency_key).in_([tuple(k) for k in keys]), expired
-                    )
-                )
-            deleted += result.rowcount
-            if len(keys) < _SWEEP_BATCH:
+            found, gone = await self._db.write(delete_batch)
+            deleted += gone
+            if found < _SWEEP_BATCH:
                 break
         return deleted
 
@@ -424,18 +424,17 @@ class IdempotencyStore:
         row = idempotency_keys.c
         return or_(row.expires_at <= now, and_(row.state == "in_progress", row.locked_until <= now))
 
-    async def _read(
-        self, account_id: str, key: str, *, with_response: bool, conn: AsyncConnection | None = None
-    ) -> Any:
-        row = idempotency_keys.c
-        columns = [row.request_hash, row.state, row.locked_until, row.expires_at]
-        if with_response:
-            columns += [row.response, row.response_headers]
-        query = select(*columns).where(_pk(account_id, key))
-        if conn is not None:
-            return (await conn.execute(query)).first()
-        async with self._reader.connect() as reader:
-            return (await reader.execute(query)).first()
+    async def _read(self, account_id: str, key: str, *, with_response: bool) -> Any:
+        query = _select(account_id, key, with_response=with_response)
+        return await self._db.read(lambda conn: conn.execute(query).first())
+
+
+def _select(account_id: str, key: str, *, with_response: bool) -> Any:
+    row = idempotency_keys.c
+    columns = [row.request_hash, row.state, row.locked_until, row.expires_at]
+    if with_response:
+        columns += [row.response, row.response_headers]
+    return select(*columns).where(_pk(account_id, key))
 
 
 def _pk(account_id: str, key: str) -> Any:

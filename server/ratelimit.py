@@ -51,15 +51,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import and_, case, or_, select, true
+from sqlalchemy import and_, bindparam, case, or_, select, true
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.elements import ColumnElement
 
 from server.errors import InvalidRequestError, NotFoundError, RateLimitError
 from server.ledger import Principal
-from server.ledger.db import READ_ONLY, write_transaction
+from server.ledger.db import Database
 from server.ledger.schema import accounts, rate_limit_counters
+
+_ACCOUNT_LIMITS = select(accounts.c.rate_limit_rpm, accounts.c.rate_limit_ipm).where(accounts.c.id == bindparam("a_id"))
 
 __all__ = [
     "MAX_LIMIT",
@@ -172,14 +174,13 @@ class RateLimiter:
         clock: unix time in seconds; injectable for tests.
     """
 
-    def __init__(self, engine: AsyncEngine, *, defaults: Limits, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, *, defaults: Limits, clock: Callable[[], float] = time.time) -> None:
         _check_limit(defaults.requests_per_minute, "requests_per_minute")
         _check_limit(defaults.images_per_minute, "images_per_minute")
-        self._engine = engine
-        self._reader = engine.execution_options(**READ_ONLY)
+        self._db = db
         self._defaults = defaults
         self._clock = clock
-        self._insert: Any = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
 
     # -- admission ------------------------------------------------------------------------
 
@@ -230,18 +231,20 @@ class RateLimiter:
             )
             .returning(counter.window_start, counter.requests, counter.images)
         )
-        async with write_transaction(self._engine) as conn:
-            admitted = (await conn.execute(statement)).first()
-            if admitted is None:
-                current = (
-                    await conn.execute(
-                        select(counter.window_start, counter.requests, counter.images).where(
-                            counter.key_id == principal.key_id
-                        )
-                    )
-                ).one()
-        if admitted is not None:
-            return Quota(limits, admitted.requests, admitted.images, reset_seconds(admitted.window_start, now))
+
+        def count(conn: Connection) -> tuple[bool, Any]:
+            """(admitted, the counter row after this request)"""
+            admitted = conn.execute(statement).first()
+            if admitted is not None:
+                return True, admitted
+            current = conn.execute(
+                select(counter.window_start, counter.requests, counter.images).where(counter.key_id == principal.key_id)
+            ).one()
+            return False, current
+
+        admitted, current = await self._db.write(count)
+        if admitted:
+            return Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
         quota = Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
         if limits.requests_per_minute and current.requests + 1 > limits.requests_per_minute:
             what, limit, used, requested = "requests per minute (RPM)", limits.requests_per_minute, current.requests, 1
@@ -284,20 +287,14 @@ class RateLimiter:
         if images_per_minute is not None:
             values["rate_limit_ipm"] = _check_limit(images_per_minute, "images_per_minute")
         if values:
-            async with write_transaction(self._engine) as conn:
-                updated = await conn.execute(accounts.update().where(accounts.c.id == account_id).values(**values))
-            if updated.rowcount == 0:
+            statement = accounts.update().where(accounts.c.id == account_id).values(**values)
+            if await self._db.write(lambda conn: conn.execute(statement).rowcount) == 0:
                 raise NotFoundError(f"No account with id {account_id[:64]!r}.", param="account_id")
             log.info("rate limits changed", extra={"account_id": account_id})
         return await self._account_limits(account_id, require=True)
 
     async def _account_limits(self, account_id: str, *, require: bool = False) -> AccountLimits:
-        async with self._reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(accounts.c.rate_limit_rpm, accounts.c.rate_limit_ipm).where(accounts.c.id == account_id)
-                )
-            ).first()
+        row = await self._db.read(lambda conn: conn.execute(_ACCOUNT_LIMITS, {"a_id": account_id}).first())
         if row is None and require:
             raise NotFoundError(f"No account with id {account_id[:64]!r}.", param="account_id")
         rpm = None if row is None else row.rate_limit_rpm

@@ -8,13 +8,14 @@ Modules:
     money   -- integer micro-dollars and their six-decimal text form
     keys    -- API key format, checksum and keyed hash
     schema  -- the tables (SQLAlchemy Core)
-    db      -- engines per database, ``migrate()`` (Alembic, in ``migrations/``)
+    db      -- :class:`Database` (how transactions run on each engine), ``migrate()``
+               (Alembic, in ``migrations/``)
     store   -- :class:`Ledger`, the only API the rest of the server uses
 """
 
 from __future__ import annotations
 
-from server.ledger.db import create_engine, migrate
+from server.ledger.db import Database, create_engine, migrate
 from server.ledger.keys import generate_api_key, hash_api_key, parse_api_key
 from server.ledger.money import format_usd, parse_usd
 from server.ledger.store import (
@@ -29,6 +30,7 @@ from server.ledger.store import (
 
 __all__ = [
     "AccountView",
+    "Database",
     "KeyView",
     "Ledger",
     "Principal",

@@ -39,6 +39,10 @@ API keys: see :mod:`server.ledger.keys`. :meth:`Ledger.authenticate` reads the d
 on every call (no cache), so a revocation applies to the very next request on every
 replica.
 
+Every transaction is one synchronous function given to :class:`~server.ledger.db.Database`
+(``write`` or ``read``), which runs it whole: on SQLite on its writer thread, so the write
+lock is held only while the function runs.
+
 All amounts are integer micro-dollars (:mod:`server.ledger.money`); all times are integer
 unix seconds from the injected ``clock``.
 """
@@ -52,13 +56,12 @@ import secrets
 import string
 import time
 from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, cast
 
 from sqlalchemy import bindparam, case, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from server.errors import (
     AuthenticationError,
@@ -66,7 +69,7 @@ from server.errors import (
     InvalidRequestError,
     NotFoundError,
 )
-from server.ledger.db import READ_ONLY, write_transaction
+from server.ledger.db import Database
 from server.ledger.keys import (
     INVALID_API_KEY_MESSAGE,
     generate_api_key,
@@ -130,6 +133,9 @@ _SETTLE_ACCOUNT = (
         reserved_micros=accounts.c.reserved_micros - bindparam("reserved"),
         spent_micros=accounts.c.spent_micros + bindparam("captured"),
     )
+)
+_API_KEY = select(api_keys.c.account_id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
+    api_keys.c.id == bindparam("k_id")
 )
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -264,8 +270,7 @@ class Ledger:
     """Accounts, keys and money on one database (see the module docstring for the life cycle).
 
     Args:
-        engine: from :func:`server.ledger.db.create_engine` (its SQLite hooks give
-            writers ``BEGIN IMMEDIATE``), already migrated. Not disposed by the ledger.
+        db: the database, already migrated; not closed by the ledger.
         key_hash_secret: the server secret API keys are HMAC-ed with; every replica
             must use the same one.
         reservation_ttl_seconds: how long a reservation stays open before the sweeper
@@ -275,7 +280,7 @@ class Ledger:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        db: Database,
         *,
         key_hash_secret: bytes,
         reservation_ttl_seconds: int,
@@ -285,32 +290,13 @@ class Ledger:
             raise ValueError("key_hash_secret must not be empty")
         if reservation_ttl_seconds <= 0:
             raise ValueError("reservation_ttl_seconds must be positive")
-        self._engine = engine
-        self._reader = engine.execution_options(**READ_ONLY)
-        # reconcile() reads several aggregates that must agree with each other: on
-        # PostgreSQL that needs one snapshot for the whole transaction (REPEATABLE READ);
-        # an SQLite read transaction is a snapshot already.
-        self._snapshot_reader = (
-            self._reader.execution_options(isolation_level="REPEATABLE READ")
-            if engine.dialect.name == "postgresql"
-            else self._reader
-        )
+        self._db = db
         self._key_hash_secret = key_hash_secret
         self._ttl = reservation_ttl_seconds
         self._clock = clock
 
     def _now(self) -> int:
         return int(self._clock())
-
-    def _write(self) -> AbstractAsyncContextManager[AsyncConnection]:
-        """One short write transaction (BEGIN IMMEDIATE on SQLite), committed on exit.
-
-        On SQLite it queues on the engine's in-process writer lock shared with every other
-        writer on the engine (``db.write_transaction``): SQLite has one writer at a time,
-        and the lock hands it over as soon as it is free where the busy handler would
-        poll with sleeps (about twice the throughput for 200 concurrent reservations).
-        """
-        return write_transaction(self._engine)
 
     # -- accounts -----------------------------------------------------------------
 
@@ -330,23 +316,26 @@ class Ledger:
         exists = InvalidRequestError(
             f"An account named {_shown(name)} already exists.", param="name", code="account_exists"
         )
-        try:
-            async with self._write() as conn:
-                if (await conn.execute(select(accounts.c.id).where(accounts.c.name == name))).first() is not None:
-                    raise exists
-                await conn.execute(
-                    accounts.insert().values(
-                        id=account_id,
-                        name=name,
-                        balance_micros=balance_micros,
-                        reserved_micros=0,
-                        spent_micros=0,
-                        credited_micros=balance_micros,
-                        created_at=now,
-                    )
+
+        def create(conn: Connection) -> None:
+            if conn.execute(select(accounts.c.id).where(accounts.c.name == name)).first() is not None:
+                raise exists
+            conn.execute(
+                accounts.insert().values(
+                    id=account_id,
+                    name=name,
+                    balance_micros=balance_micros,
+                    reserved_micros=0,
+                    spent_micros=0,
+                    credited_micros=balance_micros,
+                    created_at=now,
                 )
-                if balance_micros:
-                    await self._entry(conn, account_id, "credit", balance_micros, None, now)
+            )
+            if balance_micros:
+                _entry(conn, account_id, "credit", balance_micros, None, now)
+
+        try:
+            await self._db.write(create)
         except IntegrityError:
             # Another replica inserted the same name between our check and our insert.
             raise exists from None
@@ -367,8 +356,9 @@ class Ledger:
                 f"The amount must be greater than 0 and at most {format_usd(MAX_AMOUNT_MICROS)} USD.", param="amount"
             )
         now = self._now()
-        async with self._write() as conn:
-            updated = await conn.execute(
+
+        def credit(conn: Connection) -> Any:
+            updated = conn.execute(
                 accounts.update()
                 .where(accounts.c.id == account_id)
                 # Bounds every account column far below BIGINT (see server.ledger.money).
@@ -379,26 +369,26 @@ class Ledger:
                 )
             )
             if updated.rowcount == 0:
-                await self._require_account(conn, account_id)
+                _require_account(conn, account_id)
                 raise InvalidRequestError(
                     "This credit would take the account's lifetime credits past "
                     f"{format_usd(MAX_CREDITED_MICROS)} USD.",
                     param="amount",
                 )
-            await self._entry(conn, account_id, "credit", amount_micros, None, now)
-            row = await self._require_account(conn, account_id)
+            _entry(conn, account_id, "credit", amount_micros, None, now)
+            return _require_account(conn, account_id)
+
+        row = await self._db.write(credit)
         logger.info("account credited", extra={"account_id": account_id, "amount_micros": amount_micros})
         return _account_view(row)
 
     async def get_account(self, account_id: str) -> AccountView:
         """Returns an account. Raises NotFoundError when there is none with that id."""
-        async with self._reader.connect() as conn:
-            return _account_view(await self._require_account(conn, account_id))
+        return _account_view(await self._db.read(lambda conn: _require_account(conn, account_id)))
 
     async def find_account_by_name(self, name: str) -> AccountView | None:
         """Returns the account with that exact name, or None."""
-        async with self._reader.connect() as conn:
-            row = (await conn.execute(select(accounts).where(accounts.c.name == name))).first()
+        row = await self._db.read(lambda conn: conn.execute(select(accounts).where(accounts.c.name == name)).first())
         return None if row is None else _account_view(row)
 
     # -- API keys -------------------------------------------------------------------
@@ -417,18 +407,17 @@ class Ledger:
         name = _check_name(name, param="name", required=False)
         key_id, api_key = generate_api_key()
         now = self._now()
-        async with self._write() as conn:
-            await self._require_account(conn, account_id)
-            await conn.execute(
+        key_hash = hash_api_key(api_key, self._key_hash_secret)
+
+        def create(conn: Connection) -> None:
+            _require_account(conn, account_id)
+            conn.execute(
                 api_keys.insert().values(
-                    id=key_id,
-                    account_id=account_id,
-                    name=name,
-                    key_hash=hash_api_key(api_key, self._key_hash_secret),
-                    created_at=now,
-                    revoked_at=None,
+                    id=key_id, account_id=account_id, name=name, key_hash=key_hash, created_at=now, revoked_at=None
                 )
             )
+
+        await self._db.write(create)
         logger.info("api key created", extra={"account_id": account_id, "key_id": key_id})
         return KeyView(key_id, account_id, name, now, None), api_key
 
@@ -440,13 +429,15 @@ class Ledger:
         Raises:
             NotFoundError: no key with that id.
         """
-        async with self._write() as conn:
-            await conn.execute(
-                api_keys.update()
-                .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-                .values(revoked_at=self._now())
+        now = self._now()
+
+        def revoke(conn: Connection) -> Any:
+            conn.execute(
+                api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
             )
-            row = (await conn.execute(select(api_keys).where(api_keys.c.id == key_id))).first()
+            return conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+
+        row = await self._db.write(revoke)
         if row is None:
             raise NotFoundError(f"No API key with id {_shown(key_id)}.", param="key_id")
         logger.info("api key revoked", extra={"key_id": key_id})
@@ -460,14 +451,7 @@ class Ledger:
                 the same message, which never contains the key.
         """
         key_id = parse_api_key(api_key)  # format and checksum: no DB round trip for typos
-        async with self._reader.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(api_keys.c.account_id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
-                        api_keys.c.id == key_id
-                    )
-                )
-            ).first()
+        row = await self._db.read(lambda conn: conn.execute(_API_KEY, {"k_id": key_id}).first())
         presented = hash_api_key(cast(str, api_key), self._key_hash_secret)  # parse_api_key accepted it
         # Constant-time comparison of the hashes: timing reveals nothing about the secret.
         if row is None or not hmac.compare_digest(presented, row.key_hash) or row.revoked_at is not None:
@@ -508,33 +492,33 @@ class Ledger:
         ttl = self._ttl if ttl_seconds is None else max(1, min(self._ttl, math.ceil(ttl_seconds)))
         created, expires_at = int(now_f), math.ceil(now_f) + ttl
         request_id, model = _clip(request_id, 255), _clip(model, 255)
-        async with self._write() as conn:
+        row = {
+            "id": reservation_id,
+            "account_id": account_id,
+            "request_id": request_id,
+            "model": model,
+            "images": images,
+            "amount_micros": amount_micros,
+            "status": "open",
+            "captured_micros": None,
+            "created_at": created,
+            "expires_at": expires_at,
+            "closed_at": None,
+        }
+
+        def reserve(conn: Connection) -> None:
             # The whole admission decision is this one statement: it cannot overdraw,
             # however many requests race for the same balance, on either engine.
-            updated = await conn.execute(_RESERVE, {"a_id": account_id, "amount": amount_micros})
-            if updated.rowcount == 0:
-                balance = (await self._require_account(conn, account_id)).balance_micros
+            if conn.execute(_RESERVE, {"a_id": account_id, "amount": amount_micros}).rowcount == 0:
+                balance = _require_account(conn, account_id).balance_micros
                 raise InsufficientBalanceError(
                     f"Insufficient balance: this request costs {format_usd(amount_micros)} USD "
                     f"but the account has {format_usd(balance)} USD available. Add credit and retry."
                 )
-            await conn.execute(
-                _INSERT_RESERVATION,
-                {
-                    "id": reservation_id,
-                    "account_id": account_id,
-                    "request_id": request_id,
-                    "model": model,
-                    "images": images,
-                    "amount_micros": amount_micros,
-                    "status": "open",
-                    "captured_micros": None,
-                    "created_at": created,
-                    "expires_at": expires_at,
-                    "closed_at": None,
-                },
-            )
-            await self._entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
+            conn.execute(_INSERT_RESERVATION, row)
+            _entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
+
+        await self._db.write(reserve)
         return Reservation(reservation_id, account_id, request_id, model, images, amount_micros, created, expires_at)
 
     async def settle(
@@ -598,15 +582,16 @@ class Ledger:
         now = self._now()
         released = 0
         while True:
-            async with self._reader.connect() as conn:
-                ids: list[str] = list(
-                    await conn.scalars(
+            ids: list[str] = await self._db.read(
+                lambda conn: list(
+                    conn.scalars(
                         select(reservations.c.id)
                         .where(reservations.c.status == "open", reservations.c.expires_at <= now)
                         .order_by(reservations.c.expires_at, reservations.c.id)
                         .limit(_SWEEP_BATCH)
                     )
                 )
+            )
             if not ids:
                 break
             for reservation_id in ids:
@@ -636,8 +621,9 @@ class Ledger:
         """Settles or expires one reservation; returns the captured amount, or None if it
         was already closed."""
         now = self._now()
-        async with self._write() as conn:
-            row = (await conn.execute(_RESERVATION, {"r_id": reservation_id})).first()
+
+        def close(conn: Connection) -> int | None:
+            row = conn.execute(_RESERVATION, {"r_id": reservation_id}).first()
             if row is None:
                 raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
             if row.status != "open":
@@ -648,23 +634,28 @@ class Ledger:
                 )
             # The claim: whoever flips status from 'open' owns the close. A concurrent
             # settle or sweeper (other task, other replica) updates zero rows and stops.
-            claimed = await conn.execute(
+            claimed = conn.execute(
                 _CLAIM,
                 {"r_id": reservation_id, "closed_status": closed_status, "captured": captured_micros, "now": now},
             )
             if claimed.rowcount == 0:
                 return None
             released = row.amount_micros - captured_micros
-            await conn.execute(
+            conn.execute(
                 _SETTLE_ACCOUNT,
-                {"a_id": row.account_id, "released": released, "reserved": row.amount_micros, "captured": captured_micros},
+                {
+                    "a_id": row.account_id,
+                    "released": released,
+                    "reserved": row.amount_micros,
+                    "captured": captured_micros,
+                },
             )
             # Zero-amount entries carry no information; the reservation row records both.
             if captured_micros:
-                await self._entry(conn, row.account_id, "capture", captured_micros, reservation_id, now)
+                _entry(conn, row.account_id, "capture", captured_micros, reservation_id, now)
             if released:
-                await self._entry(conn, row.account_id, "release", released, reservation_id, now)
-            await conn.execute(
+                _entry(conn, row.account_id, "release", released, reservation_id, now)
+            conn.execute(
                 _INSERT_USAGE,
                 {
                     "account_id": row.account_id,
@@ -679,7 +670,9 @@ class Ledger:
                     "created_at": now,
                 },
             )
-        return captured_micros
+            return captured_micros
+
+        return await self._db.write(close)
 
     async def usage(self, account_id: str, limit: int = 100) -> list[UsageView]:
         """Lists an account's usage rows, newest first.
@@ -690,16 +683,17 @@ class Ledger:
         """
         if not _is_int(limit) or not 1 <= limit <= MAX_USAGE_LIMIT:
             raise InvalidRequestError(f"The limit must be between 1 and {MAX_USAGE_LIMIT}.", param="limit")
-        async with self._reader.connect() as conn:
-            await self._require_account(conn, account_id)
-            rows = (
-                await conn.execute(
-                    select(usage_records)
-                    .where(usage_records.c.account_id == account_id)
-                    .order_by(usage_records.c.id.desc())
-                    .limit(limit)
-                )
+
+        def usage(conn: Connection) -> Any:
+            _require_account(conn, account_id)
+            return conn.execute(
+                select(usage_records)
+                .where(usage_records.c.account_id == account_id)
+                .order_by(usage_records.c.id.desc())
+                .limit(limit)
             ).all()
+
+        rows = await self._db.read(usage)
         return [
             UsageView(
                 created=row.created_at,
@@ -730,11 +724,11 @@ class Ledger:
         def total(kind: str) -> Any:
             return func.coalesce(func.sum(case((entry.kind == kind, entry.amount_micros), else_=0)), 0)
 
-        async with self._snapshot_reader.connect() as conn:
-            account_rows = (await conn.execute(select(accounts).order_by(accounts.c.id))).all()
+        def read(conn: Connection) -> tuple[Any, Any, Any, Any]:
+            account_rows = (conn.execute(select(accounts).order_by(accounts.c.id))).all()
             sums = {
                 row.account_id: row
-                for row in await conn.execute(
+                for row in conn.execute(
                     select(
                         entry.account_id,
                         total("credit").label("credits"),
@@ -746,42 +740,42 @@ class Ledger:
             }
             open_held = {
                 row.account_id: int(row.held)
-                for row in await conn.execute(
+                for row in conn.execute(
                     select(reservations.c.account_id, func.sum(reservations.c.amount_micros).label("held"))
                     .where(reservations.c.status == "open")
                     .group_by(reservations.c.account_id)
                 )
             }
             settled = func.coalesce(func.sum(entry.amount_micros), 0)
-            bad_reservations = (
-                await conn.execute(
-                    select(
-                        reservations.c.id,
-                        reservations.c.account_id,
-                        reservations.c.status,
-                        reservations.c.amount_micros,
-                        settled.label("settled"),
-                    )
-                    .select_from(
-                        reservations.outerjoin(
-                            ledger_entries,
-                            (entry.reservation_id == reservations.c.id) & entry.kind.in_(("capture", "release")),
-                        )
-                    )
-                    .group_by(
-                        reservations.c.id,
-                        reservations.c.account_id,
-                        reservations.c.status,
-                        reservations.c.amount_micros,
-                    )
-                    .having(
-                        ((reservations.c.status == "open") & (settled != 0))
-                        | ((reservations.c.status != "open") & (settled != reservations.c.amount_micros))
-                    )
-                    .order_by(reservations.c.id)
+            bad_reservations = conn.execute(
+                select(
+                    reservations.c.id,
+                    reservations.c.account_id,
+                    reservations.c.status,
+                    reservations.c.amount_micros,
+                    settled.label("settled"),
                 )
+                .select_from(
+                    reservations.outerjoin(
+                        ledger_entries,
+                        (entry.reservation_id == reservations.c.id) & entry.kind.in_(("capture", "release")),
+                    )
+                )
+                .group_by(
+                    reservations.c.id,
+                    reservations.c.account_id,
+                    reservations.c.status,
+                    reservations.c.amount_micros,
+                )
+                .having(
+                    ((reservations.c.status == "open") & (settled != 0))
+                    | ((reservations.c.status != "open") & (settled != reservations.c.amount_micros))
+                )
+                .order_by(reservations.c.id)
             ).all()
+            return account_rows, sums, open_held, bad_reservations
 
+        account_rows, sums, open_held, bad_reservations = await self._db.read(read, snapshot=True)
         mismatches: list[str] = []
         for account in account_rows:
             sum_row = sums.get(account.id)
@@ -793,8 +787,12 @@ class Ledger:
             )
             open_from_entries = reserves - captures - releases
             checks = (
-                ("balance_micros", account.balance_micros, "credits - captures - open reservations",
-                 credits - captures - open_from_entries),
+                (
+                    "balance_micros",
+                    account.balance_micros,
+                    "credits - captures - open reservations",
+                    credits - captures - open_from_entries,
+                ),
                 ("reserved_micros", account.reserved_micros, "reserves - captures - releases", open_from_entries),
                 ("spent_micros", account.spent_micros, "captures", captures),
                 ("credited_micros", account.credited_micros, "credits", credits),
@@ -817,26 +815,24 @@ class Ledger:
             logger.error("ledger reconcile found mismatches", extra={"count": len(mismatches)})
         return ReconcileReport(ok=not mismatches, accounts_checked=len(account_rows), mismatches=mismatches)
 
-    # -- helpers ----------------------------------------------------------------------
 
-    @staticmethod
-    async def _require_account(conn: AsyncConnection, account_id: str) -> Any:
-        row = (await conn.execute(select(accounts).where(accounts.c.id == account_id))).first()
-        if row is None:
-            raise NotFoundError(f"No account with id {_shown(account_id)}.", param="account_id")
-        return row
+def _require_account(conn: Connection, account_id: str) -> Any:
+    row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
+    if row is None:
+        raise NotFoundError(f"No account with id {_shown(account_id)}.", param="account_id")
+    return row
 
-    @staticmethod
-    async def _entry(
-        conn: AsyncConnection, account_id: str, kind: str, amount_micros: int, reservation_id: str | None, now: int
-    ) -> None:
-        await conn.execute(
-            _INSERT_ENTRY,
-            {
-                "account_id": account_id,
-                "kind": kind,
-                "amount_micros": amount_micros,
-                "reservation_id": reservation_id,
-                "created_at": now,
-            },
-        )
+
+def _entry(
+    conn: Connection, account_id: str, kind: str, amount_micros: int, reservation_id: str | None, now: int
+) -> None:
+    conn.execute(
+        _INSERT_ENTRY,
+        {
+            "account_id": account_id,
+            "kind": kind,
+            "amount_micros": amount_micros,
+            "reservation_id": reservation_id,
+            "created_at": now,
+        },
+    )

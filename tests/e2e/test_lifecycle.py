@@ -11,7 +11,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.ledger import Ledger, create_engine
+from server.ledger import Database, Ledger
 from tests.stack import ProcessStack, process_stack
 
 pytestmark = pytest.mark.e2e
@@ -30,14 +30,14 @@ async def generate(stack: ProcessStack, key: str, body: dict[str, object], **hea
 
 async def reconcile_offline(stack: ProcessStack, account_id: str) -> tuple[bool, int, int, int]:
     """Reconciles the stopped stack's database directly: (ok, balance, reserved, spent)."""
-    engine = create_engine(stack.settings.resolved_database_url)
+    db = Database(stack.settings.resolved_database_url)
     try:
-        ledger = Ledger(engine, key_hash_secret=b"unused", reservation_ttl_seconds=60)
+        ledger = Ledger(db, key_hash_secret=b"unused", reservation_ttl_seconds=60)
         report = await ledger.reconcile()
         account = await ledger.get_account(account_id)
         return report.ok, account.balance_micros, account.reserved_micros, account.spent_micros
     finally:
-        await engine.dispose()
+        await db.close()
 
 
 async def test_sigterm_drains_in_flight_requests_then_envoy_answers_503(tmp_path: Path) -> None:

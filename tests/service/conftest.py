@@ -5,8 +5,9 @@
 * ``database_url`` (per test, parametrized ``sqlite`` / ``postgres``): a fresh, empty
   database on each engine; the ``postgres`` case carries the ``postgres`` marker, so
   ``-m "not postgres"`` runs SQLite only.
-* ``ledger_engine`` (per test): an engine from ``server.ledger.db.create_engine`` on
-  ``database_url``, migrated to head, disposed afterwards.
+* ``database`` (per test): a :class:`server.ledger.db.Database` on ``database_url``,
+  migrated to head, closed afterwards; ``ledger_engine`` is its async engine, for tests
+  that look at the tables directly.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.ledger.db import create_engine, migrate
+from server.ledger.db import Database, migrate
 from tests.fakes.postgres import create_database
 
 
@@ -30,11 +31,17 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-async def ledger_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """A migrated engine on ``database_url``."""
-    engine = create_engine(database_url)
+async def database(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database on ``database_url``."""
+    db = Database(database_url)
     try:
-        await migrate(engine)
-        yield engine
+        await migrate(db.engine)
+        yield db
     finally:
-        await engine.dispose()
+        await db.close()
+
+
+@pytest.fixture
+def ledger_engine(database: Database) -> AsyncEngine:
+    """The async engine of ``database``."""
+    return database.engine

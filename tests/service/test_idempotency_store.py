@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.errors import ConflictError, IdempotencyKeyReusedError, UpstreamError
 from server.idempotency import Answer, Busy, Headers, IdempotencyStore, Owned, StoredResponse
 from server.ledger import Ledger
-from server.ledger.db import create_engine
+from server.ledger.db import Database
 from server.ledger.schema import idempotency_keys
 from tests.service.test_ledger import SECRET, T0, TTL, ManualClock
 
@@ -35,13 +35,13 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def ledger(ledger_engine: AsyncEngine, clock: ManualClock) -> Ledger:
-    return Ledger(ledger_engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
+def ledger(database: Database, clock: ManualClock) -> Ledger:
+    return Ledger(database, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
 
 
-def new_store(engine: AsyncEngine, clock: ManualClock, *, max_wait: float = 30) -> IdempotencyStore:
+def new_store(db: Database, clock: ManualClock, *, max_wait: float = 30) -> IdempotencyStore:
     return IdempotencyStore(
-        engine,
+        db,
         ttl_seconds=DAY,
         max_lease_seconds=LEASE,
         lease_grace_seconds=5,
@@ -51,8 +51,8 @@ def new_store(engine: AsyncEngine, clock: ManualClock, *, max_wait: float = 30) 
 
 
 @pytest.fixture
-def store(ledger_engine: AsyncEngine, clock: ManualClock) -> IdempotencyStore:
-    return new_store(ledger_engine, clock)
+def store(database: Database, clock: ManualClock) -> IdempotencyStore:
+    return new_store(database, clock)
 
 
 @pytest.fixture
@@ -110,9 +110,9 @@ async def count_rows(engine: AsyncEngine) -> int:
 async def test_exactly_one_of_many_concurrent_claims_wins(
     database_url: str, store: IdempotencyStore, ledger_engine: AsyncEngine, clock: ManualClock, account: str
 ) -> None:
-    other_engine = create_engine(database_url)  # a second "replica"
+    other_db = Database(database_url)  # a second "replica"
     try:
-        replicas = [store, new_store(other_engine, clock)]
+        replicas = [store, new_store(other_db, clock)]
         claims = await asyncio.wait_for(
             asyncio.gather(
                 *(replicas[i % 2].claim(account, "k", "h1", request_id=f"r{i}", lease_seconds=LEASE) for i in range(20))
@@ -120,7 +120,7 @@ async def test_exactly_one_of_many_concurrent_claims_wins(
             60,
         )
     finally:
-        await other_engine.dispose()
+        await other_db.close()
     assert sum(isinstance(c, Owned) for c in claims) == 1
     assert sum(isinstance(c, Busy) for c in claims) == 19
     assert await count_rows(ledger_engine) == 1

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sqlite3
 import string
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -27,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 import server.ledger
 from server.errors import AuthenticationError, InsufficientBalanceError, InvalidRequestError, NotFoundError
 from server.ledger import AccountView, Ledger, Principal, Reservation, UsageView
-from server.ledger.db import create_engine, migrate
+from server.ledger.db import Database, create_engine, migrate
 from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS
 from server.ledger.schema import ledger_entries, metadata
@@ -67,8 +69,8 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def ledger(ledger_engine: AsyncEngine, clock: ManualClock) -> Ledger:
-    return Ledger(ledger_engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
+def ledger(database: Database, clock: ManualClock) -> Ledger:
+    return Ledger(database, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
 
 
 async def rows(engine: AsyncEngine, sql: str, **params: Any) -> list[tuple[Any, ...]]:
@@ -128,7 +130,7 @@ async def test_migrate_twice_at_once_is_safe(database_url: str) -> None:
             await engine.dispose()
 
 
-async def test_downgrade_to_base_and_upgrade_again(ledger_engine: AsyncEngine) -> None:
+async def test_downgrade_to_base_and_upgrade_again(database: Database, ledger_engine: AsyncEngine) -> None:
     config = Config(str(Path(server.ledger.__file__).with_name("alembic.ini")))
 
     def downgrade(sync_conn: Any) -> None:
@@ -141,7 +143,7 @@ async def test_downgrade_to_base_and_upgrade_again(ledger_engine: AsyncEngine) -
         tables = await conn.run_sync(lambda sync_conn: sorted(inspect(sync_conn).get_table_names()))
     assert tables == ["alembic_version"]
     await migrate(ledger_engine)
-    ledger = Ledger(ledger_engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL)
+    ledger = Ledger(database, key_hash_secret=SECRET, reservation_ttl_seconds=TTL)
     assert (await ledger.create_account("again", USD)).balance_micros == USD
 
 
@@ -176,6 +178,32 @@ async def test_sqlite_connections_use_wal_foreign_keys_and_a_busy_timeout(tmp_pa
         assert await rows(engine, "PRAGMA busy_timeout") == [(30000,)]
     finally:
         await engine.dispose()
+
+
+async def test_sqlite_transactions_run_on_threads_with_the_same_connection_settings(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'imagegw.db'}")
+    try:
+        pragmas = "SELECT * FROM pragma_journal_mode, pragma_foreign_keys, pragma_busy_timeout"
+        assert await db.read(lambda conn: conn.exec_driver_sql(pragmas).all()) == [("wal", 1, 30000)]
+
+        def other_writer_is_locked_out(_conn: Any) -> bool:
+            # BEGIN IMMEDIATE: the write lock is held before any statement has written.
+            other = sqlite3.connect(tmp_path / "imagegw.db", timeout=0, isolation_level=None)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                return "locked" in str(exc)
+            finally:
+                other.close()
+            return False
+
+        assert await db.write(other_writer_is_locked_out) is True
+        writers = await asyncio.gather(*(db.write(lambda conn: threading.current_thread().name) for _ in range(5)))
+        assert len(set(writers)) == 1 and writers[0].startswith("imagegw-db-writer")
+        with pytest.raises(ValueError, match="in-memory"):
+            Database("sqlite+aiosqlite://")
+    finally:
+        await db.close()
 
 
 # -- accounts -----------------------------------------------------------------------------
@@ -328,10 +356,10 @@ async def test_every_bad_key_gets_the_same_401(ledger: Ledger) -> None:
     assert await ledger.authenticate(api_key) == Principal(account.account_id, key.key_id)
 
 
-async def test_keys_hashed_under_another_secret_do_not_authenticate(ledger: Ledger, ledger_engine: AsyncEngine) -> None:
+async def test_keys_hashed_under_another_secret_do_not_authenticate(ledger: Ledger, database: Database) -> None:
     account = await ledger.create_account("acme", USD)
     _, api_key = await ledger.create_key(account.account_id)
-    other = Ledger(ledger_engine, key_hash_secret=b"another-secret", reservation_ttl_seconds=TTL)
+    other = Ledger(database, key_hash_secret=b"another-secret", reservation_ttl_seconds=TTL)
     with pytest.raises(AuthenticationError):
         await other.authenticate(api_key)
 
@@ -340,9 +368,9 @@ async def test_revocation_applies_to_the_next_request_on_every_replica(
     ledger: Ledger, database_url: str, clock: ManualClock
 ) -> None:
     # A second replica: its own engine and ledger on the same database.
-    replica_engine = create_engine(database_url)
+    replica_db = Database(database_url)
     try:
-        replica = Ledger(replica_engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
+        replica = Ledger(replica_db, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
         account = await ledger.create_account("acme", USD)
         key, api_key = await ledger.create_key(account.account_id)
         _, other_key = await ledger.create_key(account.account_id, "other")
@@ -356,7 +384,7 @@ async def test_revocation_applies_to_the_next_request_on_every_replica(
             assert caught.value.message == INVALID_API_KEY_MESSAGE
             assert (await where.authenticate(other_key)).account_id == account.account_id
     finally:
-        await replica_engine.dispose()
+        await replica_db.close()
 
 
 async def test_revoke_is_idempotent_and_unknown_keys_are_not_found(ledger: Ledger, clock: ManualClock) -> None:
@@ -693,10 +721,10 @@ async def test_concurrent_reserves_never_overdraw(
     same database, as two server processes would: then no in-process lock helps, and
     only the database (BEGIN IMMEDIATE on SQLite, row locks on PostgreSQL) decides.
     """
-    extra_engines = [create_engine(database_url) for _ in range(replicas - 1)]
+    extra_dbs = [Database(database_url) for _ in range(replicas - 1)]
     try:
         ledgers = [ledger] + [
-            Ledger(engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock) for engine in extra_engines
+            Ledger(db, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock) for db in extra_dbs
         ]
         account = await ledger.create_account("k-units", K * UNIT)
 
@@ -742,5 +770,5 @@ async def test_concurrent_reserves_never_overdraw(
         assert len(await ledger.usage(account.account_id, limit=1000)) == K
         assert elapsed < 60
     finally:
-        for engine in extra_engines:
-            await engine.dispose()
+        for db in extra_dbs:
+            await db.close()

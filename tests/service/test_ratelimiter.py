@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from server.errors import InvalidRequestError, NotFoundError, RateLimitError
 from server.ledger import Ledger, Principal
-from server.ledger.db import create_engine
+from server.ledger.db import Database
 from server.ledger.schema import rate_limit_counters
 from server.ratelimit import Limits, Quota, RateLimiter
 from tests.service.test_ledger import SECRET, TTL, ManualClock
@@ -32,13 +32,13 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def ledger(ledger_engine: AsyncEngine, clock: ManualClock) -> Ledger:
-    return Ledger(ledger_engine, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
+def ledger(database: Database, clock: ManualClock) -> Ledger:
+    return Ledger(database, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
 
 
 @pytest.fixture
-def limiter(ledger_engine: AsyncEngine, clock: ManualClock) -> RateLimiter:
-    return RateLimiter(ledger_engine, defaults=DEFAULTS, clock=clock)
+def limiter(database: Database, clock: ManualClock) -> RateLimiter:
+    return RateLimiter(database, defaults=DEFAULTS, clock=clock)
 
 
 async def principal(ledger: Ledger) -> Principal:
@@ -74,17 +74,17 @@ async def test_exactly_the_limit_is_admitted_out_of_concurrent_requests(ledger: 
 
 
 async def test_replicas_sharing_the_database_share_the_limit(
-    database_url: str, ledger: Ledger, ledger_engine: AsyncEngine, clock: ManualClock
+    database_url: str, ledger: Ledger, database: Database, clock: ManualClock
 ) -> None:
     who = await principal(ledger)
-    other_engine = create_engine(database_url)
+    other_db = Database(database_url)
     try:
-        replicas = [RateLimiter(engine, defaults=DEFAULTS, clock=clock) for engine in (ledger_engine, other_engine)]
+        replicas = [RateLimiter(db, defaults=DEFAULTS, clock=clock) for db in (database, other_db)]
         await replicas[0].set_account_limits(who.account_id, requests_per_minute=7)
         calls = [asyncio.ensure_future(replicas[i % 2].acquire(who, images=1)) for i in range(30)]
         admitted, refused = await outcomes(calls)
     finally:
-        await other_engine.dispose()
+        await other_db.close()
     assert (len(admitted), len(refused)) == (7, 23)
 
 
@@ -140,11 +140,11 @@ async def test_a_new_window_starts_afresh(ledger: Ledger, limiter: RateLimiter, 
 
 
 async def test_a_lagging_replica_counts_into_the_newer_window(
-    ledger: Ledger, ledger_engine: AsyncEngine, clock: ManualClock
+    ledger: Ledger, database: Database, clock: ManualClock
 ) -> None:
     who = await principal(ledger)
-    ahead = RateLimiter(ledger_engine, defaults=Limits(2, 0), clock=lambda: clock() + 60)
-    behind = RateLimiter(ledger_engine, defaults=Limits(2, 0), clock=clock)
+    ahead = RateLimiter(database, defaults=Limits(2, 0), clock=lambda: clock() + 60)
+    behind = RateLimiter(database, defaults=Limits(2, 0), clock=clock)
     await ahead.acquire(who, images=1)
     # The lagging replica must not reset the window the other one opened.
     assert await behind.acquire(who, images=1) == Quota(Limits(2, 0), 2, 2, 60)
@@ -212,6 +212,6 @@ async def test_unknown_accounts_are_not_found(limiter: RateLimiter) -> None:
         await limiter.account_limits("acct_nope")
 
 
-def test_defaults_are_checked() -> None:
+async def test_defaults_are_checked(database: Database) -> None:
     with pytest.raises(InvalidRequestError):
-        RateLimiter(create_engine("sqlite+aiosqlite://"), defaults=Limits(-1, 0))
+        RateLimiter(database, defaults=Limits(-1, 0))
