@@ -2,10 +2,11 @@
 
 SQLite has one writer; imagegw runs every write transaction (ledger reservations and
 settlements, rate-limit counters, idempotency keys) on the one writer thread of
-``server.ledger.db.Database``. If that thread is busy all the time, it decides throughput,
-and neither py-spy nor CPU time shows the queue in front of it. This wrapper times
-``Database._run_sqlite`` on the writer thread (the transaction, BEGIN IMMEDIATE to COMMIT:
-the time SQLite's write lock is held) and ``Database.write`` (queueing included), and writes
+``server.ledger.sqlite_writer.SqliteWriter``, which commits what has queued together. If
+that thread is busy all the time, it decides throughput, and neither py-spy nor CPU time
+shows the queue in front of it. This wrapper times ``SqliteWriter._commit`` (one batch,
+BEGIN IMMEDIATE to COMMIT: the time SQLite's write lock is held; "acquisitions" are
+commits, "units" the transactions in them) and ``Database.write`` (queueing included), and writes
 the totals (including the hold in progress) as JSON to ``$BENCH_LOCK_STATS`` five times a
 second. A few ``perf_counter()`` calls per transaction; nothing else in the server changes.
 When the server no longer has those methods, or runs on PostgreSQL, the file says
@@ -37,24 +38,24 @@ STATS: dict[str, Any] = {
 
 
 def install(stats_path: Path) -> bool:
-    """Times ``Database``'s SQLite writer; starts the thread that writes the totals."""
-    from server.ledger import db
+    """Times the server's SQLite writer; starts the thread that writes the totals."""
+    from server.ledger import db, sqlite_writer
 
+    writer = getattr(sqlite_writer, "SqliteWriter", None)
     database = getattr(db, "Database", None)
-    if database is not None and hasattr(database, "_run_sqlite"):
-        run, write = database._run_sqlite, database.write
+    if writer is not None and database is not None and hasattr(writer, "_commit"):
+        commit, write = writer._commit, database.write
 
-        def timed_run(engine: Any, work: Any) -> Any:
-            if not threading.current_thread().name.startswith("imagegw-db-writer"):
-                return run(engine, work)  # a read
+        def timed_commit(self: Any, batch: Any) -> None:
             started = time.perf_counter()
             STATS["held_since"] = started
             try:
-                return run(engine, work)
+                commit(self, batch)
             finally:
                 STATS["hold_s"] += time.perf_counter() - started
                 STATS["held_since"] = None
                 STATS["acquired"] += 1
+                STATS["units"] = STATS.get("units", 0) + len(batch)
 
         async def timed_write(self: Any, work: Any) -> Any:
             if self.dialect != "sqlite":
@@ -63,11 +64,11 @@ def install(stats_path: Path) -> bool:
             try:
                 return await write(self, work)
             finally:
-                # Waiting = in the writer's queue: the whole call minus this hold. (Other
-                # holds finishing meanwhile make this an upper bound of the queueing.)
+                # Waiting = in the writer's queue: the whole call minus the holds that
+                # finished meanwhile (an estimate when batches overlap the call).
                 STATS["wait_s"] += max(0.0, time.perf_counter() - started - (STATS["hold_s"] - hold_before))
 
-        database._run_sqlite = staticmethod(timed_run)
+        writer._commit = timed_commit
         database.write = timed_write
         STATS["instrumented"] = True
 

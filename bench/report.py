@@ -95,7 +95,7 @@ def _lock(step: Step) -> str:
     # Per answer only in a steady state: an overloaded gateway admits more than it answers.
     acquired = step.lock_acquired or 0
     steady = step.estimator == "little" and step.completed > 0 and acquired > 0
-    per = f", {acquired / step.completed:.1f}/answer" if steady else ""
+    per = f", {step.lock_units / step.completed:.1f} txn in {acquired / step.completed:.2f} commits/answer" if steady else ""
     return f"{100 * min(busy, 1.0):.0f}% ({1000 * (wait or 0):.0f} ms{per})"
 
 
@@ -183,8 +183,9 @@ def render_report(
         "with the same image, concurrency and delay, from this run. p50/p99 = wrk's latency percentiles over the "
         "whole run (warm-up included). Errors = non-2xx answers plus socket errors and timeouts over the whole run. "
         "Gateway CPU = utime+stime of the imagegw server and its Envoy (row b: the floor Envoy; row a: none) over the "
-        "window, divided by req/s × window. SQLite write lock = the share of the window during which the server held "
-        "its single SQLite writer lock, the mean wait to get it, and acquisitions per answer (bench/instrument.py). "
+        "window, divided by req/s × window. SQLite write lock = the share of the window during which the server's "
+        "SQLite writer held the write lock, the mean wait of a write transaction in the writer's queue, and write "
+        "transactions and commits (group commit: one per batch) per answer (bench/instrument.py). "
         "Peak RSS = VmHWM over the whole row, warm-up included (reset at its start); row b: the floor Envoy. Machine CPU busy "
         "= the whole machine over the window, from /proc/stat: it includes the load generator, the fake and anything "
         "else running on this shared machine."

@@ -98,7 +98,8 @@ class Step:
     # The server's RSS once it has settled what the row left in flight.
     server_rss_after_kib: int | None = None
     # The server's SQLite write lock over the window (bench.instrument); None: not measured.
-    lock_acquired: int | None = None
+    lock_acquired: int | None = None  # commits (each a batch of write transactions)
+    lock_units: int = 0  # write transactions
     lock_wait_s: float = 0.0
     lock_hold_s: float = 0.0
     error: str | None = None
@@ -155,9 +156,10 @@ class Step:
 
     @property
     def lock_mean_wait_s(self) -> float | None:
-        if not self.lock_acquired:
+        """Mean time a write transaction waited in the writer's queue."""
+        if not self.lock_units:
             return None
-        return self.lock_wait_s / self.lock_acquired
+        return self.lock_wait_s / self.lock_units
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -609,6 +611,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
     step.machine_total_s = last.machine[1] - first.machine[1]
     if first.lock is not None and last.lock is not None:
         step.lock_acquired = last.lock["acquired"] - first.lock["acquired"]
+        step.lock_units = last.lock.get("units", 0) - first.lock.get("units", 0)
         step.lock_wait_s = last.lock["wait_s"] - first.lock["wait_s"]
         step.lock_hold_s = last.lock["hold_s"] - first.lock["hold_s"]
     if profile_out is not None:

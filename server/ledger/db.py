@@ -47,12 +47,15 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from server.ledger.sqlite_writer import SqliteWriter
+
 __all__ = [
     "MIGRATION_LOCK_KEY",
     "READ_ONLY",
     "SQLITE_BUSY_TIMEOUT_MS",
     "Database",
     "create_engine",
+    "create_sqlite_engine",
     "migrate",
     "normalize_url",
 ]
@@ -118,6 +121,28 @@ def create_engine(url: str) -> AsyncEngine:
     return engine
 
 
+def create_sqlite_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """A synchronous engine (plain ``sqlite3``) on an SQLite file, for use from threads,
+    with the same per-connection settings and ``BEGIN IMMEDIATE`` as :func:`create_engine`.
+
+    Raises:
+        ValueError: an in-memory database (each connection would get its own).
+    """
+    parsed = make_url(normalize_url(url)).set(drivername="sqlite+pysqlite")
+    if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+        raise ValueError("an in-memory SQLite database cannot be shared by threads: use a file")
+    engine = sqlalchemy.create_engine(
+        parsed,
+        # The pool hands connections to the writer and reader threads in turn.
+        connect_args={"check_same_thread": False},
+        pool_size=pool_size,
+        max_overflow=0,
+    )
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
 class Database:
     """The ledger's database, and how every transaction on it runs.
 
@@ -126,13 +151,14 @@ class Database:
     to :meth:`write` (committed when it returns, rolled back when it raises) or
     :meth:`read`:
 
-    * **SQLite**: the function runs, whole, on a thread with plain ``sqlite3``; writes on
-      one dedicated writer thread (SQLite has one writer at a time anyway, so this is its
-      queue), reads on a few reader threads (WAL readers never wait for the writer). The
-      write lock is held for the function alone, about 0.2 ms, instead of across several
-      event-loop turns, one per statement, as with an async driver: that made the lock,
-      held ~5 ms per transaction under load, the ceiling of the whole server
-      (``bench/README.md``). Other processes still queue on ``BEGIN IMMEDIATE``.
+    * **SQLite**: the function runs, whole, on a thread with plain ``sqlite3``: writes on
+      the one writer thread of :class:`~server.ledger.sqlite_writer.SqliteWriter` (SQLite
+      has one writer at a time anyway; what queues meanwhile is committed together),
+      reads on a few reader threads (WAL readers never wait for the writer). The write
+      lock is held while the functions run, not across event-loop turns, one per
+      statement, as with an async driver: that made the lock, held ~5 ms per transaction
+      under load, the ceiling of the whole server (``bench/README.md``). Other processes
+      still queue on ``BEGIN IMMEDIATE``.
     * **PostgreSQL**: the function runs on the event loop through asyncpg
       (``AsyncConnection.run_sync``); no process-wide lock, concurrent transactions.
 
@@ -153,20 +179,9 @@ class Database:
         )
         self._sqlite: Engine | None = None
         if self.dialect == "sqlite":
-            parsed = make_url(self.engine.url).set(drivername="sqlite+pysqlite")
-            if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
-                raise ValueError("an in-memory SQLite database cannot be shared by threads: use a file")
-            self._sqlite = sqlalchemy.create_engine(
-                parsed,
-                # The pool hands connections to the writer and reader threads in turn.
-                connect_args={"check_same_thread": False},
-                pool_size=readers + 1,
-                max_overflow=0,
-            )
-            event.listen(self._sqlite, "connect", _sqlite_on_connect)
-            event.listen(self._sqlite, "begin", _sqlite_on_begin)
+            self._sqlite = create_sqlite_engine(url, pool_size=readers + 1)
             self._sqlite_reader = self._sqlite.execution_options(**READ_ONLY)
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="imagegw-db-writer")
+            self._writer = SqliteWriter(self._sqlite)
             self._readers = ThreadPoolExecutor(readers, thread_name_prefix="imagegw-db-reader")
 
     async def write(self, work: Callable[[Connection], T]) -> T:
@@ -175,7 +190,7 @@ class Database:
         if self._sqlite is None:
             async with self.engine.begin() as conn:
                 return await conn.run_sync(work)
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run_sqlite, self._sqlite, work)
+        return await self._writer.write(work)
 
     async def read(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
         """Runs ``work`` in a read-only transaction (rolled back); ``snapshot`` makes every
@@ -183,20 +198,17 @@ class Database:
         if self._sqlite is None:
             async with (self._snapshot_reader if snapshot else self._reader).connect() as conn:
                 return await conn.run_sync(work)
-        return await asyncio.get_running_loop().run_in_executor(
-            self._readers, self._run_sqlite, self._sqlite_reader, work
-        )
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read_sqlite, work)
 
-    @staticmethod
-    def _run_sqlite(engine: Engine, work: Callable[[Connection], T]) -> T:
-        with engine.begin() as conn:
+    def _read_sqlite(self, work: Callable[[Connection], T]) -> T:
+        with self._sqlite_reader.begin() as conn:
             return work(conn)
 
     async def close(self) -> None:
         """Waits for the transactions in progress, then closes every connection."""
         if self._sqlite is not None:
             # Joining the threads blocks; a worker thread does it, not the loop.
-            await asyncio.to_thread(self._writer.shutdown)
+            await self._writer.close()
             await asyncio.to_thread(self._readers.shutdown)
             await asyncio.to_thread(self._sqlite.dispose)
         await self.engine.dispose()
