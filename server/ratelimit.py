@@ -5,8 +5,8 @@ counted in the database that every replica shares, so the limit is exact across
 replicas: of any number of concurrent requests on one key, in one window, exactly
 ``limit`` are admitted, whichever replicas they reach. Nothing is kept in process memory.
 
-Admission is one short write transaction around one statement, an upsert on the key's
-row of ``rate_limit_counters``::
+Admission is one short write transaction: it reads the account's limits, then runs one
+statement, an upsert on the key's row of ``rate_limit_counters``::
 
     INSERT INTO rate_limit_counters (key_id, window_start, requests, images)
     VALUES (:key, :window, 1, :n)
@@ -62,6 +62,9 @@ from server.ledger.db import Database
 from server.ledger.schema import accounts, rate_limit_counters
 
 _ACCOUNT_LIMITS = select(accounts.c.rate_limit_rpm, accounts.c.rate_limit_ipm).where(accounts.c.id == bindparam("a_id"))
+_COUNTER = select(
+    rate_limit_counters.c.window_start, rate_limit_counters.c.requests, rate_limit_counters.c.images
+).where(rate_limit_counters.c.key_id == bindparam("k_id"))
 
 __all__ = [
     "MAX_LIMIT",
@@ -197,12 +200,26 @@ class RateLimiter:
         """
         if images < 1:
             raise ValueError("images must be at least 1")
-        limits = (await self._account_limits(principal.account_id)).limits
-        if limits.unlimited:
-            return None
         now = self._clock()
         window = window_start(now)
-        if limits.images_per_minute and images > limits.images_per_minute:
+
+        def count(conn: Connection) -> tuple[Limits, Any, bool]:
+            """(the key's limits, its counter row after this request, admitted); the
+            counter is None when the limits leave nothing to count."""
+            row = conn.execute(_ACCOUNT_LIMITS, {"a_id": principal.account_id}).first()
+            limits = self._effective(principal.account_id, row).limits
+            if limits.unlimited or (limits.images_per_minute and images > limits.images_per_minute):
+                return limits, None, False
+            admitted = conn.execute(self._count_statement(principal.key_id, window, images, limits)).first()
+            if admitted is not None:
+                return limits, admitted, True
+            return limits, conn.execute(_COUNTER, {"k_id": principal.key_id}).one(), False
+
+        # One transaction reads the limits and counts: one database round trip per request.
+        limits, current, admitted = await self._db.write(count)
+        if limits.unlimited:
+            return None
+        if current is None:
             quota = Quota(limits, 0, 0, reset_seconds(window, now))
             raise RateLimitError(
                 f"Request too large for images per minute (IPM) on API key {principal.key_id}: "
@@ -210,39 +227,6 @@ class RateLimiter:
                 retryable=False,
                 headers=dict(quota.headers()),
             )
-        counter = rate_limit_counters.c
-        in_window = counter.window_start >= window
-        room: list[ColumnElement[bool]] = [true()]
-        if limits.requests_per_minute:
-            room.append(counter.requests + 1 <= limits.requests_per_minute)
-        if limits.images_per_minute:
-            room.append(counter.images + images <= limits.images_per_minute)
-        statement = (
-            self._insert(rate_limit_counters)
-            .values(key_id=principal.key_id, window_start=window, requests=1, images=images)
-            .on_conflict_do_update(
-                index_elements=[counter.key_id],
-                set_={
-                    "requests": case((in_window, counter.requests + 1), else_=1),
-                    "images": case((in_window, counter.images + images), else_=images),
-                    "window_start": case((in_window, counter.window_start), else_=window),
-                },
-                where=or_(~in_window, and_(*room)),
-            )
-            .returning(counter.window_start, counter.requests, counter.images)
-        )
-
-        def count(conn: Connection) -> tuple[bool, Any]:
-            """(admitted, the counter row after this request)"""
-            admitted = conn.execute(statement).first()
-            if admitted is not None:
-                return True, admitted
-            current = conn.execute(
-                select(counter.window_start, counter.requests, counter.images).where(counter.key_id == principal.key_id)
-            ).one()
-            return False, current
-
-        admitted, current = await self._db.write(count)
         if admitted:
             return Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
         quota = Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
@@ -255,6 +239,30 @@ class RateLimiter:
             f"Requested {requested}. Please try again in {quota.reset_seconds}s.",
             retry_after=quota.reset_seconds,
             headers=dict(quota.headers()),
+        )
+
+    def _count_statement(self, key_id: str, window: int, images: int, limits: Limits) -> Any:
+        """The upsert of the module docstring: returns the counter row when admitted."""
+        counter = rate_limit_counters.c
+        in_window = counter.window_start >= window
+        room: list[ColumnElement[bool]] = [true()]
+        if limits.requests_per_minute:
+            room.append(counter.requests + 1 <= limits.requests_per_minute)
+        if limits.images_per_minute:
+            room.append(counter.images + images <= limits.images_per_minute)
+        return (
+            self._insert(rate_limit_counters)
+            .values(key_id=key_id, window_start=window, requests=1, images=images)
+            .on_conflict_do_update(
+                index_elements=[counter.key_id],
+                set_={
+                    "requests": case((in_window, counter.requests + 1), else_=1),
+                    "images": case((in_window, counter.images + images), else_=images),
+                    "window_start": case((in_window, counter.window_start), else_=window),
+                },
+                where=or_(~in_window, and_(*room)),
+            )
+            .returning(counter.window_start, counter.requests, counter.images)
         )
 
     # -- per-account overrides ------------------------------------------------------------
@@ -297,6 +305,10 @@ class RateLimiter:
         row = await self._db.read(lambda conn: conn.execute(_ACCOUNT_LIMITS, {"a_id": account_id}).first())
         if row is None and require:
             raise NotFoundError(f"No account with id {account_id[:64]!r}.", param="account_id")
+        return self._effective(account_id, row)
+
+    def _effective(self, account_id: str, row: Any) -> AccountLimits:
+        """The limits from an account's overrides row (None: no such account, defaults)."""
         rpm = None if row is None else row.rate_limit_rpm
         ipm = None if row is None else row.rate_limit_ipm
         return AccountLimits(
