@@ -221,6 +221,8 @@ class Stack:
     logs: Path
     scripts: Path
     lock_stats_path: Path | None = None
+    # The processes that serve requests: the server, or its workers (IMAGEGW_WORKERS).
+    server_pids: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def lock_stats(self) -> dict[str, Any] | None:
@@ -268,14 +270,17 @@ class Stack:
         return 0
 
     def all_pids(self) -> list[int]:
-        return [p.pid for p in (self.upstream, self.floor, self.server, self.gateway_envoy)]
+        return [p.pid for p in (self.upstream, self.floor, self.gateway_envoy)] + self.server_pids
 
     def gateway_pids(self, target: str) -> list[int]:
         if target == "envoy":
             return [self.floor.pid]
         if target in ("b64", "url"):
-            return [self.server.pid, self.gateway_envoy.pid]
+            return [*self.server_pids, self.gateway_envoy.pid]
         return []
+
+    def server_rss_kib(self) -> int:
+        return sum(rss_kib(pid) for pid in self.server_pids)
 
 
 # -- start-up ----------------------------------------------------------------------------
@@ -426,7 +431,8 @@ def _start(
     env.update(gateway_env or {})
     settings = settings_from(env)
     settings.var_dir.mkdir(parents=True)
-    lock_stats = work / "write-lock.json" if instrument else None
+    # The probe patches one process; workers are separate `imagegw serve` processes.
+    lock_stats = work / "write-lock.json" if instrument and settings.workers == 1 else None
     if lock_stats is not None:
         # `imagegw serve` with its SQLite write lock timed (bench/instrument.py).
         argv = [sys.executable, "-m", "bench.instrument"]
@@ -435,7 +441,8 @@ def _start(
         argv = [sys.executable, "-m", "server.cli", "serve"]
     server = spawn(argv, log=logs / "server.log", env={**os.environ, **env})
     cleanup.callback(stop, server, 30)
-    wait_for_grpc(settings.grpc_target, server)
+    for target in settings.grpc_targets:
+        wait_for_grpc(target, server)
     envoy_config = write_envoy_config(settings, work / "imagegw-envoy.yaml")
     gateway_envoy = spawn(
         [
@@ -467,7 +474,12 @@ def _start(
         logs=logs,
         scripts=scripts,
         lock_stats_path=lock_stats,
+        server_pids=_worker_pids(server.pid) if settings.workers > 1 else [server.pid],
     )
+
+
+def _worker_pids(supervisor: int) -> list[int]:
+    return [int(pid) for pid in Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()]
 
 
 # -- checks and steps ----------------------------------------------------------------------
@@ -528,7 +540,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
     url = stack.url(step.target)
     everyone = stack.all_pids()
     pids = stack.gateway_pids(step.target)
-    watched = [stack.server.pid, stack.gateway_envoy.pid] if step.target in ("b64", "url") else pids
+    watched = [*stack.server_pids, stack.gateway_envoy.pid] if step.target in ("b64", "url") else pids
     _clear_images(stack)
     # Requests the previous row left in flight are cancelled when its wrk hangs up; let
     # the gateway finish settling them so that their cost does not land in this row.
@@ -548,7 +560,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
             gateway_cpu=cpu_seconds(pids),
             upstream_cpu=cpu_seconds([stack.upstream.pid]),
             machine=machine_cpu(),
-            threads=thread_cpu_seconds(stack.server.pid) if profile_out is not None else {},
+            threads=thread_cpu_seconds(stack.server_pids[0]) if profile_out is not None else {},
             lock=stack.lock_stats() if step.target in ("b64", "url") else None,
         )
 
@@ -574,7 +586,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
             step.full_round = done >= step.concurrency
             edges.append(snapshot())
             if profile_out is not None:
-                sampler = profiling.start(stack.server.pid, profile_out, duration_s=plan.measure_s)
+                sampler = profiling.start(stack.server_pids[0], profile_out, duration_s=plan.measure_s)
             return False
         if len(edges) == 1 and edges[0].at + plan.measure_s <= time.monotonic():
             edges.append(snapshot())
@@ -618,7 +630,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
         stack.extra["thread_cpu"] = {tid: last.threads[tid] - first.threads.get(tid, 0.0) for tid in last.threads}
         stack.extra["thread_cpu_wall"] = step.window_s
     if step.target in ("b64", "url"):
-        step.server_peak_kib = memory.peak_kib(stack.server.pid)
+        step.server_peak_kib = sum(memory.peak_kib(pid) for pid in stack.server_pids)
         step.envoy_peak_kib = memory.peak_kib(stack.gateway_envoy.pid)
     elif step.target == "envoy":
         step.envoy_peak_kib = memory.peak_kib(stack.floor.pid)
@@ -630,7 +642,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
         if process.poll() is not None:
             raise RuntimeError(f"the {name} exited with status {process.returncode}; see {stack.logs}")
     quiesce(stack.all_pids())
-    step.server_rss_after_kib = rss_kib(stack.server.pid)
+    step.server_rss_after_kib = stack.server_rss_kib()
     return step
 
 
@@ -844,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         with running_stack(work, args.upstream_workers, gateway_env, instrument=not args.no_instrument) as stack:
             smoke_check(stack, plan.targets, plan.images)
             quiesce(stack.all_pids())
-            idle_rss_kib = rss_kib(stack.server.pid)
+            idle_rss_kib = stack.server_rss_kib()
             for index, step in enumerate(steps, 1):
                 try:
                     run_step(stack, wrk, step, plan)
@@ -923,7 +935,7 @@ def run_profile(stack: Stack, wrk: str, plan: Plan) -> dict[str, Any] | None:
     step = Step(plan.delays[0], "large" if "large" in plan.images else plan.images[0], 64, "b64")
     raw = plan.out_dir / "profile.txt"
     run_step(stack, wrk, step, plan, profile_out=raw)
-    summary = profiling.summarise(raw, stack.extra.get("thread_cpu", {}), stack.server.pid)
+    summary = profiling.summarise(raw, stack.extra.get("thread_cpu", {}), stack.server_pids[0])
     summary["window_s"] = stack.extra.get("thread_cpu_wall", 0.0)
     summary["step"] = step.to_json()
     svg = plan.out_dir / "profile.svg"

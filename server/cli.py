@@ -180,6 +180,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_level)
     if args.command == "serve":
+        if settings.workers > 1:
+            from server.workers import run_workers
+
+            return run_workers(settings)
         from server.app import serve
 
         asyncio.run(serve(settings))

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     public_base_url: str = ""
+    # Server processes (server.workers): worker i listens on grpc_port + i and
+    # metrics_port + i, and Envoy balances across them.
+    workers: int = Field(default=1, ge=1, le=64)
 
     # State.
     var_dir: Path = Path("var")
@@ -112,6 +115,11 @@ class Settings(BaseSettings):
     @property
     def grpc_target(self) -> str:
         return f"{self.grpc_host}:{self.grpc_port}"
+
+    @property
+    def grpc_targets(self) -> list[str]:
+        """Every worker's gRPC address (one unless ``workers`` > 1)."""
+        return [f"{self.grpc_host}:{self.grpc_port + i}" for i in range(self.workers)]
 
     @property
     def resolved_database_url(self) -> str:

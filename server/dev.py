@@ -203,7 +203,8 @@ def run_dev(settings: Settings) -> int:
     server = start_server({})
     envoy: subprocess.Popen[bytes] | None = None
     try:
-        wait_for_grpc(settings.grpc_target, server)
+        for target in settings.grpc_targets:
+            wait_for_grpc(target, server)
         envoy = start_envoy(settings, settings.envoy_config_out or settings.var_dir / "envoy.yaml")
         wait_for_envoy(settings, envoy)
         print(_banner(settings, ensure_dev_key(settings)), flush=True)

@@ -41,7 +41,8 @@ def envoy_binary(settings: Settings) -> str:
 
 
 def render_envoy_config(settings: Settings, upstreams: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
-    """The Envoy config for ``settings``, proxying to ``upstreams`` (default: our gRPC port)."""
+    """The Envoy config for ``settings``, proxying to ``upstreams`` (default: every
+    worker's gRPC port)."""
     config: dict[str, Any] = yaml.safe_load(ENVOY_TEMPLATE.read_text())
     config["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=settings.envoy_admin_port)
     listener = config["static_resources"]["listeners"][0]
@@ -63,7 +64,7 @@ def render_envoy_config(settings: Settings, upstreams: Sequence[tuple[str, int]]
             route["route"]["timeout"] = timeout
             route["route"]["max_stream_duration"] = {"max_stream_duration": timeout, "grpc_timeout_header_max": timeout}
     cluster = config["static_resources"]["clusters"][0]
-    targets = upstreams or [(settings.grpc_host, settings.grpc_port)]
+    targets = upstreams or [(settings.grpc_host, settings.grpc_port + i) for i in range(settings.workers)]
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}} for host, port in targets
     ]

@@ -51,6 +51,21 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports (workers listen on port + i)."""
+    for _ in range(200):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as held:
+                for port in range(first, first + count):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 def base_env(var_dir: Path, **overrides: Any) -> dict[str, str]:
     """IMAGEGW_* variables for a fresh, isolated stack under ``var_dir``."""
     env = {
@@ -187,6 +202,7 @@ class ProcessStack:
     envoy: subprocess.Popen[bytes]
     channel: grpc.aio.Channel
     grpc_targets: list[str]
+    metrics_ports: list[int]
     logs: Path
     admin: Admin = field(init=False)
 
@@ -205,10 +221,10 @@ class ProcessStack:
     def images(self) -> images_pb2_grpc.ImageServiceStub:
         return images_pb2_grpc.ImageServiceStub(self.channel)
 
-    async def metrics(self) -> str:
-        """The first server's /metrics page (Prometheus text format)."""
+    async def metrics(self, index: int = 0) -> str:
+        """The /metrics page (Prometheus text format) of a server or worker."""
         async with httpx.AsyncClient() as client:
-            response = await client.get(f"http://127.0.0.1:{self.env['IMAGEGW_METRICS_PORT']}/metrics")
+            response = await client.get(f"http://127.0.0.1:{self.metrics_ports[index]}/metrics")
         response.raise_for_status()
         return response.text
 
@@ -220,30 +236,37 @@ class ProcessStack:
 
 
 @contextlib.asynccontextmanager
-async def process_stack(var_dir: Path, *, servers: int = 1, **overrides: Any) -> AsyncIterator[ProcessStack]:
-    """Starts ``servers`` server processes sharing one database, and Envoy in front."""
+async def process_stack(
+    var_dir: Path, *, servers: int = 1, workers: int = 1, **overrides: Any
+) -> AsyncIterator[ProcessStack]:
+    """Starts ``servers`` server processes (replicas) sharing one database, and Envoy in
+    front; or, with ``workers`` > 1, one ``imagegw serve`` running that many workers,
+    with Envoy configured from the settings alone, as ``imagegw dev`` does."""
+    assert servers == 1 or workers == 1, "replicas of a multi-worker server are not needed by any test"
+    if workers > 1:
+        overrides |= {"workers": workers, "grpc_port": free_ports(workers), "metrics_port": free_ports(workers)}
     env = base_env(var_dir, **overrides)
     logs = var_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    ports = [int(env["IMAGEGW_GRPC_PORT"])] + [free_port() for _ in range(servers - 1)]
+    settings = settings_from(env)
+    ports = [int(target.rpartition(":")[2]) for target in settings.grpc_targets]
+    ports += [free_port() for _ in range(servers - 1)]
+    metrics_ports = [settings.metrics_port + i for i in range(workers)] + [free_port() for _ in range(servers - 1)]
     processes: list[subprocess.Popen[bytes]] = []
     envoy: subprocess.Popen[bytes] | None = None
-    settings = settings_from(env)
     try:
-        for index, port in enumerate(ports):
-            own = {"IMAGEGW_GRPC_PORT": str(port)}
-            if index:
-                own["IMAGEGW_METRICS_PORT"] = str(free_port())
+        for index, port in enumerate(ports[:servers]):
+            own = {"IMAGEGW_GRPC_PORT": str(port), "IMAGEGW_METRICS_PORT": str(metrics_ports[index])}
             processes.append(start_server({**env, **own}, log_path=logs / f"server-{index}.log"))
             # Migrations run on start; let the first server create the schema alone.
             if index == 0:
                 wait_for_grpc(f"127.0.0.1:{port}", processes[0])
-        for port, process in zip(ports, processes):
-            wait_for_grpc(f"127.0.0.1:{port}", process)
+        for index, port in enumerate(ports):
+            wait_for_grpc(f"127.0.0.1:{port}", processes[min(index, len(processes) - 1)])
         envoy = start_envoy(
             settings,
             var_dir / "envoy.yaml",
-            upstreams=[("127.0.0.1", port) for port in ports],
+            upstreams=None if workers > 1 else [("127.0.0.1", port) for port in ports],
             log_path=logs / "envoy.log",
         )
         wait_for_envoy(settings, envoy)
@@ -255,6 +278,7 @@ async def process_stack(var_dir: Path, *, servers: int = 1, **overrides: Any) ->
                 envoy=envoy,
                 channel=channel,
                 grpc_targets=[f"127.0.0.1:{port}" for port in ports],
+                metrics_ports=metrics_ports,
                 logs=logs,
             )
     finally:
