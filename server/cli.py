@@ -184,8 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from server.workers import run_workers
 
             return run_workers(settings)
+        from server.allocator import tune_malloc
         from server.app import serve
 
+        tune_malloc()  # before any thread starts
         asyncio.run(serve(settings))
         return 0
     if args.command == "dev":

@@ -27,7 +27,6 @@ never swallowed: cancelling the caller closes the upstream connection.
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import email.utils
 import enum
@@ -502,7 +501,8 @@ def decode_base64(value: object) -> bytes:
         raise malformed("an image field that is not a base64 string")
     text = DATA_URL_RE.sub("", value.strip(), count=1)
     try:
-        return base64.b64decode(text, validate=True)
+        # binascii reads an ASCII str in place; base64.b64decode would first copy it to bytes.
+        return binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise malformed("image data that is not valid base64") from exc
 

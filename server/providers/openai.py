@@ -223,6 +223,7 @@ class OpenAIImageProvider:
             operation="images/generations",
         )
         payload = await response.json()
+        del response  # the raw body: one copy of the images fewer while they are decoded
         if not isinstance(payload, dict):
             raise malformed("an answer that is not a JSON object")
         data = payload.get("data")
@@ -239,7 +240,8 @@ class OpenAIImageProvider:
                 continue
             revised = _string(item, "revised_prompt")
             if item.get("b64_json") is not None:
-                images.append(await image_from_base64(item["b64_json"], revised_prompt=revised))
+                # Popped: each base64 text is freed as soon as its image is decoded.
+                images.append(await image_from_base64(item.pop("b64_json"), revised_prompt=revised))
             elif isinstance(item.get("url"), str) and item["url"]:
                 image = await self._http.download_image(item["url"], deadline=deadline)
                 images.append(GeneratedImage(data=image.data, format=image.format, revised_prompt=revised))
