@@ -21,7 +21,6 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import grpc
-import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from imagegw.v1 import (
@@ -45,6 +44,7 @@ from server.ledger import Database, Ledger, migrate
 from server.metrics import Metrics
 from server.providers import build_provider, enabled_providers, provider_key_setting
 from server.providers.base import ImageProvider
+from server.providers.http import create_http_client
 from server.providers.local import LocalRenderer
 from server.ratelimit import Limits, RateLimiter
 from server.storage import FilesystemImageStore, ImageStore, UrlSigner
@@ -204,11 +204,7 @@ async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitSta
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         provider: ImageProvider = LocalRenderer(executor)
     else:
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=512),
-            follow_redirects=False,
-        )
+        http = create_http_client()
         stack.push_async_callback(http.aclose)
         provider = build_provider(
             spec.provider,
