@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import io
+import random
 import time
 
 import httpx
@@ -150,3 +152,26 @@ def test_bfl_dimensions_stay_within_limits():
     for width, height in [(64, 64), (4096, 256), (3840, 2160), (100, 3000)]:
         w, h = bfl_dimensions(width, height)
         assert w % 32 == 0 and h % 32 == 0 and 256 <= w <= 1440 and 256 <= h <= 1440
+
+
+def _noisy_png(size: int) -> bytes:
+    from PIL import Image
+
+    noise = Image.frombytes("RGB", (size, size), random.Random(size).randbytes(size * size * 3))
+    out = io.BytesIO()
+    noise.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_every_chunk_of_a_large_png_is_checked():
+    data = _noisy_png(400)
+    assert data.count(b"IDAT") > 3  # several IDAT chunks
+    assert (await image_from_bytes(data)).format == "png"
+    last_idat = data.rindex(b"IDAT")
+    for where in (last_idat + 100, len(data) - 20):  # inside the last IDAT, then inside its CRC
+        corrupt = bytearray(data)
+        corrupt[where] ^= 0x01
+        with pytest.raises(UpstreamError):
+            await image_from_bytes(bytes(corrupt))
+    with pytest.raises(UpstreamError):
+        await image_from_bytes(data[: last_idat + 50])  # cut inside a chunk
