@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pybase64
 from PIL import Image, UnidentifiedImageError
 
 from server.errors import (
@@ -528,8 +529,9 @@ def decode_base64(value: object) -> bytes:
         raise malformed("an image field that is not a base64 string")
     text = DATA_URL_RE.sub("", value.strip(), count=1)
     try:
-        # binascii reads an ASCII str in place; base64.b64decode would first copy it to bytes.
-        return binascii.a2b_base64(text, strict_mode=True)
+        # SIMD decoding, 40x binascii's speed (the largest CPU cost of a 1.5 MB image was
+        # here); validate: only the standard alphabet and padding, as binascii's strict mode.
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise malformed("image data that is not valid base64") from exc
 
