@@ -931,8 +931,10 @@ def run_profile(stack: Stack, wrk: str, plan: Plan) -> dict[str, Any] | None:
             file=sys.stderr,
         )
         return None
-    # The 1.5 MB row when it is part of the run (where CPU per request is highest), else tiny.
-    step = Step(plan.delays[0], "large" if "large" in plan.images else plan.images[0], 64, "b64")
+    # The 1.5 MB row when it is part of the run (where CPU per request is highest), else
+    # tiny; at c=64 unless the run has no such level.
+    concurrency = 64 if 64 in plan.concurrencies else plan.concurrencies[0]
+    step = Step(plan.delays[0], "large" if "large" in plan.images else plan.images[0], concurrency, "b64")
     raw = plan.out_dir / "profile.txt"
     run_step(stack, wrk, step, plan, profile_out=raw)
     summary = profiling.summarise(raw, stack.extra.get("thread_cpu", {}), stack.server_pids[0])
