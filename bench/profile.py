@@ -114,7 +114,7 @@ def _idle(leaf: str) -> bool:
 # Buckets that answer "what dominates", matched on the stack, first match wins.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     (
-        "Pillow full decode of the upstream image (`_decode_check`)",
+        "image check of the upstream image (`_decode_check`: chunk CRCs, no pixel decode)",
         ("_decode_check (",),
     ),
     (
