@@ -25,6 +25,7 @@ from imagegw.v1 import admin_pb2, admin_pb2_grpc, models_pb2, models_pb2_grpc
 
 from server.config import Settings
 from server.envoy import envoy_binary, write_envoy_config
+from server.signals import StopSignals
 
 __all__ = [
     "ensure_dev_key",
@@ -192,14 +193,7 @@ def run_dev(settings: Settings) -> int:
     if not settings.descriptor_file.exists():
         print(f"{settings.descriptor_file} is missing; run `make descriptor` first", file=sys.stderr)
         return 2
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopSignals()
     server = start_server({})
     envoy: subprocess.Popen[bytes] | None = None
     try:
@@ -208,9 +202,9 @@ def run_dev(settings: Settings) -> int:
         envoy = start_envoy(settings, settings.envoy_config_out or settings.var_dir / "envoy.yaml")
         wait_for_envoy(settings, envoy)
         print(_banner(settings, ensure_dev_key(settings)), flush=True)
-        while not stopping and server.poll() is None and envoy.poll() is None:
+        while not stop.requested and server.poll() is None and envoy.poll() is None:
             time.sleep(0.2)
-        return 0 if stopping else 1
+        return 0 if stop.requested else 1
     finally:
         # Server first: it drains while Envoy still carries the in-flight responses.
         stop_process(server, timeout=settings.shutdown_grace_seconds + settings.shutdown_drain_seconds + 10)

@@ -30,6 +30,7 @@ import time
 from collections.abc import Mapping
 
 from server.config import Settings
+from server.signals import StopSignals
 
 __all__ = ["run_workers", "worker_env"]
 
@@ -50,14 +51,7 @@ def run_workers(settings: Settings, env: Mapping[str, str] | None = None) -> int
     # Generated secrets are shared by every worker: create them before any worker starts.
     for name in ("key_hash_secret", "url_signing_secret", "admin_token"):
         settings.secret(name)
-    stopping = False
-
-    def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop = StopSignals()
     base = {**os.environ, **(env or {})}
     workers = [
         subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env={**base, **worker_env(settings, i)})
@@ -66,7 +60,7 @@ def run_workers(settings: Settings, env: Mapping[str, str] | None = None) -> int
     log.info("started %d workers on gRPC ports %s", len(workers), ", ".join(t.split(":")[-1] for t in settings.grpc_targets))
     status = 0
     try:
-        while not stopping:
+        while not stop.requested:
             exited = [worker for worker in workers if worker.poll() is not None]
             if exited:
                 status = exited[0].returncode or 1
