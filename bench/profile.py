@@ -101,6 +101,8 @@ _IDLE_LEAVES = (
     re.compile(r"^(EpollSelector|_PollLikeSelector|PollSelector|SelectSelector)\.select \("),
     re.compile(r"^_worker \(concurrent/futures/thread\.py"),  # work_queue.get()
     re.compile(r"^_connection_worker_thread \(aiosqlite/core\.py:59\)"),  # tx.get()
+    # The SQLite writer waiting for work: as a leaf, _run is blocked in its queue's get().
+    re.compile(r"^SqliteWriter\._run \(server/ledger/sqlite_writer\.py"),
     re.compile(r"^(Condition\.wait|Event\.wait|Thread\.join|_wait_for_tstate_lock|sleep) \("),
     re.compile(r"^BaseServer\.serve_forever \("),
     re.compile(r"^Thread\.run \(threading\.py"),  # a thread whose target is C (grpc's poller)

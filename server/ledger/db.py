@@ -217,7 +217,8 @@ class Database:
 def _set_wal(cursor: Any) -> None:
     # Two connections switching a fresh file to WAL at the same moment: SQLite answers the
     # loser "database is locked" at once, without consulting busy_timeout. This runs in
-    # aiosqlite's worker thread, so a short blocking wait here never stalls the event loop.
+    # a database thread (aiosqlite's, or the writer's or a reader's), so a short blocking
+    # wait here never stalls the event loop.
     for attempt in range(100):
         try:
             cursor.execute("PRAGMA journal_mode = WAL")
