@@ -13,8 +13,8 @@ Two glibc defaults make a server's RSS grow under bursts of large answers and st
   JSON, image checks, database) each pin their own. Two are enough here.
 
 Measured with the bench (``bench/README.md``): after a burst of 512 requests for 1.5 MB
-images the server's RSS went back to 336 MiB instead of staying at 1,061 MiB, and the
-peak of the burst fell from 1,131-1,386 to 920 MiB.
+images the server's RSS went back to 317-336 MiB instead of staying at 1,061 MiB. The
+peak during the burst is set by how many answers are in memory at once, not by this.
 """
 
 from __future__ import annotations
