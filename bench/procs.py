@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -25,7 +24,6 @@ __all__ = [
     "reset_peak_rss",
     "rss_kib",
     "spawn",
-    "stop",
     "thread_cpu_seconds",
     "wait_for_port",
 ]
@@ -54,18 +52,6 @@ def spawn(argv: Sequence[str], *, log: Path, env: dict[str, str] | None = None) 
         )
     finally:
         out.close()
-
-
-def stop(process: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL after ``timeout``; only this one process."""
-    if process is None or process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def free_port() -> int:

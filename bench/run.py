@@ -56,7 +56,6 @@ from bench.procs import (
     quiesce,
     rss_kib,
     spawn,
-    stop,
     thread_cpu_seconds,
     wait_for_port,
 )
@@ -370,7 +369,7 @@ def _start(
     gateway_env: dict[str, str] | None,
     instrument: bool,
 ) -> Stack:
-    from server.dev import wait_for_envoy, wait_for_grpc
+    from server.dev import stop_process, wait_for_envoy, wait_for_grpc
     from server.envoy import write_envoy_config
     from tests.stack import DESCRIPTOR, base_env, settings_from
 
@@ -394,7 +393,7 @@ def _start(
         log=logs / "upstream.log",
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    cleanup.callback(stop, upstream)
+    cleanup.callback(stop_process, upstream, 10)
     wait_for_port(upstream_port, upstream)
 
     floor_port, floor_admin = free_port(), free_port()
@@ -415,7 +414,7 @@ def _start(
         ],
         log=logs / "floor-envoy.log",
     )
-    cleanup.callback(stop, floor)
+    cleanup.callback(stop_process, floor, 10)
 
     # imagegw exactly as `imagegw serve` + its rendered Envoy, with the OpenAI
     # provider pointed at the fake and per-key limits far above the offered load
@@ -440,7 +439,7 @@ def _start(
     else:
         argv = [sys.executable, "-m", "server.cli", "serve"]
     server = spawn(argv, log=logs / "server.log", env={**os.environ, **env})
-    cleanup.callback(stop, server, 30)
+    cleanup.callback(stop_process, server, 30)
     for target in settings.grpc_targets:
         wait_for_grpc(target, server)
     envoy_config = write_envoy_config(settings, work / "imagegw-envoy.yaml")
@@ -455,7 +454,7 @@ def _start(
         ],
         log=logs / "imagegw-envoy.log",
     )
-    cleanup.callback(stop, gateway_envoy)
+    cleanup.callback(stop_process, gateway_envoy, 10)
     _wait_envoy_ready(floor_admin, floor)
     wait_for_envoy(settings, gateway_envoy)
     api_key = _fund(settings, env["IMAGEGW_ADMIN_TOKEN"])
