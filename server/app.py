@@ -34,7 +34,7 @@ from imagegw.v1 import (
 
 from server.api.admin import AdminServicer
 from server.api.images import ImageServicer
-from server.api.interceptors import MethodPolicy, ServerInterceptor
+from server.api.interceptors import MethodPolicy, ServerInterceptor, check_policies
 from server.api.models import ModelServicer
 from server.catalog import CatalogError, ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
@@ -60,10 +60,17 @@ SERVICE_NAMES = (
 )
 _IMAGE_SERVICE, _MODEL_SERVICE, _ADMIN_SERVICE = SERVICE_NAMES
 
-# Who may call what. Image files are public: the signed URL is the credential, so that
-# browsers and <img> tags can fetch them like OpenAI's links.
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+_REFLECTION = reflection.SERVICE_NAME
+
+# Who may call what; build_server refuses to start with a registered RPC missing here.
+# Image files are public: the signed URL is the credential, so that browsers and <img>
+# tags can fetch them like OpenAI's links. Health and reflection are for load balancers
+# and operators' tools.
 METHOD_POLICIES = {
     f"/{_IMAGE_SERVICE}/GenerateImages": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/StreamGenerateImages": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/GenerateImagesHttp": MethodPolicy.API_KEY,
     f"/{_IMAGE_SERVICE}/GetImageFile": MethodPolicy.PUBLIC,
     f"/{_MODEL_SERVICE}/ListModels": MethodPolicy.API_KEY,
     f"/{_MODEL_SERVICE}/GetModel": MethodPolicy.API_KEY,
@@ -71,6 +78,8 @@ METHOD_POLICIES = {
         f"/{_ADMIN_SERVICE}/{method.name}": MethodPolicy.ADMIN
         for method in admin_pb2.DESCRIPTOR.services_by_name["AdminService"].methods
     },
+    **{f"/{_HEALTH.full_name}/{method.name}": MethodPolicy.PUBLIC for method in _HEALTH.methods},
+    f"/{_REFLECTION}/ServerReflectionInfo": MethodPolicy.PUBLIC,
 }
 
 
@@ -266,7 +275,9 @@ def build_interceptor(app: App) -> ServerInterceptor:
 
 
 def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc.aio.Server:
-    """A server with every service, health and reflection registered; no port bound."""
+    """A server with every service, health and reflection registered; no port bound.
+    Raises ValueError when one of their RPCs has no entry in ``METHOD_POLICIES``."""
+    check_policies(_registered_methods(), METHOD_POLICIES)
     settings = app.settings
     server = grpc.aio.server(
         interceptors=[interceptor or build_interceptor(app)],
@@ -285,6 +296,7 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             signer=app.signer,
             limiter=app.limiter,
             idempotency=app.idempotency,
+            keepalive_seconds=settings.stream_keepalive_seconds,
         ),
         server,
     )
@@ -296,6 +308,18 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
         server,
     )
     return server
+
+
+def _registered_methods() -> list[str]:
+    """Every RPC build_server serves, from the services' descriptors."""
+    services = [
+        images_pb2.DESCRIPTOR.services_by_name["ImageService"],
+        models_pb2.DESCRIPTOR.services_by_name["ModelService"],
+        admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+        _HEALTH,
+    ]
+    methods = [f"/{service.full_name}/{method.name}" for service in services for method in service.methods]
+    return [*methods, f"/{_REFLECTION}/ServerReflectionInfo"]
 
 
 async def set_serving(app: App) -> None:

@@ -69,7 +69,13 @@ class ModelSpec(BaseModel):
     backgrounds: list[str] = Field(default_factory=list)
     moderations: list[str] = Field(default_factory=list)
     output_compression: bool = False
+    # Whether the model makes partial images while it works (local-1, and OpenAI's GPT
+    # image models whose stream is relayed). Every model streams (`stream: true`); one
+    # without this sends each image's completed event only, whatever `partial_images` says.
     streaming: bool = False
+    # Micro-dollars per partial image delivered (OpenAI bills each partial image as 100
+    # extra output tokens); reserved up front for every partial the request may get.
+    partial_image_price: int = Field(default=0, ge=0)
     prompt_max_chars: int = Field(default=4000, ge=1)
     # Micro-dollars per image, by quality then size; "*" matches any.
     prices: dict[str, dict[str, int]] = Field(default_factory=dict)
@@ -150,10 +156,22 @@ class Quote:
     spec: ModelSpec
     response_format: str
     unit_price_micros: int
+    # Server-Sent Events instead of one answer; partial images are priced per partial.
+    stream: bool = False
+    partial_price_micros: int = 0
+    # The caller's parameters as received: a fallback model re-resolves these, not the
+    # primary's resolved values (which would turn its defaults into explicit choices).
+    raw: RawImageRequest | None = None
 
     @property
     def amount_micros(self) -> int:
-        return self.unit_price_micros * self.request.n
+        """The most this request can cost: every image with every partial it may stream."""
+        return self.request.n * (self.unit_price_micros + self.request.partial_images * self.partial_price_micros)
+
+    def cost_micros(self, images: int, partials: int) -> int:
+        """What ``images`` final and ``partials`` partial images delivered cost, never
+        more than was reserved."""
+        return min(images * self.unit_price_micros + partials * self.partial_price_micros, self.amount_micros)
 
 
 class ModelCatalog:
@@ -272,15 +290,23 @@ class ModelCatalog:
                 "Transparent background requires output_format 'png' or 'webp'.", param="background"
             )
         moderation = _optional_choice(spec, "moderation", raw.moderation, spec.moderations)
-        if raw.stream and not spec.streaming:
+        stream = bool(raw.stream)
+        if stream and raw.response_format == "url":
             raise InvalidRequestError(
-                f"Streaming is not supported by model '{spec.id}'.", param="stream", code="unsupported_parameter"
+                "Streamed images are sent as b64_json in their events; 'response_format' 'url' cannot be "
+                "combined with 'stream'.",
+                param="response_format",
             )
         if raw.partial_images is not None and not 0 <= raw.partial_images <= 3:
             raise InvalidRequestError(
-                f"Invalid 'partial_images': expected a value from 0 to 3, but got {raw.partial_images} instead.",
+                f"Invalid 'partial_images': integer out of range. Expected a value from 0 to 3, but got "
+                f"{raw.partial_images} instead.",
                 param="partial_images",
+                code="integer_above_max_value" if raw.partial_images > 3 else "integer_below_min_value",
             )
+        # Partial images exist only in a stream, and only from models that make them; as
+        # at OpenAI, `partial_images` without `stream` has no effect.
+        partial_images = (raw.partial_images or 0) if stream and spec.streaming else 0
         request = ImageRequest(
             model_id=spec.id,
             upstream_model=spec.upstream_model or spec.id,
@@ -297,11 +323,20 @@ class ModelCatalog:
             user=raw.user,
             size_is_auto=size_is_auto,
             quality_is_auto=quality_is_auto,
+            partial_images=partial_images,
         )
         price = spec.unit_price(quality, request.size)
         if price is None:  # pragma: no cover - the spec validator guarantees a price
             raise CatalogError(f"model {spec.id!r} has no price for {quality}/{request.size}")
-        return Quote(request=request, spec=spec, response_format=response_format, unit_price_micros=price)
+        return Quote(
+            request=request,
+            spec=spec,
+            response_format="b64_json" if stream else response_format,
+            unit_price_micros=price,
+            stream=stream,
+            partial_price_micros=spec.partial_image_price,
+            raw=raw,
+        )
 
 
 def _resolve_size(spec: ModelSpec, size: str | None) -> tuple[int, int, bool]:

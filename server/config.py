@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=4 * MIB, ge=64 * 1024)
     max_response_bytes: int = Field(default=256 * MIB, ge=MIB)
     request_timeout_seconds: float = Field(default=600, ge=1)
+    # A streamed answer quiet this long gets an SSE comment line, so that no proxy's idle
+    # timeout (often 60 s) cuts a generation that is still running.
+    stream_keepalive_seconds: float = Field(default=15, gt=0)
     shutdown_grace_seconds: float = Field(default=30, ge=0)
     shutdown_drain_seconds: float = Field(default=2, ge=0)
 

@@ -9,16 +9,28 @@
 
 No database transaction spans the provider call, and every exit path settles the
 reservation: success captures what was delivered, any error or cancellation (the client
-went away, the deadline ran out) releases everything.
+went away, the deadline ran out) releases everything that was not delivered.
+
+Streaming is the same use case with a ``StreamSink``: partial images and each final image
+go to the sink as the provider makes them (``server.providers.base.Progress``), and an
+event counts as **delivered** once ``StreamSink.send`` has returned, that is once the
+server handed it to the caller's connection (for REST, to Envoy, which forwards it at
+once). A streamed request is charged for the events delivered: each completed image at
+the model's price and each partial image at its partial price, never more than was
+reserved; if it fails or the caller goes away midway, what was delivered until then is
+charged and the rest released. Once anything was delivered no fallback model is tried
+(the caller already holds the first model's pictures).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol
 
 from server.catalog import ModelCatalog, Quote, RawImageRequest
 from server.errors import ApiError, DeadlineExceededError, InternalError, UpstreamError
@@ -32,7 +44,7 @@ from server.providers.base import (
 )
 from server.storage import ImageStore, UrlSigner, new_image_id
 
-__all__ = ["DeliveredImage", "Generation", "GenerationResult"]
+__all__ = ["DeliveredImage", "Generation", "GenerationResult", "StreamEvent", "StreamSink"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +72,104 @@ class GenerationResult:
     quality: str | None = None
     background: str | None = None
     output_format: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One event of a streamed generation (OpenAI's ImageGenStreamEvent, with raw bytes)."""
+
+    kind: Literal["partial_image", "completed"]
+    model: str  # the catalog model making it (a fallback, if the primary failed first)
+    image_index: int
+    data: bytes
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    partial_image_index: int | None = None
+    # Completed events only. Summed over a request's completed events it is the usage
+    # the upstream reported (per image where it reports so, else all on the last one).
+    usage: TokenUsage | None = None
+    revised_prompt: str | None = None
+
+
+class StreamSink(Protocol):
+    """Where a streamed generation's events go."""
+
+    async def send(self, event: StreamEvent) -> None:
+        """Returns once ``event`` is on its way to the caller (then it is delivered and
+        charged); raises ``asyncio.CancelledError`` when the caller went away."""
+        ...
+
+
+@dataclass
+class _Delivery:
+    """The ``Progress`` of a streamed request: turns the provider's images into events,
+    sends them and counts what was delivered (the money follows these counts)."""
+
+    sink: StreamSink
+    quote: Quote
+    clock: Callable[[], float]
+    images: int = 0
+    partials: int = 0
+    # Something may have reached the caller (a send began): no fallback model any more.
+    started: bool = False
+    _sent: set[int] = field(default_factory=set)  # id() of the GeneratedImages already sent
+    _indexes: set[int] = field(default_factory=set)
+    _usage_reported: bool = False
+
+    def _event(
+        self,
+        kind: Literal["partial_image", "completed"],
+        image_index: int,
+        image: GeneratedImage,
+        result: ProviderResult | None = None,
+        **extra: object,
+    ) -> StreamEvent:
+        request = self.quote.request
+        return StreamEvent(
+            kind=kind,
+            model=self.quote.spec.id,
+            image_index=image_index,
+            data=image.data,
+            created_at=int(self.clock()),
+            size=(result and result.size) or request.size,
+            quality=(result and result.quality) or request.quality,
+            background=(result and result.background) or request.background or "auto",
+            output_format=image.format,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    async def partial(self, image_index: int, partial_index: int, image: GeneratedImage) -> None:
+        self.started = True
+        await self.sink.send(self._event("partial_image", image_index, image, partial_image_index=partial_index))
+        self.partials += 1
+
+    async def image(self, image_index: int, image: GeneratedImage, usage: TokenUsage | None = None) -> None:
+        self._usage_reported |= usage is not None
+        await self._completed(image_index, image, usage)
+
+    async def _completed(
+        self, image_index: int, image: GeneratedImage, usage: TokenUsage | None, result: ProviderResult | None = None
+    ) -> None:
+        self.started = True
+        self._sent.add(id(image))
+        self._indexes.add(image_index)
+        event = self._event(
+            "completed", image_index, image, result, usage=usage or TokenUsage(), revised_prompt=image.revised_prompt
+        )
+        await self.sink.send(event)
+        self.images += 1
+
+    async def finish(self, images: list[GeneratedImage], result: ProviderResult) -> None:
+        """Sends, in order, the images the provider did not report as it went; the last
+        one carries the request's usage unless the provider reported usage per image."""
+        rest = [image for image in images if id(image) not in self._sent]
+        free = (index for index in itertools.count() if index not in self._indexes)
+        for position, image in enumerate(rest):
+            usage = result.usage if position == len(rest) - 1 and not self._usage_reported else None
+            await self._completed(next(free), image, usage, result)
 
 
 class Generation:
@@ -92,13 +202,24 @@ class Generation:
         self._settling: set[asyncio.Task[None]] = set()
 
     async def generate(
-        self, principal: Principal, raw: RawImageRequest, *, request_id: str, deadline: float | None
+        self,
+        principal: Principal,
+        raw: RawImageRequest,
+        *,
+        request_id: str,
+        deadline: float | None,
+        sink: StreamSink | None = None,
     ) -> GenerationResult:
         """Generates, delivers and charges; raises an ``ApiError`` for every refusal.
 
         ``deadline`` is the caller's absolute loop time (from the gRPC deadline), or None.
+        With ``sink`` (a request with ``stream: true``), images and partial images are sent
+        to it as they are made (see the module docstring for what is charged); the result
+        still carries every final image, as bytes.
         """
         quote = self._catalog.resolve(raw)
+        if quote.stream and sink is None:
+            raise InternalError("a streamed request needs a sink")
         # Past the caller's deadline this request cannot be running any more, so if the
         # process dies, the sweeper may release the reservation soon after it.
         ttl = None if deadline is None else deadline - asyncio.get_running_loop().time() + self._reservation_grace
@@ -111,22 +232,25 @@ class Generation:
             ttl_seconds=ttl,
         )
         self._metrics.reservations_open.inc()
-        captured = 0
+        stream = _Delivery(sink, quote, self._clock) if quote.stream and sink is not None else None
+        served = quote
         delivered = 0
         error_code = ""
         try:
-            served, result = await self._call_with_fallbacks(quote, deadline)
+            served, result = await self._call_with_fallbacks(quote, deadline, stream)
             images = result.images[: quote.request.n]
-            # A fallback model may price differently; never capture more than was reserved.
-            captured = min(served.unit_price_micros * len(images), quote.amount_micros)
-            payload = await self._deliver(images, quote.response_format)
+            if stream is not None:
+                await stream.finish(images, result)
+                payload = [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
+            else:
+                payload = await self._deliver(images, quote.response_format)
             delivered = len(payload)
             self._metrics.images.labels(served.spec.id, served.spec.provider).inc(delivered)
             return GenerationResult(
                 created=int(self._clock()),
                 images=payload,
                 usage=result.usage,
-                cost_micros=captured,
+                cost_micros=_cost(quote, served, delivered, stream.partials if stream else 0),
                 model=served.spec.id,
                 provider=served.spec.provider,
                 size=result.size,
@@ -144,8 +268,12 @@ class Generation:
             error_code = "internal_error"
             raise
         finally:
-            if not delivered:
-                captured = 0
+            if stream is not None:
+                # What reached the caller is paid for, whatever happened after it.
+                delivered = stream.images
+                captured = _cost(quote, served, stream.images, stream.partials)
+            else:
+                captured = _cost(quote, served, delivered, 0)
             # Shielded: a second cancellation must not stop the money from settling. If the
             # process dies here, the reservation expires and the sweeper releases it.
             settle = asyncio.create_task(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
@@ -164,7 +292,7 @@ class Generation:
                 reservation_id,
                 captured_micros=captured,
                 images_delivered=delivered,
-                status="succeeded" if delivered else "failed",
+                status="succeeded" if delivered and not error_code else "failed",
                 error_code=error_code,
             )
         finally:
@@ -172,28 +300,34 @@ class Generation:
         self._metrics.captured_micros.labels(quote.spec.id).inc(captured)
         self._metrics.released_micros.labels(quote.spec.id).inc(quote.amount_micros - captured)
 
-    async def _call_with_fallbacks(self, quote: Quote, deadline: float | None) -> tuple[Quote, ProviderResult]:
+    async def _call_with_fallbacks(
+        self, quote: Quote, deadline: float | None, stream: _Delivery | None
+    ) -> tuple[Quote, ProviderResult]:
         """Calls the model, then its fallbacks (same deadline and reservation) while the
-        failure is transient. Content-policy refusals and bad requests never fall back."""
+        failure is transient and nothing was streamed yet. Content-policy refusals and bad
+        requests never fall back."""
         candidates = [quote]
         for fallback_id in quote.spec.fallbacks:
+            assert quote.raw is not None  # the catalog keeps the caller's request on every quote
             try:
-                candidates.append(self._catalog.resolve(replace(_raw_of(quote), model=fallback_id)))
+                candidates.append(self._catalog.resolve(replace(quote.raw, model=fallback_id)))
             except ApiError:
                 continue  # the fallback cannot take these parameters or is not enabled
         last_error: UpstreamError | DeadlineExceededError | None = None
         loop = asyncio.get_running_loop()
         for candidate in candidates:
+            if stream is not None:
+                stream.quote = candidate
             try:
-                return candidate, await self._call(candidate, deadline)
+                return candidate, await self._call(candidate, deadline, stream)
             except UpstreamError as exc:
-                if not exc.should_retry:
+                if not exc.should_retry or (stream is not None and stream.started):
                     raise
                 last_error = exc
             except DeadlineExceededError as exc:
                 # The model's own timeout is a transient failure of that model; the caller's
                 # deadline running out is final.
-                if deadline is not None and loop.time() >= deadline:
+                if (deadline is not None and loop.time() >= deadline) or (stream is not None and stream.started):
                     raise
                 last_error = exc
             if candidate is not candidates[-1]:
@@ -205,7 +339,7 @@ class Generation:
         assert last_error is not None
         raise last_error
 
-    async def _call(self, quote: Quote, deadline: float | None) -> ProviderResult:
+    async def _call(self, quote: Quote, deadline: float | None, stream: _Delivery | None) -> ProviderResult:
         provider = self._providers.get(quote.spec.id)
         if provider is None:
             raise InternalError(f"no provider is wired for model {quote.spec.id}")
@@ -215,7 +349,7 @@ class Generation:
         started, outcome = loop.time(), "ok"
         try:
             async with asyncio.timeout_at(effective):
-                result = await provider.generate(quote.request, deadline=effective)
+                result = await provider.generate(quote.request, deadline=effective, progress=stream)
         except TimeoutError as exc:
             outcome = "timeout"
             raise DeadlineExceededError(
@@ -248,19 +382,7 @@ class Generation:
         ]
 
 
-def _raw_of(quote: Quote) -> RawImageRequest:
-    """The caller's parameters again, to re-resolve them for a fallback model."""
-    request = quote.request
-    return RawImageRequest(
-        prompt=request.prompt,
-        n=request.n,
-        quality="auto" if request.quality_is_auto else request.quality,
-        response_format=quote.response_format,
-        size="auto" if request.size_is_auto else request.size,
-        style=request.style,
-        user=request.user,
-        background=request.background,
-        moderation=request.moderation,
-        output_format=request.output_format,
-        output_compression=request.output_compression if request.output_compression != 100 else None,
-    )
+def _cost(quote: Quote, served: Quote, images: int, partials: int) -> int:
+    """What the delivered images cost at the serving model's prices, never more than the
+    primary model's reservation (a fallback may price differently)."""
+    return min(served.cost_micros(images, partials), quote.amount_micros)

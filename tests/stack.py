@@ -1,7 +1,8 @@
 """Real stacks for tests: an in-process grpc.aio server, or server processes behind Envoy.
 
 Nothing here is a mock. ``InProcessStack`` is the production composition root
-(``build_app`` + ``build_server``) on ``127.0.0.1:0``; ``ProcessStack`` runs
+(``build_app`` + ``build_server``) on ``127.0.0.1:0``, optionally with the real Envoy in
+front (so a test can put a scripted provider behind the REST surface); ``ProcessStack`` runs
 ``imagegw serve`` processes and the real Envoy binary, exactly like ``imagegw dev``.
 Both listen on loopback only.
 """
@@ -159,11 +160,24 @@ class Admin:
 
 @dataclass
 class InProcessStack:
-    """The production server in this process, reached over a real gRPC channel."""
+    """The production server in this process, reached over a real gRPC channel (and
+    through the real Envoy when started with ``envoy=True``)."""
 
     app: App
     channel: grpc.aio.Channel
     admin: Admin
+    envoy: subprocess.Popen[bytes] | None = None
+    logs: Path | None = None
+
+    @property
+    def api_base(self) -> str:
+        """Envoy's REST base URL (``envoy=True`` only)."""
+        assert self.envoy is not None, "started without envoy=True"
+        return f"http://127.0.0.1:{self.app.settings.http_port}/v1"
+
+    def envoy_log(self) -> str:
+        assert self.logs is not None
+        return (self.logs / "envoy.log").read_text(errors="replace")
 
     @property
     def images(self) -> images_pb2_grpc.ImageServiceStub:
@@ -176,7 +190,11 @@ class InProcessStack:
 
 @contextlib.asynccontextmanager
 async def in_process_stack(
-    var_dir: Path, *, providers: Mapping[str, ImageProvider] | None = None, **overrides: Any
+    var_dir: Path,
+    *,
+    providers: Mapping[str, ImageProvider] | None = None,
+    envoy: bool = False,
+    **overrides: Any,
 ) -> AsyncIterator[InProcessStack]:
     env = base_env(var_dir, **overrides)
     settings = settings_from(env)
@@ -189,7 +207,17 @@ async def in_process_stack(
         stack.push_async_callback(server.stop, None)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stack.push_async_callback(channel.close)
-        yield InProcessStack(app=app, channel=channel, admin=Admin(channel, env["IMAGEGW_ADMIN_TOKEN"]))
+        proxy, logs = None, None
+        if envoy:
+            logs = var_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            proxy = start_envoy(settings, var_dir / "envoy.yaml", upstreams=[("127.0.0.1", port)], log_path=logs / "envoy.log")
+            stack.callback(stop_process, proxy, timeout=10)
+            # In a thread: the server answering Envoy's health checks runs on this loop.
+            await asyncio.to_thread(wait_for_envoy, settings, proxy)
+        yield InProcessStack(
+            app=app, channel=channel, admin=Admin(channel, env["IMAGEGW_ADMIN_TOKEN"]), envoy=proxy, logs=logs
+        )
 
 
 @dataclass

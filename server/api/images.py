@@ -1,36 +1,59 @@
 """ImageService: thin translation between protobuf and the generation use case.
 
-GenerateImages: Idempotency-Key metadata (server.idempotency) -> rate limit of the key
-(server.ratelimit; before anything is reserved) -> generation, at most once per
-idempotency key (server.generation) -> response headers as initial metadata.
+Every generation, whichever RPC carries it, goes: Idempotency-Key metadata
+(server.idempotency) -> rate limit of the key (server.ratelimit; before anything is
+reserved) -> the generation use case, at most once per idempotency key
+(server.generation) -> the answer in the RPC's own shape:
+
+* ``GenerateImages``: the typed response; headers as initial metadata.
+* ``StreamGenerateImages``: one typed ``ImageGenerationEvent`` per event; the charge in
+  the trailing metadata.
+* ``GenerateImagesHttp`` (REST): OpenAI's JSON, or its Server-Sent Events for
+  ``stream: true``, written here as ``google.api.HttpBody`` (server.api.rest). An error
+  before the first byte keeps its HTTP status (the interceptor's trailers); after it, it
+  is a last ``error`` event. A stream that is quiet for ``keepalive_seconds`` gets an SSE
+  comment, so no proxy's idle timeout cuts a long generation.
+
+A replay of a streamed request (same Idempotency-Key) streams the stored final images as
+completed events, charging nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import grpc
 from google.api import httpbody_pb2
 from imagegw.v1 import images_pb2, images_pb2_grpc
 
-from server.api.interceptors import current_call
+from server.api import rest
+from server.api.interceptors import CallInfo, current_call
 from server.catalog import RawImageRequest
-from server.errors import InternalError, NotFoundError
-from server.generation import Generation, GenerationResult
+from server.errors import ApiError, InternalError, InvalidRequestError, NotFoundError
+from server.generation import Generation, GenerationResult, StreamEvent, StreamSink
 from server.idempotency import (
     REPLAY_HEADER,
+    Answer,
     Headers,
     IdempotencyStore,
     fingerprint,
     parse_key,
 )
 from server.ledger import format_usd
+from server.providers.base import TokenUsage
 from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
 
 __all__ = ["ImageServicer"]
 
-# Part of every idempotency fingerprint, so a key reused on another method never matches.
+log = logging.getLogger(__name__)
+
+# Every RPC of the use case fingerprints under one name, so a key reused on another use
+# case never matches while a gRPC retry of a REST request (same body) replays it.
 _GENERATE_IMAGES = images_pb2.DESCRIPTOR.services_by_name["ImageService"].methods_by_name["GenerateImages"].full_name
 _OPTIONAL_FIELDS = (
     "model",
@@ -47,6 +70,18 @@ _OPTIONAL_FIELDS = (
     "stream",
     "partial_images",
 )
+COMPLETED = "image_generation.completed"
+PARTIAL = "image_generation.partial_image"
+COST_HEADER = "x-imagegw-cost-usd"
+MODEL_HEADER = "x-imagegw-model"
+
+
+@dataclass
+class _Outcome:
+    """A generation's answer and the response headers that go with it."""
+
+    answer: Answer[images_pb2.GenerateImagesResponse]
+    headers: list[tuple[str, str]]
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
@@ -60,20 +95,85 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         signer: UrlSigner,
         limiter: RateLimiter,
         idempotency: IdempotencyStore,
+        keepalive_seconds: float = 15.0,
     ) -> None:
         self._generation = generation
         self._store = store
         self._signer = signer
         self._limiter = limiter
         self._idempotency = idempotency
+        self._keepalive = keepalive_seconds
+
+    # -- the three ways to run a generation ----------------------------------------------
 
     async def GenerateImages(  # noqa: N802 - gRPC method name
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.GenerateImagesResponse:
+        if request.stream:
+            raise InvalidRequestError(
+                "GenerateImages answers once; call StreamGenerateImages to stream.",
+                param="stream",
+                code="unsupported_parameter",
+            )
+        outcome = await self._run(request, context, None)
+        # Response headers travel as initial metadata, sent only once the call has
+        # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
+        await context.send_initial_metadata(tuple(outcome.headers))
+        return outcome.answer.message
+
+    # grpc.aio's writer style: the handler writes with context.write and returns None.
+    async def StreamGenerateImages(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        streamed = images_pb2.GenerateImagesRequest()
+        streamed.CopyFrom(request)
+        streamed.stream = True  # implied by the RPC
+        writer = _Writer(context, lambda event: event)
+        outcome = await self._run(streamed, context, writer)
+        if outcome.answer.replayed:
+            for event in _replayed_events(outcome.answer.message):
+                await writer.write(event, outcome.headers)
+        await writer.open(outcome.headers)  # even when nothing was streamed
+        context.set_trailing_metadata(tuple(h for h in outcome.headers if h[0] in (COST_HEADER, MODEL_HEADER)))
+
+    async def GenerateImagesHttp(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        if not request.stream:
+            outcome = await self._run(request, context, None)
+            await context.send_initial_metadata(tuple(outcome.headers))
+            await context.write(
+                httpbody_pb2.HttpBody(content_type=rest.JSON, data=rest.images_response_json(outcome.answer.message))
+            )
+            return
+        writer = _Writer(
+            context, lambda event: httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.sse_event(event))
+        )
+        call = current_call()
+        async with _keepalive(writer, call, self._keepalive):
+            try:
+                outcome = await self._run(request, context, writer)
+            except ApiError as exc:
+                if not writer.opened:
+                    raise  # nothing sent yet: the caller gets the real HTTP status
+                # The status line (200) is gone: the error becomes the stream's last event.
+                call.handled_error = exc
+                await writer.write_raw(httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.error_event(exc)), [])
+                return
+            if outcome.answer.replayed:
+                for event in _replayed_events(outcome.answer.message):
+                    await writer.write(event, outcome.headers)
+
+    async def _run(
+        self,
+        request: images_pb2.GenerateImagesRequest,
+        context: grpc.aio.ServicerContext,
+        writer: _Writer | None,
+    ) -> _Outcome:
         call = current_call()
         principal = call.principal
         if principal is None:  # the interceptor's policy guarantees one
-            raise InternalError("GenerateImages ran without a principal")
+            raise InternalError("a generation ran without a principal")
         idempotency_key = parse_key(context.invocation_metadata())
         raw = RawImageRequest(
             prompt=request.prompt,
@@ -86,14 +186,21 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining * 0.95 - 0.05
         # Before anything is reserved: a limited request costs nothing.
         quota = await self._limiter.acquire(principal, images=requested_images(raw.n))
+        headers = [("x-request-id", call.request_id)]
+        if quota is not None:
+            headers += quota.headers()
+        if writer is not None:
+            writer.headers = headers
 
         async def generate() -> tuple[images_pb2.GenerateImagesResponse, Headers]:
-            result = await self._generation.generate(principal, raw, request_id=call.request_id, deadline=deadline)
+            result = await self._generation.generate(
+                principal, raw, request_id=call.request_id, deadline=deadline, sink=writer
+            )
             call.log_fields.update(
                 model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
             )
-            headers = (("x-imagegw-cost-usd", format_usd(result.cost_micros)), ("x-imagegw-model", result.model))
-            return _response(result), headers
+            response = _response(result, streamed=writer is not None, last=writer.last if writer else None)
+            return response, ((COST_HEADER, format_usd(result.cost_micros)), (MODEL_HEADER, result.model))
 
         answer = await self._idempotency.run(
             principal.account_id,
@@ -104,16 +211,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             produce=generate,
             parse=images_pb2.GenerateImagesResponse.FromString,
         )
-        headers = [("x-request-id", call.request_id), *answer.headers]
+        headers += answer.headers
         if answer.replayed:  # nothing generated or charged this time
             call.log_fields.update(idempotent_replay=True, images=len(answer.message.data), cost_micros=0)
             headers.append((REPLAY_HEADER, "true"))
-        if quota is not None:
-            headers += quota.headers()
-        # Response headers travel as initial metadata, sent only once the call has
-        # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
-        await context.send_initial_metadata(tuple(headers))
-        return answer.message
+        return _Outcome(answer, headers)
 
     async def GetImageFile(  # noqa: N802 - gRPC method name
         self, request: images_pb2.GetImageFileRequest, context: grpc.aio.ServicerContext
@@ -130,8 +232,133 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         return httpbody_pb2.HttpBody(content_type=image.content_type, data=image.data)
 
 
-def _response(result: GenerationResult) -> images_pb2.GenerateImagesResponse:
-    usage = result.usage
+class _Writer(StreamSink):
+    """Writes a stream's messages: response headers before the first one, one message at
+    a time (events and keepalives come from two tasks), and the time of the last write."""
+
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        render: Callable[[images_pb2.ImageGenerationEvent], object],
+    ) -> None:
+        self._context = context
+        self._render = render
+        self._lock = asyncio.Lock()
+        self.headers: list[tuple[str, str]] = []
+        self.opened = False
+        self.last_write = asyncio.get_running_loop().time()
+        # The last completed event sent: a streamed answer is stored with its fields.
+        self.last: images_pb2.ImageGenerationEvent | None = None
+
+    async def send(self, event: StreamEvent) -> None:
+        message = _event(event)
+        await self.write(message, [*self.headers, (MODEL_HEADER, event.model)])
+        if event.kind == "completed":
+            self.last = message
+
+    async def write(self, event: images_pb2.ImageGenerationEvent, headers: list[tuple[str, str]]) -> None:
+        await self.write_raw(self._render(event), headers)
+
+    async def write_raw(self, message: object, headers: list[tuple[str, str]]) -> None:
+        async with self._lock:
+            await self._open_locked(headers)
+            await self._context.write(message)
+            self.last_write = asyncio.get_running_loop().time()
+
+    async def open(self, headers: list[tuple[str, str]]) -> None:
+        async with self._lock:
+            await self._open_locked(headers)
+
+    async def _open_locked(self, headers: list[tuple[str, str]]) -> None:
+        if not self.opened:
+            self.opened = True
+            await self._context.send_initial_metadata(tuple(dict(headers).items()))
+
+
+@contextlib.asynccontextmanager
+async def _keepalive(writer: _Writer, call: CallInfo, interval: float) -> AsyncIterator[None]:
+    """Writes an SSE comment whenever the stream has been quiet for ``interval`` seconds."""
+
+    async def beat() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.0, writer.last_write + interval - loop.time()))
+            if loop.time() - writer.last_write >= interval:
+                try:
+                    await writer.write_raw(
+                        httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.KEEPALIVE), writer.headers
+                    )
+                except Exception as exc:  # the call ended under us; the handler sees why
+                    log.debug("keepalive stopped: %r", exc)
+                    return
+
+    task = asyncio.create_task(beat(), name=f"keepalive-{call.request_id}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _event(event: StreamEvent) -> images_pb2.ImageGenerationEvent:
+    message = images_pb2.ImageGenerationEvent(
+        type=COMPLETED if event.kind == "completed" else PARTIAL,
+        b64_json=event.data,
+        created_at=event.created_at,
+        size=event.size,
+        quality=event.quality,
+        background=event.background,
+        output_format=event.output_format,
+        image_index=event.image_index,
+        partial_image_index=event.partial_image_index,
+        revised_prompt=event.revised_prompt,
+    )
+    if event.usage is not None:
+        message.usage.CopyFrom(_usage(event.usage))
+    return message
+
+
+def _replayed_events(response: images_pb2.GenerateImagesResponse) -> list[images_pb2.ImageGenerationEvent]:
+    """A stored streamed answer as its completed events (the request's usage on the last)."""
+    events = []
+    for index, image in enumerate(response.data):
+        event = images_pb2.ImageGenerationEvent(
+            type=COMPLETED,
+            b64_json=image.b64_json,
+            created_at=response.created,
+            size=response.size,
+            quality=response.quality,
+            background=response.background,
+            output_format=response.output_format,
+            image_index=index,
+            revised_prompt=image.revised_prompt if image.HasField("revised_prompt") else None,
+        )
+        if index == len(response.data) - 1:
+            event.usage.CopyFrom(response.usage)
+        events.append(event)
+    return events
+
+
+def _usage(usage: TokenUsage) -> images_pb2.Usage:
+    return images_pb2.Usage(
+        prompt_tokens=usage.input_tokens,
+        completion_tokens=usage.output_tokens,
+        total_tokens=usage.input_tokens + usage.output_tokens,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        input_tokens_details=images_pb2.InputTokensDetails(
+            text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
+        ),
+        output_tokens_details=images_pb2.OutputTokensDetails(
+            image_tokens=usage.output_image_tokens, text_tokens=usage.output_text_tokens
+        ),
+    )
+
+
+def _response(
+    result: GenerationResult, *, streamed: bool, last: images_pb2.ImageGenerationEvent | None
+) -> images_pb2.GenerateImagesResponse:
     response = images_pb2.GenerateImagesResponse(
         created=result.created,
         data=[
@@ -142,18 +369,13 @@ def _response(result: GenerationResult) -> images_pb2.GenerateImagesResponse:
         output_format=result.output_format,
         size=result.size,
         quality=result.quality,
-        usage=images_pb2.Usage(
-            prompt_tokens=usage.input_tokens,
-            completion_tokens=usage.output_tokens,
-            total_tokens=usage.input_tokens + usage.output_tokens,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            input_tokens_details=images_pb2.InputTokensDetails(
-                text_tokens=usage.input_text_tokens, image_tokens=usage.input_image_tokens
-            ),
-            output_tokens_details=images_pb2.OutputTokensDetails(
-                image_tokens=usage.output_image_tokens, text_tokens=usage.output_text_tokens
-            ),
-        ),
+        usage=_usage(result.usage),
     )
+    if streamed and last is not None:
+        # Stored for replays, which are streamed as completed events: those need every
+        # field an event has, even where the provider reported none.
+        for name in ("background", "output_format", "size", "quality"):
+            if not response.HasField(name):
+                setattr(response, name, getattr(last, name))
     return response
+

@@ -1,7 +1,8 @@
 """The server interceptor: request id, authentication, one log line per call, and the
 single place where errors become wire statuses.
 
-Every RPC handler is wrapped so that, in order:
+Every RPC handler (unary or streaming, ours or health and reflection) is wrapped so that,
+in order:
 1. the request id is taken from ``x-request-id`` (Envoy keeps or generates one) or made;
 2. the caller is authenticated according to the method's policy (public, API key, or
    admin token) and the principal is put in a context variable for the servicer;
@@ -11,6 +12,12 @@ Every RPC handler is wrapped so that, in order:
    turns into the HTTP status and OpenAI body; anything else is a bug: logged with the
    request id and answered as a generic 500, with no class names or stack traces;
 4. one JSON log line records the outcome.
+
+A method without a policy is refused: ``check_policies`` at start-up for every method the
+server registers, and the interceptor again per call (UNIMPLEMENTED), so no RPC can run
+unguarded. Streaming handlers get exactly the same treatment; a stream that reported an
+error in-band (a REST stream's last ``error`` event) sets ``CallInfo.handled_error`` so
+that the log line and the metrics say what the caller saw.
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import asyncio
 import contextvars
 import enum
 import hmac
+import inspect
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +50,7 @@ from server.errors import (
 from server.ledger import Ledger, Principal
 from server.metrics import Metrics
 
-__all__ = ["CallInfo", "MethodPolicy", "ServerInterceptor", "current_call"]
+__all__ = ["CallInfo", "MethodPolicy", "ServerInterceptor", "check_policies", "current_call"]
 
 log = logging.getLogger("imagegw.access")
 
@@ -64,6 +72,9 @@ class CallInfo:
     principal: Principal | None = None
     # Fields the servicer adds to the access log line (model, images, cost, ...).
     log_fields: dict[str, Any] = field(default_factory=dict)
+    # An error the handler already reported to the caller in-band (after a stream's first
+    # event); the call itself ends OK.
+    handled_error: ApiError | None = None
 
 
 _CURRENT: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("imagegw_call")
@@ -72,6 +83,13 @@ _CURRENT: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("imagegw_cal
 def current_call() -> CallInfo:
     """The CallInfo of the RPC being handled; only valid inside a handler."""
     return _CURRENT.get()
+
+
+def check_policies(methods: Iterable[str], policies: Mapping[str, MethodPolicy]) -> None:
+    """Raises ValueError naming every method that has no policy (a start-up check)."""
+    missing = sorted(set(methods) - set(policies))
+    if missing:
+        raise ValueError(f"RPCs without an access policy (add them to METHOD_POLICIES): {', '.join(missing)}")
 
 
 def error_trailers(error: ApiError, request_id: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]:
@@ -138,29 +156,52 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler  # streaming health/reflection: nothing of ours to guard
+        if handler is None:
+            return handler  # grpc answers UNIMPLEMENTED for unknown methods
         method = handler_call_details.method
         policy = self._policies.get(method)
         if policy is None:
-            policy = MethodPolicy.PUBLIC if _is_infrastructure(method) else MethodPolicy.API_KEY
-        behavior = handler.unary_unary
+            return _unimplemented(handler)
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await self._handle(method, policy, behavior, request, context)
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._handle(method, policy, lambda: unary(request, context), context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
+        if handler.stream_unary is not None:
+            gathered = handler.stream_unary
+
+            async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                return await self._handle(method, policy, lambda: gathered(requests, context), context)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
+        # Streaming answers: the wrapper is a coroutine that writes what the handler yields
+        # (grpc.aio runs coroutine handlers in its reader/writer mode), so errors and the
+        # log line cover the whole stream.
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+                await self._handle(method, policy, lambda: _drive(streaming(request, context), context), context)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
+        both = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            await self._handle(method, policy, lambda: _drive(both(requests, context), context), context)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
 
     async def _handle(
         self,
         method: str,
         policy: MethodPolicy,
-        behavior: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
-        request: Any,
+        behavior: Callable[[], Awaitable[Any]],
         context: grpc.aio.ServicerContext,
     ) -> Any:
         metadata = _metadata(context)
@@ -178,7 +219,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         try:
             try:
                 await self._authenticate(policy, metadata, call)
-                return await behavior(request, context)
+                result = await behavior()
+                if call.handled_error is not None:
+                    outcome, status = call.handled_error.code or call.handled_error.reason, call.handled_error.http_status
+                return result
             except asyncio.CancelledError:
                 if not self._aborting:
                     raise
@@ -259,5 +303,27 @@ def _bearer(header: str) -> str:
     return credentials.strip()
 
 
-def _is_infrastructure(method: str) -> bool:
-    return method.startswith(("/grpc.health.", "/grpc.reflection."))
+async def _drive(produced: Any, context: grpc.aio.ServicerContext) -> None:
+    """Runs a streaming handler of either style: an async generator (each message is
+    written here) or a coroutine that writes with ``context.write`` itself."""
+    if inspect.isasyncgen(produced):
+        async for message in produced:
+            await context.write(message)
+    else:
+        await produced
+
+
+def _unimplemented(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A method that has no policy is not served (check_policies stops that at start-up)."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found.")
+
+    serializers = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(refuse, **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(refuse, **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(refuse, **serializers)
+    return grpc.stream_stream_rpc_method_handler(refuse, **serializers)

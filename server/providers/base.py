@@ -5,6 +5,13 @@ gRPC or the ledger: the generation use case prices, reserves, calls the provider
 the request's deadline, stores the images and settles the money. Providers raise
 ``server.errors`` exceptions only (``UpstreamError``, ``ContentPolicyError``,
 ``DeadlineExceededError``, ...); each adapter maps its vendor's failures in one table.
+
+Streaming: the use case may pass a ``Progress``. A provider that makes partial images
+(the local renderer, an upstream that streams) reports each one as it exists, and any
+provider may report each final image as soon as it is ready (fan-out providers do, call
+by call). Whatever a provider did not report is reported by the use case when
+``generate`` returns, so a provider that ignores ``progress`` still streams correctly,
+one completed event per image at the end.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ __all__ = [
     "GeneratedImage",
     "ImageProvider",
     "ImageRequest",
+    "Progress",
     "ProviderResult",
     "TokenUsage",
 ]
@@ -47,6 +55,9 @@ class ImageRequest:
     # Whether the caller asked for `auto` size/quality; some upstreams pick themselves.
     size_is_auto: bool = False
     quality_is_auto: bool = False
+    # Partial images wanted before each final image (0-3; streaming only, and only from
+    # models whose catalog row says they make them).
+    partial_images: int = 0
 
     @property
     def size(self) -> str:
@@ -98,13 +109,33 @@ class ProviderResult:
     output_format: str | None = None
 
 
+class Progress(Protocol):
+    """Receives a streamed generation's images as the provider makes them.
+
+    Both methods return once the event is on its way to the caller (its delivery is what
+    gets charged); they may raise ``asyncio.CancelledError`` when the caller went away,
+    which the provider must let through.
+    """
+
+    async def partial(self, image_index: int, partial_index: int, image: GeneratedImage) -> None:
+        """A partial image of image ``image_index`` (0-based), the ``partial_index``-th."""
+        ...
+
+    async def image(self, image_index: int, image: GeneratedImage, usage: TokenUsage | None = None) -> None:
+        """Image ``image_index`` is final (it is also part of the ``ProviderResult``);
+        ``usage`` is what the upstream reported for it, when it reports per image."""
+        ...
+
+
 class ImageProvider(Protocol):
     """One upstream wire format (or the embedded renderer)."""
 
     name: str
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
-        """Makes up to ``request.n`` images.
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
+        """Makes up to ``request.n`` images, reporting them to ``progress`` when given.
 
         ``deadline`` is an absolute ``asyncio`` loop time (``loop.time()``) by which the
         answer must be ready; retries and ``Retry-After`` waits must fit before it. The

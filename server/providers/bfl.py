@@ -24,7 +24,7 @@ import httpx
 
 from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
-from server.providers.base import GeneratedImage, ImageRequest, ProviderResult
+from server.providers.base import GeneratedImage, ImageRequest, Progress, ProviderResult
 from server.providers.http import (
     ErrorTable,
     Failure,
@@ -140,7 +140,9 @@ class BflImageProvider:
         parent = ".".join(labels[1:])
         return host == parent or host.endswith("." + parent)
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         """``request.n`` tasks of one image each; moderated ones are dropped."""
         body = self.submit_body(request)
         return await fan_out(
@@ -148,6 +150,7 @@ class BflImageProvider:
             lambda _index: self._once(request, body, deadline),
             concurrency=self._concurrency,
             provider=self.name,
+            progress=progress,
         )
 
     async def _once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:

@@ -35,6 +35,7 @@ from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
+    Progress,
     ProviderResult,
     TokenUsage,
 )
@@ -231,7 +232,9 @@ class GoogleImageProvider:
             },
         }
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         """Up to ``request.n`` images; partial when the safety filter dropped some."""
         if self.method(request.upstream_model) == "predict":
             return await self._imagen(request, deadline)
@@ -241,6 +244,7 @@ class GoogleImageProvider:
             lambda _index: self._gemini_once(request, body, deadline),
             concurrency=self._concurrency,
             provider=self.name,
+            progress=progress,
         )
         if len(result.images) > request.n:
             # Never deliver (or charge) more than was asked, even if a call returned two.

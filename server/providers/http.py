@@ -52,7 +52,7 @@ from server.errors import (
     DeadlineExceededError,
     UpstreamError,
 )
-from server.providers.base import GeneratedImage, ProviderResult, TokenUsage
+from server.providers.base import GeneratedImage, Progress, ProviderResult, TokenUsage
 
 __all__ = [
     "CREDENTIALS_MESSAGE",
@@ -582,8 +582,12 @@ async def fan_out(
     *,
     concurrency: int,
     provider: str,
+    progress: Progress | None = None,
 ) -> ProviderResult:
     """Makes ``n`` single-image calls, at most ``concurrency`` at a time, and merges them.
+
+    With ``progress`` (a streamed request), each call's image is reported as soon as that
+    call returns, so the caller sees the first image without waiting for the slowest.
 
     Images that survive are returned even when other calls were moderated or failed
     (the use case charges only what is delivered). With none: ``ContentPolicyError`` when
@@ -595,9 +599,13 @@ async def fan_out(
     async def guarded(index: int) -> _Outcome:
         async with semaphore:
             try:
-                return _Outcome(result=await one(index))
+                result = await one(index)
             except ApiError as exc:  # CancelledError and bugs propagate
                 return _Outcome(error=exc)
+        if progress is not None:
+            for image in result.images:
+                await progress.image(index, image, usage=result.usage)
+        return _Outcome(result=result)
 
     try:
         async with asyncio.TaskGroup() as group:

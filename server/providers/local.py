@@ -26,6 +26,11 @@ an "abstract" landscape whose colours come from the prompt's SHA-256.
 
 The CPU work is ``render_image``, a top-level function of plain values, so the
 composition root may give ``LocalRenderer`` a thread pool or a process pool.
+
+Streaming: partial images are the finished picture at increasing detail, coarse to fine:
+partial ``k`` is the picture averaged over a grid of ``PARTIAL_GRID_CELLS[k]`` cells along
+its short side and scaled back with hard edges (a mosaic), so every partial has the final
+composition and the requested size, and a test can compute each one from the final image.
 """
 
 from __future__ import annotations
@@ -50,17 +55,20 @@ from server.errors import InvalidRequestError, ServiceUnavailableError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
+    Progress,
     ProviderResult,
     TokenUsage,
 )
 
-__all__ = ["LocalRenderer", "render_image", "revised_prompt"]
+__all__ = ["PARTIAL_GRID_CELLS", "LocalRenderer", "mosaic", "render_image", "render_with_partials", "revised_prompt"]
 
 MODEL_ID: Final = "local-1"
 OUTPUT_FORMATS: Final = frozenset({"png", "jpeg", "webp"})
 # Below this the composition (margins, text band, layered ridges) has no room.
 _MIN_SIDE: Final = 16
 _MAX_SIDE: Final = 4096
+# Cells along the short side of partial image 0, 1, 2: coarse, then finer.
+PARTIAL_GRID_CELLS: Final = (12, 48, 192)
 
 Color = tuple[float, float, float]  # r, g, b in 0..1; converted to bytes only when drawn
 RGB = tuple[int, int, int]
@@ -955,6 +963,43 @@ def render_image(
     return _encode(image, output_format, output_compression)
 
 
+def mosaic(image: Image.Image, cells: int) -> Image.Image:
+    """``image`` averaged over ``cells`` cells along its short side, at its own size."""
+    width, height = image.size
+    block = max(1, min(width, height) / cells)
+    small = (max(1, round(width / block)), max(1, round(height / block)))
+    return image.resize(small, Image.Resampling.BOX).resize((width, height), Image.Resampling.NEAREST)
+
+
+def render_with_partials(
+    prompt: str,
+    width: int,
+    height: int,
+    index: int,
+    style: str | None,
+    quality: str,
+    output_format: str,
+    output_compression: int,
+    partial_images: int,
+) -> tuple[list[bytes], bytes]:
+    """``render_image``'s picture and ``partial_images`` (0-3) mosaics of it, coarse first."""
+    if not 0 <= partial_images <= len(PARTIAL_GRID_CELLS):
+        raise ValueError(f"partial_images must be 0-{len(PARTIAL_GRID_CELLS)}")
+    if not partial_images:
+        return [], render_image(prompt, width, height, index, style, quality, output_format, output_compression)
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unsupported output format {output_format!r}")
+    if not (_fits(width) and _fits(height)):
+        raise ValueError(f"unsupported size {width}x{height}")
+    image = _paint(prompt, width, height, index, style, quality)
+    final = _encode(image, output_format, output_compression)
+    partials = [
+        _encode(mosaic(image, cells), output_format, output_compression)
+        for cells in PARTIAL_GRID_CELLS[:partial_images]
+    ]
+    return partials, final
+
+
 # --------------------------------------------------------------------------- provider
 
 
@@ -966,7 +1011,9 @@ class LocalRenderer:
     def __init__(self, executor: concurrent.futures.Executor) -> None:
         self._executor = executor
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         # The deadline is enforced by the caller's asyncio.timeout_at; a render in progress
         # cannot be shortened, and queued ones are cancelled below when that fires.
         del deadline
@@ -979,23 +1026,35 @@ class LocalRenderer:
         if not (_fits(request.width) and _fits(request.height)):
             raise InvalidRequestError(f"{MODEL_ID} cannot render {request.size}", param="size")
 
+        # Partial images only when someone streams them (they cost an extra encode each).
+        partials = request.partial_images if progress is not None else 0
         loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[bytes]] = []
+        futures: list[asyncio.Future[tuple[list[bytes], bytes]]] = []
+        revised = revised_prompt(request.prompt, style=request.style, quality=request.quality)
+        images: list[GeneratedImage] = []
         try:
             try:
                 for index in range(request.n):
                     futures.append(
                         loop.run_in_executor(
-                            self._executor, render_image, request.prompt, request.width,
+                            self._executor, render_with_partials, request.prompt, request.width,
                             request.height, index, request.style, request.quality,
-                            request.output_format, request.output_compression,
+                            request.output_format, request.output_compression, partials,
                         )
                     )
             except concurrent.futures.BrokenExecutor as exc:
                 raise ServiceUnavailableError("the local renderer's workers died") from exc
             except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
                 raise ServiceUnavailableError("the local renderer is shutting down") from exc
-            images = await asyncio.gather(*futures)
+            # In index order, so a stream never interleaves two images' partials.
+            for index, future in enumerate(futures):
+                partial_data, data = await future
+                image = GeneratedImage(data=data, format=request.output_format, revised_prompt=revised)
+                images.append(image)
+                if progress is not None:
+                    for partial_index, partial in enumerate(partial_data):
+                        await progress.partial(index, partial_index, GeneratedImage(data=partial, format=request.output_format))
+                    await progress.image(index, image)
         except concurrent.futures.BrokenExecutor as exc:
             raise ServiceUnavailableError("the local renderer's workers died") from exc
         finally:
@@ -1004,14 +1063,7 @@ class LocalRenderer:
             for future in futures:
                 future.cancel()
 
-        revised = revised_prompt(request.prompt, style=request.style, quality=request.quality)
-        return ProviderResult(
-            images=[
-                GeneratedImage(data=data, format=request.output_format, revised_prompt=revised)
-                for data in images
-            ],
-            usage=TokenUsage(),  # nothing is metered: there are no tokens
-        )
+        return ProviderResult(images=images, usage=TokenUsage())  # nothing is metered: there are no tokens
 
     async def aclose(self) -> None:
         """Nothing to release: the executor belongs to whoever passed it in."""

@@ -31,6 +31,7 @@ from server.errors import ContentPolicyError, InvalidRequestError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
+    Progress,
     ProviderResult,
     TokenUsage,
 )
@@ -211,7 +212,9 @@ class OpenAIImageProvider:
         if request.moderation is not None:
             body["moderation"] = request.moderation
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         """One upstream call returning up to ``request.n`` images; see ``ERRORS`` for failures."""
         response = await self._http.send(
             "POST",

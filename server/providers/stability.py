@@ -26,7 +26,7 @@ import httpx
 
 from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError
-from server.providers.base import ImageRequest, ProviderResult
+from server.providers.base import ImageRequest, Progress, ProviderResult
 from server.providers.http import (
     ErrorTable,
     Failure,
@@ -136,7 +136,9 @@ class StabilityImageProvider:
         # (None, value) parts make httpx send multipart/form-data without a dummy file.
         return f"{self._base}/{path}", [(key, (None, value)) for key, value in fields.items()]
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         """``request.n`` calls of one image each; filtered ones are dropped."""
         url, fields = self.form(request)
         return await fan_out(
@@ -144,6 +146,7 @@ class StabilityImageProvider:
             lambda _index: self._once(url, fields, deadline),
             concurrency=self._concurrency,
             provider=self.name,
+            progress=progress,
         )
 
     async def _once(self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float) -> ProviderResult:

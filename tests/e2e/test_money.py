@@ -60,7 +60,7 @@ async def test_two_replicas_on_postgresql_spend_the_balance_exactly(tmp_path: Pa
     database = await create_database(postgres_url)
     async with process_stack(tmp_path / "var", servers=2, database_url=database) as stack:
         await assert_exactly_funded_images_succeed(stack)
-        served = [stack.server_log(i).count('"method":"/imagegw.v1.ImageService/GenerateImages"') for i in range(2)]
+        served = [stack.server_log(i).count('"method":"/imagegw.v1.ImageService/GenerateImagesHttp"') for i in range(2)]
         assert all(count > 0 for count in served), f"both replicas must have served requests: {served}"
 
 

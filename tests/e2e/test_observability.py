@@ -33,13 +33,13 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
     def delta(name: str, **labels: str) -> float:
         return metric_sample(after, name, **labels) - metric_sample(before, name, **labels)
 
-    assert delta("imagegw_requests_total", method="GenerateImages", model="local-1", provider="local", status="200") == 1
-    assert delta("imagegw_requests_total", method="GenerateImages", status="400") == 1
+    assert delta("imagegw_requests_total", method="GenerateImagesHttp", model="local-1", provider="local", status="200") == 1
+    assert delta("imagegw_requests_total", method="GenerateImagesHttp", status="400") == 1
     assert delta("imagegw_images_generated_total", model="local-1", provider="local") == 3
     assert delta("imagegw_captured_microdollars_total", model="local-1") == 6000
     assert delta("imagegw_upstream_duration_seconds_count", provider="local", model="local-1", outcome="ok") == 1
     assert metric_sample(after, "imagegw_reservations_open") == 0
-    assert metric_sample(after, "imagegw_requests_in_flight", method="GenerateImages") == 0
+    assert metric_sample(after, "imagegw_requests_in_flight", method="GenerateImagesHttp") == 0
     assert "authorization" not in after.lower() and key not in after
 
     await asyncio.sleep(1.5)  # Envoy flushes its access log every second
@@ -47,12 +47,12 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
     access = [line for line in server_lines if line.get("request_id") == "obs-ok-1" and line.get("logger") == "imagegw.access"]
     assert len(access) == 1
     assert {k: access[0][k] for k in ("method", "outcome", "status", "model", "images", "cost_micros", "account_id")} == {
-        "method": "/imagegw.v1.ImageService/GenerateImages", "outcome": "ok", "status": 200, "model": "local-1",
+        "method": "/imagegw.v1.ImageService/GenerateImagesHttp", "outcome": "ok", "status": 200, "model": "local-1",
         "images": 3, "cost_micros": 6000, "account_id": account_id,
     }
     assert key not in gateway.server_log()
     envoy_lines = [json.loads(line) for line in gateway.envoy_log().splitlines() if line.startswith("{")]
     by_id = {line["request_id"]: line for line in envoy_lines}
     assert (by_id["obs-ok-1"]["status"], by_id["obs-ok-1"]["path"]) == (200, "/v1/images/generations")
-    assert by_id["obs-ok-1"]["grpc_path"] == "/imagegw.v1.ImageService/GenerateImages"
+    assert by_id["obs-ok-1"]["grpc_path"] == "/imagegw.v1.ImageService/GenerateImagesHttp"
     assert by_id["obs-bad-1"]["status"] == 400

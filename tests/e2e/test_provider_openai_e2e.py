@@ -194,7 +194,7 @@ async def test_a_data_url_prefixed_base64_image_is_accepted(env: Env) -> None:
         ({"model": "gpt-image-1", "quality": "hd"}, "quality", "invalid_value"),
         ({"model": "gpt-image-1", "size": "256x256"}, "size", "invalid_size"),
         ({"model": "gpt-image-1", "n": 11}, "n", "integer_above_max_value"),
-        ({"model": "gpt-image-1", "stream": True}, "stream", "unsupported_parameter"),
+        ({"model": "gpt-image-1", "stream": True, "response_format": "url"}, "response_format", "invalid_value"),
         ({"model": "dall-e-3", "n": 2}, "n", "integer_above_max_value"),
         ({"model": "dall-e-3", "output_format": "jpeg"}, "output_format", "invalid_value"),
         ({"model": "dall-e-3", "moderation": "low"}, "moderation", "unsupported_parameter"),

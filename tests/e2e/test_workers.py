@@ -51,7 +51,7 @@ async def test_two_workers_share_the_load_and_spend_the_balance_exactly(tmp_path
         pages = [await stack.metrics(index) for index in range(2)]
         served = [
             sum(
-                metric_sample(page, "imagegw_requests_total", method="GenerateImages", status=status)
+                metric_sample(page, "imagegw_requests_total", method="GenerateImagesHttp", status=status)
                 for status in ("200", "402")
             )
             for page in pages

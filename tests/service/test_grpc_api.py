@@ -17,7 +17,7 @@ from grpc_status import rpc_status
 from imagegw.v1 import images_pb2
 from PIL import Image
 
-from server.providers.base import ImageRequest, ProviderResult
+from server.providers.base import ImageRequest, Progress, ProviderResult
 from tests.stack import InProcessStack, in_process_stack
 
 
@@ -105,7 +105,9 @@ class CrashingProvider:
 
     name = "crashing"
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         raise RuntimeError("secret internal detail /etc/passwd")
 
     async def aclose(self) -> None:
@@ -143,7 +145,9 @@ class SlowProvider:
     def __init__(self) -> None:
         self.cancelled = asyncio.Event()
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         try:
             await asyncio.sleep(3600)
         except asyncio.CancelledError:

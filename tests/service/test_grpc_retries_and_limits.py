@@ -24,7 +24,7 @@ from grpc_status import rpc_status
 from imagegw.v1 import admin_pb2, images_pb2
 
 from server.errors import UpstreamError
-from server.providers.base import GeneratedImage, ImageRequest, ProviderResult
+from server.providers.base import GeneratedImage, ImageRequest, Progress, ProviderResult
 from tests.stack import InProcessStack, in_process_stack
 
 UNIT = 1000  # local-1's price per image (micro-dollars), server/catalog.toml
@@ -43,7 +43,9 @@ class ScriptedProvider:
         if not gated:
             self.gate.set()
 
-    async def generate(self, request: ImageRequest, *, deadline: float) -> ProviderResult:
+    async def generate(
+        self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
+    ) -> ProviderResult:
         self.calls += 1
         self.started.set()
         await self.gate.wait()

@@ -85,7 +85,10 @@ def test_disabled_provider_gives_model_not_available(tmp_path: Path) -> None:
         (RawImageRequest(prompt="p", background="opaque"), "background", "unsupported_parameter"),
         (RawImageRequest(prompt="p", output_compression=50), "output_compression", "unsupported_parameter"),
         (RawImageRequest(prompt="p", n=5), "n", "integer_above_max_value"),
-        (RawImageRequest(prompt="p", partial_images=4), "partial_images", "invalid_value"),
+        (RawImageRequest(prompt="p", partial_images=4), "partial_images", "integer_above_max_value"),
+        (RawImageRequest(prompt="p", partial_images=-1), "partial_images", "integer_below_min_value"),
+        # Streamed images travel in their events as base64; a link cannot be streamed.
+        (RawImageRequest(prompt="p", stream=True, response_format="url"), "response_format", "invalid_value"),
     ],
 )
 def test_parameters_the_model_cannot_take_are_400(tmp_path: Path, raw: RawImageRequest, param: str, code: str) -> None:

@@ -90,12 +90,14 @@ class GenerateImagesRequest(_message.Message):
     quality). Unset means 100.
     """
     stream: _builtins.bool
-    """Streams partial images as server-sent events, for models that support it.
+    """Answers with Server-Sent Events instead of one JSON body (REST only; gRPC
+    callers use StreamGenerateImages). Every model streams; models that do not
+    make partial images send each image's completed event when it is ready.
     Unset means false.
     """
     partial_images: _builtins.int
-    """Number of partial images (0-3) to stream before the final one. Only with
-    `stream`. Unset means 0.
+    """Number of partial images (0-3) to stream before each final image, from
+    models that make them. Only with `stream`. Unset means 0.
     """
     def __init__(
         self,
@@ -392,6 +394,85 @@ class OutputTokensDetails(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OutputTokensDetails: _TypeAlias = OutputTokensDetails  # noqa: Y015
+
+@_typing.final
+class ImageGenerationEvent(_message.Message):
+    """One event of a streamed generation: OpenAI's ImageGenStreamEvent, with raw
+    image bytes and the index of the image it belongs to.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    B64_JSON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    PARTIAL_IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_INDEX_FIELD_NUMBER: _builtins.int
+    REVISED_PROMPT_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """`image_generation.partial_image` or `image_generation.completed`."""
+    b64_json: _builtins.bytes
+    """The encoded image (partial or final). Raw bytes over gRPC; base64 in the
+    REST events. The name is OpenAI's.
+    """
+    created_at: _builtins.int
+    """Unix time in seconds at which the event was created."""
+    size: _builtins.str
+    """Size of the image (`WIDTHxHEIGHT`)."""
+    quality: _builtins.str
+    """Quality used (`low`, `medium`, `high`, or the model's own such as `standard`)."""
+    background: _builtins.str
+    """Background used: `transparent`, `opaque` or `auto` when the model does not say."""
+    output_format: _builtins.str
+    """Encoding of the image: `png`, `jpeg` or `webp`."""
+    partial_image_index: _builtins.int
+    """0-based index of this partial image within its image; set on partial
+    images only.
+    """
+    image_index: _builtins.int
+    """0-based index of the image (of the request's `n`) this event belongs to."""
+    revised_prompt: _builtins.str
+    """The prompt as the model interpreted it, on completed events when the model
+    reports one.
+    """
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Token usage, on completed events; counters the model does not report are zero."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        b64_json: _builtins.bytes = ...,
+        created_at: _builtins.int = ...,
+        size: _builtins.str = ...,
+        quality: _builtins.str = ...,
+        background: _builtins.str = ...,
+        output_format: _builtins.str = ...,
+        partial_image_index: _builtins.int | None = ...,
+        usage: Global___Usage | None = ...,
+        image_index: _builtins.int = ...,
+        revised_prompt: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_partial_image_index", b"_partial_image_index", "_revised_prompt", b"_revised_prompt", "partial_image_index", b"partial_image_index", "revised_prompt", b"revised_prompt", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_partial_image_index", b"_partial_image_index", "_revised_prompt", b"_revised_prompt", "b64_json", b"b64_json", "background", b"background", "created_at", b"created_at", "image_index", b"image_index", "output_format", b"output_format", "partial_image_index", b"partial_image_index", "quality", b"quality", "revised_prompt", b"revised_prompt", "size", b"size", "type", b"type", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__partial_image_index: _TypeAlias = _typing.Literal["partial_image_index"]  # noqa: Y015
+    _WhichOneofArgType__partial_image_index: _TypeAlias = _typing.Literal["_partial_image_index", b"_partial_image_index"]  # noqa: Y015
+    _WhichOneofReturnType__revised_prompt: _TypeAlias = _typing.Literal["revised_prompt"]  # noqa: Y015
+    _WhichOneofArgType__revised_prompt: _TypeAlias = _typing.Literal["_revised_prompt", b"_revised_prompt"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partial_image_index) -> _WhichOneofReturnType__partial_image_index | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__revised_prompt) -> _WhichOneofReturnType__revised_prompt | None: ...
+
+Global___ImageGenerationEvent: _TypeAlias = ImageGenerationEvent  # noqa: Y015
 
 @_typing.final
 class GetImageFileRequest(_message.Message):
