@@ -64,6 +64,7 @@ from sqlalchemy.engine import Connection
 from server.errors import ConflictError, IdempotencyKeyReusedError, InvalidRequestError
 from server.ledger.db import Database
 from server.ledger.schema import idempotency_keys
+from server.offload import run_sized
 
 __all__ = [
     "HEADER",
@@ -240,11 +241,12 @@ class IdempotencyStore:
             if isinstance(claimed, Owned):
                 return await self._produce(account_id, key, claimed.owner, produce)
             if isinstance(claimed, StoredResponse):
-                return Answer(parse(claimed.body), claimed.headers, replayed=True)
+                return Answer(await run_sized(len(claimed.body), parse, claimed.body), claimed.headers, replayed=True)
             if isinstance(claimed, Busy):
                 finished = await self._wait(account_id, key, request_hash, wait_until)
                 if finished is not None:
-                    return Answer(parse(finished.body), finished.headers, replayed=True)
+                    message = await run_sized(len(finished.body), parse, finished.body)
+                    return Answer(message, finished.headers, replayed=True)
             # Released, abandoned or expired meanwhile (or Retry): claim again.
 
     def _lease_seconds(self, deadline: float | None, now: float) -> int:
@@ -262,7 +264,8 @@ class IdempotencyStore:
             await asyncio.shield(self._abandon_quietly(account_id, key, owner))
             raise
         try:
-            await asyncio.shield(self.complete(account_id, key, owner, message.SerializeToString(), headers))
+            body = await run_sized(message.ByteSize(), message.SerializeToString)
+            await asyncio.shield(self.complete(account_id, key, owner, body, headers))
         except Exception:
             # The caller still gets its (paid) answer; the key is freed rather than stuck.
             log.exception("could not store the idempotent response", extra={"account_id": account_id})

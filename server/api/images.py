@@ -44,6 +44,7 @@ from server.idempotency import (
     parse_key,
 )
 from server.ledger import format_usd
+from server.offload import run_sized
 from server.providers.base import TokenUsage
 from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
@@ -141,10 +142,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> None:
         if not request.stream:
             outcome = await self._run(request, context, None)
+            message = outcome.answer.message
+            body = await run_sized(message.ByteSize(), rest.images_response_json, message)
             await context.send_initial_metadata(tuple(outcome.headers))
-            await context.write(
-                httpbody_pb2.HttpBody(content_type=rest.JSON, data=rest.images_response_json(outcome.answer.message))
-            )
+            await context.write(httpbody_pb2.HttpBody(content_type=rest.JSON, data=body))
             return
         writer = _Writer(
             context, lambda event: httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.sse_event(event))
@@ -257,7 +258,7 @@ class _Writer(StreamSink):
             self.last = message
 
     async def write(self, event: images_pb2.ImageGenerationEvent, headers: list[tuple[str, str]]) -> None:
-        await self.write_raw(self._render(event), headers)
+        await self.write_raw(await run_sized(len(event.b64_json), self._render, event), headers)
 
     async def write_raw(self, message: object, headers: list[tuple[str, str]]) -> None:
         async with self._lock:

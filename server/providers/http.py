@@ -52,6 +52,7 @@ from server.errors import (
     DeadlineExceededError,
     UpstreamError,
 )
+from server.offload import OFFLOAD_BYTES
 from server.providers.base import GeneratedImage, Progress, ProviderResult, TokenUsage
 
 __all__ = [
@@ -78,8 +79,6 @@ logger = logging.getLogger(__name__)
 # One generic message for our key *and* our credit: the caller cannot fix either, and the
 # operator learns which it was from the log line.
 CREDENTIALS_MESSAGE = "The upstream provider rejected the gateway's credentials"
-# Decoding JSON or base64 of this size takes long enough to stall other requests.
-OFFLOAD_BYTES = 256 * 1024
 DATA_URL_RE = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
 USER_AGENT = "imagegw/0.1"
