@@ -141,14 +141,16 @@ class _Delivery:
             **extra,  # type: ignore[arg-type]
         )
 
-    async def partial(self, image_index: int, partial_index: int, image: GeneratedImage) -> None:
+    async def partial(
+        self, image_index: int, partial_index: int, image: GeneratedImage, reported: ProviderResult | None = None
+    ) -> None:
         self.started = True
-        await self.sink.send(self._event("partial_image", image_index, image, partial_image_index=partial_index))
+        await self.sink.send(self._event("partial_image", image_index, image, reported, partial_image_index=partial_index))
         self.partials += 1
 
-    async def image(self, image_index: int, image: GeneratedImage, usage: TokenUsage | None = None) -> None:
-        self._usage_reported |= usage is not None
-        await self._completed(image_index, image, usage)
+    async def image(self, image_index: int, image: GeneratedImage, reported: ProviderResult | None = None) -> None:
+        self._usage_reported |= reported is not None
+        await self._completed(image_index, image, reported.usage if reported else None, reported)
 
     async def _completed(
         self, image_index: int, image: GeneratedImage, usage: TokenUsage | None, result: ProviderResult | None = None

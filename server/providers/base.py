@@ -117,13 +117,17 @@ class Progress(Protocol):
     which the provider must let through.
     """
 
-    async def partial(self, image_index: int, partial_index: int, image: GeneratedImage) -> None:
-        """A partial image of image ``image_index`` (0-based), the ``partial_index``-th."""
+    async def partial(
+        self, image_index: int, partial_index: int, image: GeneratedImage, reported: ProviderResult | None = None
+    ) -> None:
+        """A partial image of image ``image_index`` (0-based), the ``partial_index``-th;
+        ``reported``: what the upstream said with it (size, quality, background, format)."""
         ...
 
-    async def image(self, image_index: int, image: GeneratedImage, usage: TokenUsage | None = None) -> None:
+    async def image(self, image_index: int, image: GeneratedImage, reported: ProviderResult | None = None) -> None:
         """Image ``image_index`` is final (it is also part of the ``ProviderResult``);
-        ``usage`` is what the upstream reported for it, when it reports per image."""
+        ``reported``: what the upstream said with it, its usage included, when it reports
+        per image (a fan-out call's own result, one streamed event)."""
         ...
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import email.utils
 import enum
 import io
@@ -38,7 +39,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,9 @@ __all__ = [
     "Kind",
     "RetryPolicy",
     "ShardedTransport",
+    "SseDecoder",
+    "SseEvent",
+    "UpstreamEvents",
     "UpstreamHttp",
     "UpstreamResponse",
     "create_http_client",
@@ -177,6 +181,118 @@ def _closed(task: asyncio.Task[Any]) -> None:
     _CLOSING.discard(task)
     if not task.cancelled():
         task.exception()  # retrieved: nobody awaits an abandoned exchange
+
+
+def _abandon(exchange: asyncio.Task[Any]) -> None:
+    """Cancels an exchange nobody waits for any more, once, and keeps it referenced until
+    httpcore has closed its connection."""
+    if not exchange.done():
+        exchange.cancel()
+        _CLOSING.add(exchange)
+        exchange.add_done_callback(_closed)
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One Server-Sent Event: its ``event:`` name (None when absent) and its data."""
+
+    event: str | None
+    data: bytes
+
+
+class SseDecoder:
+    """Server-Sent Events from a byte stream, each at most ``limit`` bytes (an upstream
+    that never ends a line cannot grow our memory past it). Comments, ``id:`` and
+    ``retry:`` lines are skipped."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._buffer = bytearray()
+        self._event: str | None = None
+        self._data: list[bytes] = []
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """Whether an event was begun and not finished by a blank line."""
+        return bool(self._data or self._event is not None or self._buffer.strip())
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        self._buffer += chunk
+        events: list[SseEvent] = []
+        start = 0
+        while True:
+            end = self._buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(self._buffer[start:end]).removesuffix(b"\r")
+            start = end + 1
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        del self._buffer[:start]
+        if self._size + len(self._buffer) > self._limit:
+            raise _BodyError(f"an event above the {self._limit}-byte limit")
+        return events
+
+    def _line(self, line: bytes) -> SseEvent | None:
+        if not line:
+            if not self._data and self._event is None:
+                return None
+            event = SseEvent(self._event, b"\n".join(self._data))
+            self._event, self._data, self._size = None, [], 0
+            return event
+        if line.startswith(b":"):
+            return None
+        name, _, value = line.partition(b":")
+        value = value.removeprefix(b" ")
+        if name == b"data":
+            self._data.append(value)
+            self._size += len(value)
+        elif name == b"event":
+            self._event = value.decode("utf-8", "replace")
+        return None
+
+
+class UpstreamEvents:
+    """An upstream's Server-Sent Events as they arrive (``async for``), bounded per event
+    and by the request's deadline; a stream cut short raises a MALFORMED UpstreamError."""
+
+    def __init__(
+        self,
+        status: int,
+        headers: httpx.Headers,
+        queue: asyncio.Queue[SseEvent | BaseException | None],
+        exchange: asyncio.Task[None],
+        *,
+        deadline: float,
+        url: str,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self._queue = queue
+        self._exchange = exchange
+        self._deadline = deadline
+        self._url = url
+
+    def __aiter__(self) -> UpstreamEvents:
+        return self
+
+    async def __anext__(self) -> SseEvent:
+        try:
+            async with asyncio.timeout_at(self._deadline):
+                item = await self._queue.get()
+        except TimeoutError as exc:
+            raise DeadlineExceededError("The upstream provider did not finish before the request's deadline.") from exc
+        if item is None:
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops reading and closes the connection (in the background)."""
+        _abandon(self._exchange)
 
 
 class ShardedTransport(httpx.AsyncBaseTransport):
@@ -330,18 +446,64 @@ class UpstreamHttp:
         Raises the mapped ``ApiError``; ``DeadlineExceededError`` when ``deadline`` passes
         while waiting for the upstream.
         """
+        answer = await self._retrying(
+            lambda: self._attempt(method, url, deadline=deadline, headers=headers, json_body=json_body, files=files),
+            deadline=deadline,
+            classify=classify,
+            operation=operation,
+        )
+        assert isinstance(answer, UpstreamResponse)
+        return answer
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        classify: Callable[[UpstreamResponse], Failure],
+        headers: Mapping[str, str] | None = None,
+        json_body: Any = None,
+        operation: str = "request",
+    ) -> AsyncIterator[UpstreamEvents | UpstreamResponse]:
+        """Like ``send``, for an upstream that may answer Server-Sent Events: yields the
+        events as they arrive (``UpstreamEvents``), or the whole 2xx answer when the
+        upstream answered something else (a host that ignores ``stream``). Failures before
+        the head are retried as in ``send``; the connection is closed on exit."""
+        opened = await self._retrying(
+            lambda: self._open_events(method, url, deadline=deadline, headers=headers, json_body=json_body),
+            deadline=deadline,
+            classify=classify,
+            operation=operation,
+        )
+        try:
+            yield opened
+        finally:
+            if isinstance(opened, UpstreamEvents):
+                opened.close()
+
+    async def _retrying(
+        self,
+        attempt_once: Callable[[], Awaitable[UpstreamResponse | UpstreamEvents]],
+        *,
+        deadline: float,
+        classify: Callable[[UpstreamResponse], Failure],
+        operation: str,
+    ) -> UpstreamResponse | UpstreamEvents:
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             attempt += 1
             response: UpstreamResponse | None = None
             try:
-                response = await self._attempt(method, url, deadline=deadline, headers=headers, json_body=json_body, files=files)
+                answer = await attempt_once()
             except httpx.TransportError as exc:
                 failure = Failure(Kind.TRANSIENT, detail=f"{type(exc).__name__} on {operation}")
             else:
-                if 200 <= response.status < 300:
-                    return response
+                if isinstance(answer, UpstreamEvents) or 200 <= answer.status < 300:
+                    return answer
+                response = answer
                 failure = classify(response)
             if failure.kind not in RETRIED:
                 raise self.error(failure)
@@ -404,10 +566,7 @@ class UpstreamHttp:
         except _BodyError as exc:
             raise malformed(f"{exc} from {_host(url)}") from exc
         finally:
-            if not exchange.done():
-                exchange.cancel()
-                _CLOSING.add(exchange)
-                exchange.add_done_callback(_closed)
+            _abandon(exchange)
         return UpstreamResponse(status=status, headers=response_headers, body=body, url=url)
 
     async def _exchange(
@@ -436,6 +595,69 @@ class UpstreamHttp:
         except httpx.DecodingError as exc:
             raise _BodyError("an answer whose content-encoding does not decode") from exc
         return b"".join(chunks)
+
+    async def _open_events(
+        self, method: str, url: str, *, deadline: float, headers: Mapping[str, str] | None, json_body: Any
+    ) -> UpstreamResponse | UpstreamEvents:
+        # As in _attempt, the exchange runs in its own task, cancelled at most once; it
+        # hands the head over, then each event through a small queue (back-pressure: the
+        # upstream is read only as fast as the caller takes the events).
+        head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]] = asyncio.get_running_loop().create_future()
+        queue: asyncio.Queue[SseEvent | BaseException | None] = asyncio.Queue(maxsize=2)
+        exchange = asyncio.create_task(self._event_exchange(method, url, headers, json_body, head, queue))
+        opened = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                answer = await asyncio.shield(head)
+            if isinstance(answer, UpstreamResponse):
+                return answer
+            opened = True
+            return UpstreamEvents(answer[0], answer[1], queue, exchange, deadline=deadline, url=url)
+        except TimeoutError as exc:
+            raise DeadlineExceededError("The upstream provider did not answer before the request's deadline.") from exc
+        except _BodyError as exc:
+            raise malformed(f"{exc} from {_host(url)}") from exc
+        finally:
+            if not opened:
+                _abandon(exchange)
+
+    async def _event_exchange(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str] | None,
+        json_body: Any,
+        head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]],
+        queue: asyncio.Queue[SseEvent | BaseException | None],
+    ) -> None:
+        try:
+            async with self.client.stream(method, url, headers=headers, json=json_body) as response:
+                content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
+                    body = await self._read_bounded(response)
+                    head.set_result(UpstreamResponse(response.status_code, response.headers, body, url))
+                    return
+                head.set_result((response.status_code, response.headers))
+                decoder = SseDecoder(self.max_response_bytes)
+                try:
+                    async for chunk in response.aiter_bytes():
+                        for event in decoder.feed(chunk):
+                            await queue.put(event)
+                except httpx.TransportError as exc:
+                    # Events already went to the caller; the rest is lost, never retried.
+                    await queue.put(malformed(f"a stream cut short ({type(exc).__name__}) from {_host(url)}"))
+                    return
+                if decoder.pending:
+                    await queue.put(malformed(f"a stream that ended inside an event from {_host(url)}"))
+                    return
+                await queue.put(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits: the head or the reader
+            if not head.done():
+                head.set_exception(exc)
+            else:
+                await queue.put(malformed(f"{exc} from {_host(url)}") if isinstance(exc, _BodyError) else exc)
 
     def error(self, failure: Failure) -> ApiError:
         """The caller-facing exception for a failure that is not retried."""
@@ -603,7 +825,7 @@ async def fan_out(
                 return _Outcome(error=exc)
         if progress is not None:
             for image in result.images:
-                await progress.image(index, image, usage=result.usage)
+                await progress.image(index, image, result)
         return _Outcome(result=result)
 
     try:

@@ -18,16 +18,27 @@ One adapter, several dialects (``reference/providers.md`` §1 and §5):
 ``url`` answers are downloaded at once (DALL·E links live 60 minutes, others less) and
 never passed on. Errors map by status and ``error.code`` (then ``error.type``) in
 ``ERRORS``; xAI's ``{"code", "error"}`` body is read the same way.
+
+Streaming: when the caller streams (a ``Progress`` is given) a GPT image model is asked
+for OpenAI's own stream (``stream: true``, ``partial_images``), and each
+``image_generation.partial_image`` and ``image_generation.completed`` event is validated
+and passed on as it arrives. OpenAI's events carry no image index, so with ``n`` > 1 the
+partials are taken to belong to the image being made, the images coming one after the
+other. An ``error`` event maps through ``ERRORS`` like an error answer; a host that ignores
+``stream`` and answers JSON is read as a plain answer.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 
 import httpx
 
 from server.config import MIB
-from server.errors import ContentPolicyError, InvalidRequestError
+from server.errors import ApiError, ContentPolicyError, InvalidRequestError, UpstreamError
+from server.offload import run_sized
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
@@ -40,15 +51,19 @@ from server.providers.http import (
     Failure,
     Kind,
     RetryPolicy,
+    SseEvent,
     UpstreamHttp,
     UpstreamResponse,
     image_from_base64,
     lookup_kind,
     malformed,
+    sum_usage,
 )
 from server.providers.sizing import XAI_ASPECT_RATIOS, nearest_aspect_ratio
 
 __all__ = ["DIALECTS", "ERRORS", "OpenAIImageProvider"]
+
+logger = logging.getLogger(__name__)
 
 DIALECTS = ("openai", "compatible", "xai", "together")
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -100,6 +115,28 @@ def _usage(payload: dict[str, object]) -> TokenUsage:
 def _string(payload: dict[str, object], key: str) -> str | None:
     value = payload.get(key)
     return value if isinstance(value, str) and value else None
+
+
+def _reported(payload: dict[str, object], image: GeneratedImage, usage: TokenUsage) -> ProviderResult:
+    """What one streamed event says about its image."""
+    return ProviderResult(
+        images=[image],
+        usage=usage,
+        size=_string(payload, "size"),
+        quality=_string(payload, "quality"),
+        background=_string(payload, "background"),
+        output_format=_string(payload, "output_format"),
+    )
+
+
+async def _event_payload(event: SseEvent) -> dict[str, object]:
+    try:
+        payload = await run_sized(len(event.data), json.loads, event.data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise malformed("a stream event that is not JSON") from exc
+    if not isinstance(payload, dict):
+        raise malformed("a stream event that is not a JSON object")
+    return payload
 
 
 def classify(response: UpstreamResponse) -> Failure:
@@ -216,6 +253,8 @@ class OpenAIImageProvider:
         self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
     ) -> ProviderResult:
         """One upstream call returning up to ``request.n`` images; see ``ERRORS`` for failures."""
+        if progress is not None and self.family(request.upstream_model) == "gpt-image":
+            return await self._generate_streamed(request, deadline, progress)
         response = await self._http.send(
             "POST",
             self._url,
@@ -225,6 +264,70 @@ class OpenAIImageProvider:
             json_body=self.request_body(request),
             operation="images/generations",
         )
+        return await self._answer(response, deadline)
+
+    async def _generate_streamed(self, request: ImageRequest, deadline: float, progress: Progress) -> ProviderResult:
+        body = self.request_body(request) | {"stream": True, "partial_images": request.partial_images}
+        async with self._http.stream(
+            "POST",
+            self._url,
+            deadline=deadline,
+            classify=classify,
+            headers=self._headers,
+            json_body=body,
+            operation="images/generations (stream)",
+        ) as opened:
+            if isinstance(opened, UpstreamResponse):
+                return await self._answer(opened, deadline)
+            images: list[GeneratedImage] = []
+            usages: list[TokenUsage] = []
+            last: dict[str, object] = {}
+            partials = 0
+            async for event in opened:
+                payload = await _event_payload(event)
+                kind = payload.get("type") if isinstance(payload.get("type"), str) else event.event
+                if kind == "error" or "error" in payload:
+                    raise self._stream_error(payload)
+                if kind == "image_generation.partial_image":
+                    image = await image_from_base64(payload.pop("b64_json", None))
+                    index = payload.get("partial_image_index")
+                    reported = _reported(payload, image, TokenUsage())
+                    await progress.partial(len(images), index if isinstance(index, int) else partials, image, reported)
+                    partials += 1
+                elif kind == "image_generation.completed":
+                    image = await image_from_base64(payload.pop("b64_json", None))
+                    usage = _usage(payload)
+                    images.append(image)
+                    usages.append(usage)
+                    last = payload
+                    partials = 0
+                    await progress.image(len(images) - 1, image, _reported(payload, image, usage))
+                # Other event types (a newer API's) carry nothing we deliver.
+        if not images:
+            raise malformed("a stream that ended without an image")
+        return ProviderResult(
+            images=images,
+            usage=sum_usage(usages),
+            size=_string(last, "size"),
+            quality=_string(last, "quality"),
+            background=_string(last, "background"),
+            output_format=_string(last, "output_format"),
+        )
+
+    def _stream_error(self, payload: dict[str, object]) -> ApiError:
+        """An ``error`` event, mapped by its code like an error answer of the same kind."""
+        error = payload.get("error")
+        fields = error if isinstance(error, dict) else payload
+        codes = [_string(fields, "code"), _string(fields, "type")]
+        status = 500 if _string(fields, "type") == "server_error" else 400
+        kind = lookup_kind(ERRORS, status, codes)
+        if kind in (Kind.RATE_LIMITED, Kind.TRANSIENT):
+            # Not retried here: the caller may hold partial images already.
+            logger.warning("%s stream failed midway (code %s)", self.name, codes[0])
+            return UpstreamError("The upstream provider failed while streaming.", retryable=True)
+        return self._http.error(Failure(kind, detail=_string(fields, "message") or "", status=status, code=codes[0]))
+
+    async def _answer(self, response: UpstreamResponse, deadline: float) -> ProviderResult:
         payload = await response.json()
         del response  # the raw body: one copy of the images fewer while they are decoded
         if not isinstance(payload, dict):

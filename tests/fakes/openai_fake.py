@@ -26,6 +26,15 @@ Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
     url, expired-url              answer a url (even when b64 was asked) / one already expired
     missing-image, empty-data, bad-base64, data-url, garbage-image, fake-png, wrong-format
     slow=S, drip=S, reset, truncated, html-502, html-504, html-200, invalid-json (generic)
+
+Streaming (GPT image models, ``"stream": true``): Server-Sent Events as OpenAI sends them,
+``event:`` and ``data:`` lines, each image's ``partial_images`` partial images (distinct
+pictures of the same size) then its ``image_generation.completed`` event with ``usage``.
+Stream scenarios: ``stream-error-after=K`` (an ``error`` event, server_error, after K
+events), ``stream-moderated-after=K`` (an ``error`` event, moderation_blocked),
+``stream-cut-after=K`` (the connection closes after K events), ``stream-hold`` (the second
+event waits until the test calls ``fake.release_stream()``), and ``slow=S`` (the head
+after S seconds).
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import json
 import re
 import secrets
 import time
@@ -82,6 +92,11 @@ class OpenAIFake:
         self.scenarios = ScenarioPicker()
         self.blobs = SignedBlobs()
         self._images = ImageCache()
+        self._released = asyncio.Event()
+
+    def release_stream(self) -> None:
+        """Lets a ``stream-hold`` stream send its second event and the rest."""
+        self._released.set()
 
     @property
     def base_url(self) -> str:
@@ -335,8 +350,81 @@ class OpenAIFake:
                                    headers=(("x-should-retry", "false"),))
             case "503":
                 return self._error(503, "The engine is currently overloaded, please try again later.", type_="server_error")
+        if answer["gpt"] and body.get("stream") is True:
+            return self._stream(scenario, body, answer)
         ok = self._success(scenario, body, answer)
         return transport_variant(scenario, ok) or ok
+
+    def _stream(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
+        partials = body.get("partial_images", 0)
+        if not isinstance(partials, int) or not 0 <= partials <= 3:
+            return self._error(400, "Invalid 'partial_images'.", param="partial_images", code="invalid_value")
+        fields = self._gpt_fields(body, answer, images=1)
+        failing = scenario.name in ("stream-error-after", "stream-moderated-after", "stream-cut-after")
+        after = int(scenario.arg_or(1)) if failing else -1
+
+        def event(kind: str, data: dict[str, Any]) -> bytes:
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+        async def events() -> AsyncIterator[bytes | None]:
+            sent = 0
+            for index in range(body.get("n", 1)):
+                # Partial pictures differ from the final one (the cache tints by index mod 4).
+                pictures = [self._image_bytes(answer, index + 1 + k) for k in range(partials)]
+                pictures.append(self._image_bytes(answer, index))
+                for k, data in enumerate(pictures):
+                    if sent == after:
+                        if scenario.name == "stream-cut-after":
+                            yield None
+                            return
+                        code = "moderation_blocked" if scenario.name == "stream-moderated-after" else None
+                        kind = "image_generation_user_error" if code else "server_error"
+                        yield event("error", {"type": "error", "error": {
+                            "message": "Your request was rejected by the safety system." if code
+                            else "The server had an error while processing your request.",
+                            "type": kind, "param": None, "code": code}})
+                        return
+                    if sent == 1 and scenario.name == "stream-hold":
+                        await self._released.wait()
+                    final = k == len(pictures) - 1
+                    data_fields = {
+                        "type": "image_generation.completed" if final else "image_generation.partial_image",
+                        "b64_json": base64.b64encode(data).decode(),
+                        "created_at": int(time.time()),
+                        "size": fields["size"], "quality": fields["quality"],
+                        "background": fields["background"], "output_format": fields["output_format"],
+                    }
+                    if final:
+                        data_fields["usage"] = fields["usage"]
+                    else:
+                        data_fields["partial_image_index"] = k
+                    yield event(data_fields["type"], data_fields)
+                    sent += 1
+
+        headers = (("x-request-id", f"req_{secrets.token_hex(16)}"),)
+        delay = scenario.arg_or(5.0) if scenario.name == "slow" else 0.0
+        return FakeResponse(status=200, content_type="text/event-stream; charset=utf-8", headers=headers, stream=events(), delay=delay)
+
+    def _gpt_fields(self, body: dict[str, Any], answer: dict[str, Any], *, images: int) -> dict[str, Any]:
+        """What a GPT image answer says besides the images: size, quality, usage, ..."""
+        quality = body.get("quality", "auto")
+        quality = "medium" if quality == "auto" else quality
+        size = "1024x1024" if answer["size"] == "auto" else answer["size"]
+        per_image = OUTPUT_TOKENS[quality].get(size, 1056)
+        text_tokens = len(body["prompt"].split())
+        return {
+            "background": "transparent" if body.get("background") == "transparent" else "opaque",
+            "output_format": answer["format"],
+            "quality": quality,
+            "size": size,
+            "usage": {
+                "input_tokens": text_tokens,
+                "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+                "output_tokens": per_image * images,
+                "output_tokens_details": {"image_tokens": per_image * images, "text_tokens": 0},
+                "total_tokens": text_tokens + per_image * images,
+            },
+        }
 
     def _content_policy(self) -> FakeResponse:
         return self._error(
@@ -404,24 +492,7 @@ class OpenAIFake:
         else:
             payload = {"created": int(time.time()), "data": items}
             if answer["gpt"]:
-                quality = body.get("quality", "auto")
-                quality = "medium" if quality == "auto" else quality
-                size = "1024x1024" if answer["size"] == "auto" else answer["size"]
-                per_image = OUTPUT_TOKENS[quality].get(size, 1056)
-                text_tokens = len(body["prompt"].split())
-                payload |= {
-                    "background": "transparent" if body.get("background") == "transparent" else "opaque",
-                    "output_format": fmt,
-                    "quality": quality,
-                    "size": size,
-                    "usage": {
-                        "input_tokens": text_tokens,
-                        "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
-                        "output_tokens": per_image * len(items),
-                        "output_tokens_details": {"image_tokens": per_image * len(items), "text_tokens": 0},
-                        "total_tokens": text_tokens + per_image * len(items),
-                    },
-                }
+                payload |= self._gpt_fields(body, answer, images=len(items))
         headers = (
             ("x-request-id", f"req_{secrets.token_hex(16)}"),
             ("openai-processing-ms", "21873"),

@@ -20,7 +20,7 @@ import email.utils
 import json
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -97,6 +97,9 @@ class FakeResponse:
     chunk_size: int = 4096
     truncate_to: int | None = None  # declare the full Content-Length, send this many bytes, close
     reset: bool = False  # close the connection without any answer
+    # A streamed body (chunked, each chunk flushed as it comes, e.g. Server-Sent Events);
+    # a None chunk closes the connection there, mid-stream.
+    stream: AsyncIterator[bytes | None] | None = None
 
     @classmethod
     def json_body(
@@ -288,10 +291,11 @@ class FakeHttpServer:
         if response.reset:
             return False
         headers = [
-            ("content-length", str(len(response.body))),
             ("date", email.utils.formatdate(usegmt=True)),
             ("server", "imagegw-fake"),
         ]
+        if response.stream is None:
+            headers.append(("content-length", str(len(response.body))))
         if response.content_type is not None:
             headers.append(("content-type", response.content_type))
         headers.extend(response.headers)
@@ -301,6 +305,15 @@ class FakeHttpServer:
             reason = b""
         writer.write(conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason)))
         await writer.drain()
+        if response.stream is not None:
+            async for piece in response.stream:
+                if piece is None:
+                    return False  # cut: close without ending the chunked body
+                writer.write(conn.send(h11.Data(data=piece)))
+                await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+            return True
         body = response.body if response.truncate_to is None else response.body[: response.truncate_to]
         for start in range(0, len(body), response.chunk_size):
             chunk = body[start : start + response.chunk_size]
