@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from imagegw.v1 import (
@@ -38,6 +39,8 @@ from server.api.interceptors import MethodPolicy, ServerInterceptor, check_polic
 from server.api.models import ModelServicer
 from server.catalog import CatalogError, ModelCatalog, ModelSpec, load_catalog
 from server.config import Settings
+from server.editing import InputRequests
+from server.fetching import ImageFetcher
 from server.generation import Generation
 from server.idempotency import IdempotencyStore
 from server.ledger import Database, Ledger, migrate
@@ -48,6 +51,7 @@ from server.providers.http import create_http_client
 from server.providers.local import LocalRenderer
 from server.ratelimit import Limits, RateLimiter
 from server.storage import FilesystemImageStore, ImageStore, UrlSigner
+from server.uploads import UploadLimits
 
 __all__ = ["App", "build_app", "build_server", "serve", "SERVICE_NAMES"]
 
@@ -71,6 +75,11 @@ METHOD_POLICIES = {
     f"/{_IMAGE_SERVICE}/GenerateImages": MethodPolicy.API_KEY,
     f"/{_IMAGE_SERVICE}/StreamGenerateImages": MethodPolicy.API_KEY,
     f"/{_IMAGE_SERVICE}/GenerateImagesHttp": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/EditImages": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/StreamEditImages": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/EditImagesHttp": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/CreateImageVariation": MethodPolicy.API_KEY,
+    f"/{_IMAGE_SERVICE}/CreateImageVariationHttp": MethodPolicy.API_KEY,
     f"/{_IMAGE_SERVICE}/GetImageFile": MethodPolicy.PUBLIC,
     f"/{_MODEL_SERVICE}/ListModels": MethodPolicy.API_KEY,
     f"/{_MODEL_SERVICE}/GetModel": MethodPolicy.API_KEY,
@@ -98,6 +107,8 @@ class App:
     health: health.aio.HealthServicer
     limiter: RateLimiter
     idempotency: IdempotencyStore
+    inputs: InputRequests
+    upload_limits: UploadLimits
 
 
 async def build_app(
@@ -158,6 +169,24 @@ async def build_app(
         lease_grace_seconds=settings.reservation_grace_seconds,
         max_wait_seconds=settings.request_timeout_seconds,
     )
+    # Image URLs of JSON edits: their own client (no pooling needs, no provider's headers).
+    fetch_client = httpx.AsyncClient(follow_redirects=False, timeout=settings.image_url_timeout_seconds)
+    stack.push_async_callback(fetch_client.aclose)
+    upload_limits = UploadLimits(
+        max_file_bytes=settings.upload_max_file_bytes,
+        max_files=settings.upload_max_images,
+        max_total_bytes=settings.upload_max_bytes,
+        max_json_bytes=settings.upload_max_json_bytes,
+        spool_bytes=settings.upload_spool_bytes,
+    )
+    inputs = InputRequests(
+        ImageFetcher(
+            fetch_client,
+            allowlist=settings.image_url_allowlist.split(","),
+            max_bytes=settings.upload_max_file_bytes,
+            timeout=settings.image_url_timeout_seconds,
+        )
+    )
     sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store, idempotency), name="imagegw-sweeper")
     stack.push_async_callback(_cancel, sweeper)
     return App(
@@ -172,6 +201,8 @@ async def build_app(
         health=health.aio.HealthServicer(),
         limiter=limiter,
         idempotency=idempotency,
+        inputs=inputs,
+        upload_limits=upload_limits,
     )
 
 
@@ -284,7 +315,9 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
         options=[
             # Sized from the one setting that also sizes Envoy's buffers (server/envoy.py).
             ("grpc.max_send_message_length", settings.max_response_bytes),
-            ("grpc.max_receive_message_length", settings.max_request_bytes + 64 * 1024),
+            # Typed gRPC edits carry their images in one message; REST bodies arrive in
+            # messages of at most 1 MiB (Envoy streams them) or below max_request_bytes.
+            ("grpc.max_receive_message_length", max(settings.max_request_bytes + 64 * 1024, settings.max_grpc_message_bytes)),
             # A second server on a taken port must fail, not silently share it.
             ("grpc.so_reuseport", 0),
         ],
@@ -296,6 +329,8 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             signer=app.signer,
             limiter=app.limiter,
             idempotency=app.idempotency,
+            inputs=app.inputs,
+            limits=app.upload_limits,
             keepalive_seconds=settings.stream_keepalive_seconds,
         ),
         server,

@@ -25,7 +25,7 @@ from server.errors import (
     ModelNotFoundError,
     ModelNotSupportedError,
 )
-from server.providers.base import ImageRequest
+from server.providers.base import ImageRequest, InputImage, Operation, TokenUsage
 
 __all__ = ["CatalogError", "ModelCatalog", "ModelSpec", "RawImageRequest", "Quote", "load_catalog"]
 
@@ -82,6 +82,21 @@ class ModelSpec(BaseModel):
     timeout_seconds: float = Field(default=120, gt=0)
     fallbacks: list[str] = Field(default_factory=list)
 
+    # Edits (`POST /v1/images/edits`): whether the model edits, how many input images it
+    # takes, whether a mask is refused, optional or required, and the fidelities it takes.
+    edits: bool = False
+    edit_max_images: int = Field(default=1, ge=1, le=16)
+    edit_mask: Literal["none", "optional", "required"] = "optional"
+    input_fidelities: list[str] = Field(default_factory=list)
+    # Micro-dollars per input image, by input_fidelity ("*" matches any): reserved for
+    # every input image, and charged when the edit delivers (unless usage says less).
+    input_image_prices: dict[str, int] = Field(default_factory=dict)
+    # Micro-dollars per million input image tokens, for upstreams that report them
+    # (OpenAI): the input part of the charge follows that usage, never above the reserve.
+    input_token_price: int = Field(default=0, ge=0)
+    # Variations (`POST /v1/images/variations`): one square PNG in, `n` variations out.
+    variations: bool = False
+
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
         if self.type != "image":
@@ -108,7 +123,21 @@ class ModelSpec(BaseModel):
             for size in concrete_sizes:
                 if self.unit_price(quality, size) is None:
                     raise ValueError(f"no price for quality {quality!r} at size {size!r}")
+        if self.edits:
+            for fidelity in self.input_fidelities or [WILDCARD]:
+                if self.input_image_price(fidelity) is None:
+                    raise ValueError(f"an editing model needs input_image_prices for fidelity {fidelity!r} (or '*')")
         return self
+
+    def input_image_price(self, fidelity: str | None) -> int | None:
+        """Micro-dollars for one input image of an edit, or None when unpriced."""
+        prices = self.input_image_prices
+        return prices.get(fidelity or WILDCARD, prices.get(WILDCARD))
+
+    def supports(self, operation: Operation) -> bool:
+        return operation == "generate" or (operation == "edit" and self.edits) or (
+            operation == "variation" and self.variations
+        )
 
     @property
     def is_image(self) -> bool:
@@ -146,6 +175,11 @@ class RawImageRequest:
     output_compression: int | None = None
     stream: bool | None = None
     partial_images: int | None = None
+    # Edits and variations (see ImageRequest).
+    operation: Operation = "generate"
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +196,30 @@ class Quote:
     # The caller's parameters as received: a fallback model re-resolves these, not the
     # primary's resolved values (which would turn its defaults into explicit choices).
     raw: RawImageRequest | None = None
+    # An edit's input images: their price together, and the price per million input
+    # image tokens for an upstream that reports them (0: charge the whole input price).
+    inputs_micros: int = 0
+    input_token_price: int = 0
 
     @property
     def amount_micros(self) -> int:
-        """The most this request can cost: every image with every partial it may stream."""
-        return self.request.n * (self.unit_price_micros + self.request.partial_images * self.partial_price_micros)
+        """The most this request can cost: every image with every partial it may stream,
+        and the inputs."""
+        outputs = self.request.n * (self.unit_price_micros + self.request.partial_images * self.partial_price_micros)
+        return outputs + self.inputs_micros
 
-    def cost_micros(self, images: int, partials: int) -> int:
-        """What ``images`` final and ``partials`` partial images delivered cost, never
-        more than was reserved."""
-        return min(images * self.unit_price_micros + partials * self.partial_price_micros, self.amount_micros)
+    def cost_micros(self, images: int, partials: int, usage: TokenUsage | None = None) -> int:
+        """What ``images`` final and ``partials`` partial images delivered cost, with the
+        inputs they were made from, never more than was reserved. Nothing delivered,
+        nothing charged (inputs included)."""
+        cost = images * self.unit_price_micros + partials * self.partial_price_micros
+        if images or partials:
+            inputs = self.inputs_micros
+            if self.input_token_price and usage is not None and usage.input_image_tokens:
+                # Round up: a fraction of a micro-dollar is still owed to the upstream.
+                inputs = min(inputs, -(-usage.input_image_tokens * self.input_token_price // 1_000_000))
+            cost += inputs
+        return min(cost, self.amount_micros)
 
 
 class ModelCatalog:
@@ -234,12 +282,21 @@ class ModelCatalog:
     def resolve(self, raw: RawImageRequest) -> Quote:
         """Validates ``raw`` for its model and prices it; raises a 400 naming the param."""
         spec = self.get_image_model(raw.model or self.default_model)
+        if not spec.supports(raw.operation):
+            what = {"edit": "edit images", "variation": "make image variations"}.get(raw.operation, "generate images")
+            raise ModelNotSupportedError(
+                f"The model '{spec.id}' cannot {what} on this server; use a model whose catalog entry allows it.",
+                param="model",
+            )
+        inputs_micros = _check_inputs(spec, raw)
         prompt = raw.prompt
-        if not prompt or not prompt.strip():
+        if raw.operation == "variation":
+            prompt = prompt or ""  # variations take no prompt
+        elif not prompt or not prompt.strip():
             raise InvalidRequestError(
                 "Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter"
             )
-        if len(prompt) > spec.prompt_max_chars:
+        if prompt and len(prompt) > spec.prompt_max_chars:
             raise InvalidRequestError(
                 f"Invalid 'prompt': string too long. Expected a string with maximum length "
                 f"{spec.prompt_max_chars} for model '{spec.id}', but got a string with length {len(prompt)} instead.",
@@ -324,6 +381,10 @@ class ModelCatalog:
             size_is_auto=size_is_auto,
             quality_is_auto=quality_is_auto,
             partial_images=partial_images,
+            operation=raw.operation,
+            images=raw.images,
+            mask=raw.mask,
+            input_fidelity=raw.input_fidelity,
         )
         price = spec.unit_price(quality, request.size)
         if price is None:  # pragma: no cover - the spec validator guarantees a price
@@ -336,7 +397,62 @@ class ModelCatalog:
             stream=stream,
             partial_price_micros=spec.partial_image_price,
             raw=raw,
+            inputs_micros=inputs_micros,
+            input_token_price=spec.input_token_price if raw.operation == "edit" else 0,
         )
+
+
+def _check_inputs(spec: ModelSpec, raw: RawImageRequest) -> int:
+    """Checks an edit's or a variation's images against the model; returns what the
+    inputs cost (micro-dollars, reserved with the outputs)."""
+    if raw.operation == "generate":
+        return 0
+    if not raw.images:
+        raise InvalidRequestError(
+            "Missing required parameter: 'image'.", param="image", code="missing_required_parameter"
+        )
+    if raw.operation == "variation":
+        image = raw.images[0]
+        if len(raw.images) > 1 or image.format != "png" or image.width != image.height:
+            raise InvalidRequestError(
+                "Invalid 'image': a variation takes one square PNG image.", param="image", code="invalid_image"
+            )
+        return 0
+    if len(raw.images) > spec.edit_max_images:
+        raise InvalidRequestError(
+            f"Invalid 'image': model '{spec.id}' edits at most {spec.edit_max_images} image(s), "
+            f"but {len(raw.images)} were given.",
+            param="image",
+            code="too_many_images",
+        )
+    if raw.mask is None and spec.edit_mask == "required":
+        raise InvalidRequestError(
+            f"Missing required parameter: 'mask'. Model '{spec.id}' edits only under a mask.",
+            param="mask",
+            code="missing_required_parameter",
+        )
+    if raw.mask is not None:
+        if spec.edit_mask == "none":
+            raise _unsupported(spec, "mask")
+        first = raw.images[0]
+        if raw.mask.format != "png" or not raw.mask.has_alpha:
+            raise InvalidRequestError(
+                "Invalid 'mask': it must be a PNG image with an alpha channel (transparent where to edit).",
+                param="mask",
+                code="invalid_mask",
+            )
+        if (raw.mask.width, raw.mask.height) != (first.width, first.height):
+            raise InvalidRequestError(
+                f"Invalid 'mask': its size ({raw.mask.width}x{raw.mask.height}) must equal the first image's "
+                f"({first.width}x{first.height}).",
+                param="mask",
+                code="invalid_mask",
+            )
+    fidelity = _optional_choice(spec, "input_fidelity", raw.input_fidelity, spec.input_fidelities)
+    price = spec.input_image_price(fidelity)
+    if price is None:  # pragma: no cover - the spec validator guarantees a price
+        raise CatalogError(f"model {spec.id!r} has no input image price for fidelity {fidelity!r}")
+    return price * len(raw.images)
 
 
 def _resolve_size(spec: ModelSpec, size: str | None) -> tuple[int, int, bool]:

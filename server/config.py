@@ -62,6 +62,20 @@ class Settings(BaseSettings):
     # A streamed answer quiet this long gets an SSE comment line, so that no proxy's idle
     # timeout (often 60 s) cuts a generation that is still running.
     stream_keepalive_seconds: float = Field(default=15, gt=0)
+    # Uploads (edits, variations), enforced by the server as they stream in: OpenAI's
+    # own limits by default (16 images of up to 50 MB). Files above upload_spool_bytes
+    # wait on disk, not in memory.
+    upload_max_file_bytes: int = Field(default=50 * MIB, ge=MIB)
+    upload_max_images: int = Field(default=16, ge=1, le=16)
+    upload_max_bytes: int = Field(default=16 * 50 * MIB + MIB, ge=MIB)
+    upload_max_json_bytes: int = Field(default=128 * MIB, ge=MIB)
+    upload_spool_bytes: int = Field(default=MIB, ge=0)
+    # Typed gRPC edits carry their images in one message, up to this size.
+    max_grpc_message_bytes: int = Field(default=64 * MIB, ge=MIB)
+    # JSON edits' image URLs: hosts or networks (comma-separated) that may be fetched even
+    # though they are private or local, and how long one fetch may take.
+    image_url_allowlist: str = ""
+    image_url_timeout_seconds: float = Field(default=20, gt=0)
     shutdown_grace_seconds: float = Field(default=30, ge=0)
     shutdown_drain_seconds: float = Field(default=2, ge=0)
 

@@ -24,7 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 ENVOY_TEMPLATE = ROOT / "envoy" / "envoy.yaml"
 LUA_FILE = ROOT / "envoy" / "openai_compat.lua"
 
-_GENERATE_PREFIX = "/imagegw.v1.ImageService/GenerateImages"
+# Routes of the slow, billable RPCs and of the public upload paths: the request timeout.
+_LONG_ROUTES = (
+    "/imagegw.v1.ImageService/GenerateImages",
+    "/imagegw.v1.ImageService/EditImages",
+    "/imagegw.v1.ImageService/CreateImageVariation",
+    "/v1/images/edits",
+    "/v1/images/variations",
+)
 
 
 def envoy_binary(settings: Settings) -> str:
@@ -60,9 +67,10 @@ def render_envoy_config(settings: Settings, upstreams: Sequence[tuple[str, int]]
             typed["max_response_body_size"] = settings.max_response_bytes
     timeout = f"{int(settings.request_timeout_seconds)}s"
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
-        if route["match"]["prefix"] == _GENERATE_PREFIX:
+        if route["match"].get("prefix") in _LONG_ROUTES:
             route["route"]["timeout"] = timeout
-            route["route"]["max_stream_duration"] = {"max_stream_duration": timeout, "grpc_timeout_header_max": timeout}
+            if "max_stream_duration" in route["route"]:
+                route["route"]["max_stream_duration"] = {"max_stream_duration": timeout, "grpc_timeout_header_max": timeout}
     cluster = config["static_resources"]["clusters"][0]
     targets = upstreams or [(settings.grpc_host, settings.grpc_port + i) for i in range(settings.workers)]
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [

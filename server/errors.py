@@ -50,6 +50,7 @@ __all__ = [
     "ModelNotFoundError",
     "ModelNotSupportedError",
     "NotFoundError",
+    "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
     "ServiceUnavailableError",
@@ -165,6 +166,15 @@ class InsufficientBalanceError(ApiError):
     http_status = 402
     openai_type = "insufficient_quota"
     default_code = "insufficient_balance"
+
+
+class PayloadTooLargeError(ApiError):
+    """An upload or a part of it is over one of the server's limits."""
+
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    http_status = 413
+    openai_type = "invalid_request_error"
+    default_code = "request_too_large"
 
 
 class PermissionDeniedError(ApiError):

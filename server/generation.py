@@ -237,9 +237,11 @@ class Generation:
         stream = _Delivery(sink, quote, self._clock) if quote.stream and sink is not None else None
         served = quote
         delivered = 0
+        usage: TokenUsage | None = None
         error_code = ""
         try:
             served, result = await self._call_with_fallbacks(quote, deadline, stream)
+            usage = result.usage
             images = result.images[: quote.request.n]
             if stream is not None:
                 await stream.finish(images, result)
@@ -252,7 +254,7 @@ class Generation:
                 created=int(self._clock()),
                 images=payload,
                 usage=result.usage,
-                cost_micros=_cost(quote, served, delivered, stream.partials if stream else 0),
+                cost_micros=_cost(quote, served, delivered, stream.partials if stream else 0, usage),
                 model=served.spec.id,
                 provider=served.spec.provider,
                 size=result.size,
@@ -273,9 +275,9 @@ class Generation:
             if stream is not None:
                 # What reached the caller is paid for, whatever happened after it.
                 delivered = stream.images
-                captured = _cost(quote, served, stream.images, stream.partials)
+                captured = _cost(quote, served, stream.images, stream.partials, usage)
             else:
-                captured = _cost(quote, served, delivered, 0)
+                captured = _cost(quote, served, delivered, 0, usage)
             # Shielded: a second cancellation must not stop the money from settling. If the
             # process dies here, the reservation expires and the sweeper releases it.
             settle = asyncio.create_task(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
@@ -384,7 +386,8 @@ class Generation:
         ]
 
 
-def _cost(quote: Quote, served: Quote, images: int, partials: int) -> int:
-    """What the delivered images cost at the serving model's prices, never more than the
-    primary model's reservation (a fallback may price differently)."""
-    return min(served.cost_micros(images, partials), quote.amount_micros)
+def _cost(quote: Quote, served: Quote, images: int, partials: int, usage: TokenUsage | None) -> int:
+    """What the delivered images (and an edit's inputs) cost at the serving model's
+    prices, never more than the primary model's reservation (a fallback may price
+    differently)."""
+    return min(served.cost_micros(images, partials, usage), quote.amount_micros)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 
 import grpc
 from google.api import httpbody_pb2
@@ -33,6 +35,7 @@ from imagegw.v1 import images_pb2, images_pb2_grpc
 from server.api import rest
 from server.api.interceptors import CallInfo, current_call
 from server.catalog import RawImageRequest
+from server.editing import EDIT_FIELDS, VARIATION_FIELDS, InputRequests
 from server.errors import ApiError, InternalError, InvalidRequestError, NotFoundError
 from server.generation import Generation, GenerationResult, StreamEvent, StreamSink
 from server.idempotency import (
@@ -48,6 +51,7 @@ from server.offload import run_sized
 from server.providers.base import TokenUsage
 from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
+from server.uploads import Upload, UploadLimits, read_upload
 
 __all__ = ["ImageServicer"]
 
@@ -71,8 +75,9 @@ _OPTIONAL_FIELDS = (
     "stream",
     "partial_images",
 )
-COMPLETED = "image_generation.completed"
-PARTIAL = "image_generation.partial_image"
+# The event type prefix of each use case: `image_generation.completed`, `image_edit.partial_image`.
+GENERATION = "image_generation"
+EDIT = "image_edit"
 COST_HEADER = "x-imagegw-cost-usd"
 MODEL_HEADER = "x-imagegw-model"
 
@@ -96,31 +101,26 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         signer: UrlSigner,
         limiter: RateLimiter,
         idempotency: IdempotencyStore,
+        inputs: InputRequests,
+        limits: UploadLimits,
         keepalive_seconds: float = 15.0,
     ) -> None:
         self._generation = generation
+        self._inputs = inputs
+        self._limits = limits
         self._store = store
         self._signer = signer
         self._limiter = limiter
         self._idempotency = idempotency
         self._keepalive = keepalive_seconds
 
-    # -- the three ways to run a generation ----------------------------------------------
+    # -- generations: three ways to receive the same use case ------------------------------
 
     async def GenerateImages(  # noqa: N802 - gRPC method name
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> images_pb2.GenerateImagesResponse:
-        if request.stream:
-            raise InvalidRequestError(
-                "GenerateImages answers once; call StreamGenerateImages to stream.",
-                param="stream",
-                code="unsupported_parameter",
-            )
-        outcome = await self._run(request, context, None)
-        # Response headers travel as initial metadata, sent only once the call has
-        # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
-        await context.send_initial_metadata(tuple(outcome.headers))
-        return outcome.answer.message
+        _refuse_stream(request.stream, "StreamGenerateImages")
+        return await self._answer(_raw_generation(request), context, _proto_hash(request))
 
     # grpc.aio's writer style: the handler writes with context.write and returns None.
     async def StreamGenerateImages(  # type: ignore[override]  # noqa: N802 - gRPC method name
@@ -129,31 +129,114 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         streamed = images_pb2.GenerateImagesRequest()
         streamed.CopyFrom(request)
         streamed.stream = True  # implied by the RPC
-        writer = _Writer(context, lambda event: event)
-        outcome = await self._run(streamed, context, writer)
-        if outcome.answer.replayed:
-            for event in _replayed_events(outcome.answer.message):
-                await writer.write(event, outcome.headers)
-        await writer.open(outcome.headers)  # even when nothing was streamed
-        context.set_trailing_metadata(tuple(h for h in outcome.headers if h[0] in (COST_HEADER, MODEL_HEADER)))
+        await self._answer_stream(_raw_generation(streamed), context, _proto_hash(streamed), GENERATION)
 
     async def GenerateImagesHttp(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request: images_pb2.GenerateImagesRequest, context: grpc.aio.ServicerContext
     ) -> None:
-        if not request.stream:
-            outcome = await self._run(request, context, None)
+        await self._answer_http(_raw_generation(request), context, _proto_hash(request), GENERATION)
+
+    # -- edits and variations: the same, with the caller's images -------------------------
+
+    async def EditImages(  # noqa: N802 - gRPC method name
+        self, request: images_pb2.EditImagesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.GenerateImagesResponse:
+        _refuse_stream(request.stream, "StreamEditImages")
+        raw = await self._raw_edit(request)
+        return await self._answer(raw, context, _inputs_hash(raw))
+
+    async def StreamEditImages(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, request: images_pb2.EditImagesRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        raw = replace(await self._raw_edit(request), stream=True)  # implied by the RPC
+        await self._answer_stream(raw, context, _inputs_hash(raw), EDIT)
+
+    async def EditImagesHttp(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, requests: AsyncIterator[httpbody_pb2.HttpBody], context: grpc.aio.ServicerContext
+    ) -> None:
+        upload = await _read_body(requests, self._limits)
+        try:
+            raw = await self._inputs.from_upload(upload, "edit")
+            await self._answer_http(raw, context, _inputs_hash(raw), EDIT)
+        finally:
+            upload.close()
+
+    async def CreateImageVariation(  # noqa: N802 - gRPC method name
+        self, request: images_pb2.CreateImageVariationRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.GenerateImagesResponse:
+        fields = {
+            name: getattr(request, name)
+            for name in VARIATION_FIELDS
+            if request.HasField(name)  # type: ignore[arg-type]  # names from VARIATION_FIELDS
+        }
+        images = [(request.image.data, request.image.filename)] if request.HasField("image") else []
+        raw = await self._inputs.from_message("variation", fields, images, None)
+        return await self._answer(raw, context, _inputs_hash(raw))
+
+    async def CreateImageVariationHttp(  # type: ignore[override]  # noqa: N802 - gRPC method name
+        self, requests: AsyncIterator[httpbody_pb2.HttpBody], context: grpc.aio.ServicerContext
+    ) -> None:
+        upload = await _read_body(requests, self._limits)
+        try:
+            raw = await self._inputs.from_upload(upload, "variation")
+            await self._answer_http(raw, context, _inputs_hash(raw), GENERATION)
+        finally:
+            upload.close()
+
+    async def _raw_edit(self, request: images_pb2.EditImagesRequest) -> RawImageRequest:
+        fields = {
+            name: getattr(request, name)
+            for name in EDIT_FIELDS
+            if name == "prompt" or request.HasField(name)  # type: ignore[arg-type]  # names from EDIT_FIELDS
+        }
+        images = [(image.data, image.filename) for image in request.image]
+        mask = (request.mask.data, request.mask.filename) if request.HasField("mask") else None
+        return await self._inputs.from_message("edit", fields, images, mask)
+
+    # -- answering ---------------------------------------------------------------------------
+
+    async def _answer(
+        self, raw: RawImageRequest, context: grpc.aio.ServicerContext, request_hash: RequestHash
+    ) -> images_pb2.GenerateImagesResponse:
+        """The typed unary answer."""
+        outcome = await self._run(raw, context, request_hash, None)
+        # Response headers travel as initial metadata, sent only once the call has
+        # succeeded (an error after initial metadata would lose its HTTP status in Envoy).
+        await context.send_initial_metadata(tuple(outcome.headers))
+        return outcome.answer.message
+
+    async def _answer_stream(
+        self, raw: RawImageRequest, context: grpc.aio.ServicerContext, request_hash: RequestHash, events: str
+    ) -> None:
+        """Typed events over gRPC; the charge in the trailing metadata."""
+        writer = _Writer(context, lambda event: event, events)
+        outcome = await self._run(raw, context, request_hash, writer)
+        if outcome.answer.replayed:
+            for event in _replayed_events(outcome.answer.message, events):
+                await writer.write(event, outcome.headers)
+        await writer.open(outcome.headers)  # even when nothing was streamed
+        context.set_trailing_metadata(tuple(h for h in outcome.headers if h[0] in (COST_HEADER, MODEL_HEADER)))
+
+    async def _answer_http(
+        self, raw: RawImageRequest, context: grpc.aio.ServicerContext, request_hash: RequestHash, events: str
+    ) -> None:
+        """OpenAI's REST answer: one JSON body, or Server-Sent Events with ``stream``."""
+        if not raw.stream:
+            outcome = await self._run(raw, context, request_hash, None)
             message = outcome.answer.message
             body = await run_sized(message.ByteSize(), rest.images_response_json, message)
             await context.send_initial_metadata(tuple(outcome.headers))
             await context.write(httpbody_pb2.HttpBody(content_type=rest.JSON, data=body))
             return
         writer = _Writer(
-            context, lambda event: httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.sse_event(event))
+            context,
+            lambda event: httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.sse_event(event, prefix=events)),
+            events,
         )
         call = current_call()
         async with _keepalive(writer, call, self._keepalive):
             try:
-                outcome = await self._run(request, context, writer)
+                outcome = await self._run(raw, context, request_hash, writer)
             except ApiError as exc:
                 if not writer.opened:
                     raise  # nothing sent yet: the caller gets the real HTTP status
@@ -162,13 +245,14 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                 await writer.write_raw(httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.error_event(exc)), [])
                 return
             if outcome.answer.replayed:
-                for event in _replayed_events(outcome.answer.message):
+                for event in _replayed_events(outcome.answer.message, events):
                     await writer.write(event, outcome.headers)
 
     async def _run(
         self,
-        request: images_pb2.GenerateImagesRequest,
+        raw: RawImageRequest,
         context: grpc.aio.ServicerContext,
+        request_hash: RequestHash,
         writer: _Writer | None,
     ) -> _Outcome:
         call = current_call()
@@ -176,11 +260,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if principal is None:  # the interceptor's policy guarantees one
             raise InternalError("a generation ran without a principal")
         idempotency_key = parse_key(context.invocation_metadata())
-        raw = RawImageRequest(
-            prompt=request.prompt,
-            **{name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)},  # type: ignore[arg-type]
-        )
         call.log_fields["model"] = raw.model or "default"
+        if raw.operation != "generate":
+            call.log_fields["operation"] = raw.operation
         remaining = context.time_remaining()
         # Finish a little before the caller's deadline, so that the caller gets our 504
         # (with its OpenAI body) rather than a transport timeout.
@@ -206,7 +288,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         answer = await self._idempotency.run(
             principal.account_id,
             idempotency_key,
-            fingerprint(_GENERATE_IMAGES, request) if idempotency_key is not None else "",
+            await request_hash() if idempotency_key is not None else "",
             request_id=call.request_id,
             deadline=deadline,
             produce=generate,
@@ -241,9 +323,11 @@ class _Writer(StreamSink):
         self,
         context: grpc.aio.ServicerContext,
         render: Callable[[images_pb2.ImageGenerationEvent], object],
+        events: str,
     ) -> None:
         self._context = context
         self._render = render
+        self._events = events
         self._lock = asyncio.Lock()
         self.headers: list[tuple[str, str]] = []
         self.opened = False
@@ -252,7 +336,7 @@ class _Writer(StreamSink):
         self.last: images_pb2.ImageGenerationEvent | None = None
 
     async def send(self, event: StreamEvent) -> None:
-        message = _event(event)
+        message = _event(event, self._events)
         await self.write(message, [*self.headers, (MODEL_HEADER, event.model)])
         if event.kind == "completed":
             self.last = message
@@ -302,9 +386,9 @@ async def _keepalive(writer: _Writer, call: CallInfo, interval: float) -> AsyncI
             await task
 
 
-def _event(event: StreamEvent) -> images_pb2.ImageGenerationEvent:
+def _event(event: StreamEvent, events: str) -> images_pb2.ImageGenerationEvent:
     message = images_pb2.ImageGenerationEvent(
-        type=COMPLETED if event.kind == "completed" else PARTIAL,
+        type=f"{events}.{event.kind}",
         b64_json=event.data,
         created_at=event.created_at,
         size=event.size,
@@ -320,12 +404,12 @@ def _event(event: StreamEvent) -> images_pb2.ImageGenerationEvent:
     return message
 
 
-def _replayed_events(response: images_pb2.GenerateImagesResponse) -> list[images_pb2.ImageGenerationEvent]:
+def _replayed_events(response: images_pb2.GenerateImagesResponse, prefix: str) -> list[images_pb2.ImageGenerationEvent]:
     """A stored streamed answer as its completed events (the request's usage on the last)."""
     events = []
     for index, image in enumerate(response.data):
         event = images_pb2.ImageGenerationEvent(
-            type=COMPLETED,
+            type=f"{prefix}.completed",
             b64_json=image.b64_json,
             created_at=response.created,
             size=response.size,
@@ -380,3 +464,63 @@ def _response(
                 setattr(response, name, getattr(last, name))
     return response
 
+
+RequestHash = Callable[[], Awaitable[str]]
+
+
+def _refuse_stream(stream: bool, rpc: str) -> None:
+    if stream:
+        raise InvalidRequestError(
+            f"This RPC answers once; call {rpc} to stream.", param="stream", code="unsupported_parameter"
+        )
+
+
+def _raw_generation(request: images_pb2.GenerateImagesRequest) -> RawImageRequest:
+    return RawImageRequest(
+        prompt=request.prompt,
+        **{name: getattr(request, name) for name in _OPTIONAL_FIELDS if request.HasField(name)},  # type: ignore[arg-type]
+    )
+
+
+def _proto_hash(request: images_pb2.GenerateImagesRequest) -> RequestHash:
+    async def compute() -> str:
+        return fingerprint(_GENERATE_IMAGES, request)
+
+    return compute
+
+
+def _inputs_hash(raw: RawImageRequest) -> RequestHash:
+    """The fingerprint of an edit or a variation: its fields and the SHA-256 of each image
+    (hashing reads the images, so it runs in a worker and only for an Idempotency-Key)."""
+
+    async def compute() -> str:
+        def digest() -> str:
+            fields = {
+                name: getattr(raw, name)
+                for name in EDIT_FIELDS
+                if name != "prompt" and getattr(raw, name, None) is not None
+            }
+            images = [image.sha256() for image in raw.images]
+            mask = raw.mask.sha256() if raw.mask is not None else None
+            canonical = json.dumps(
+                [raw.operation, raw.prompt, fields, images, mask], sort_keys=True, separators=(",", ":")
+            )
+            return hashlib.sha256(canonical.encode()).hexdigest()
+
+        return await asyncio.to_thread(digest)
+
+    return compute
+
+
+async def _read_body(requests: AsyncIterator[httpbody_pb2.HttpBody], limits: UploadLimits) -> Upload:
+    """The streamed REST body (edits, variations): the first message names the content type."""
+    iterator = aiter(requests)
+    first = await anext(iterator, None)
+    if first is None:
+        raise InvalidRequestError("The request has no body.")
+
+    async def rest_of() -> AsyncIterator[bytes]:
+        async for message in iterator:
+            yield message.data
+
+    return await read_upload(first.content_type, first.data, rest_of(), limits)

@@ -16,19 +16,67 @@ one completed event per image at the end.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import BinaryIO, Literal, Protocol
 
 __all__ = [
     "GeneratedImage",
     "ImageProvider",
     "ImageRequest",
+    "InputImage",
+    "Operation",
     "Progress",
     "ProviderResult",
     "TokenUsage",
 ]
 
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+# What a request asks a model to do: make images from a prompt, edit the caller's images
+# (OpenAI's images.edit), or make variations of one image (images.create_variation).
+Operation = Literal["generate", "edit", "variation"]
+
+
+class InputImage:
+    """An image the caller sent (an edit's input or mask, a variation's source), already
+    checked to be a whole PNG, JPEG or WebP. The bytes stay where the upload put them
+    (memory, or a temporary file for large uploads) until a provider reads them."""
+
+    def __init__(
+        self, source: BinaryIO, *, size: int, format: str, width: int, height: int, has_alpha: bool, filename: str = ""
+    ) -> None:
+        self._source = source
+        self._lock = threading.Lock()  # providers may read from several threads at once
+        self.size = size
+        self.format = format
+        self.width = width
+        self.height = height
+        self.has_alpha = has_alpha
+        self.filename = filename
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPES[self.format]
+
+    def read(self) -> bytes:
+        """The encoded image (reads the temporary file when the upload was spooled)."""
+        with self._lock:
+            self._source.seek(0)
+            return self._source.read()
+
+    def sha256(self) -> str:
+        """SHA-256 of the encoded image, read in chunks (never whole in memory)."""
+        digest = hashlib.sha256()
+        with self._lock:
+            self._source.seek(0)
+            while chunk := self._source.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"InputImage({self.format} {self.width}x{self.height}, {self.size} bytes)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +106,12 @@ class ImageRequest:
     # Partial images wanted before each final image (0-3; streaming only, and only from
     # models whose catalog row says they make them).
     partial_images: int = 0
+    # Edits and variations: the caller's images (an edit's first image is the one the
+    # mask applies to), the mask (transparent where to edit) and the fidelity to them.
+    operation: Operation = "generate"
+    images: tuple[InputImage, ...] = ()
+    mask: InputImage | None = None
+    input_fidelity: str | None = None
 
     @property
     def size(self) -> str:

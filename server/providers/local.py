@@ -27,6 +27,17 @@ an "abstract" landscape whose colours come from the prompt's SHA-256.
 The CPU work is ``render_image``, a top-level function of plain values, so the
 composition root may give ``LocalRenderer`` a thread pool or a process pool.
 
+Edits and variations, deterministic and checkable pixel by pixel:
+
+* an edit paints the prompt's composition (the same picture a generation of that prompt
+  and size would have) into the first input image: under a mask, exactly where the mask
+  is fully transparent, and every other pixel stays exactly as it was; without a mask,
+  over the whole picture, blended half and half with it. The other input images appear
+  as insets along the bottom of the painted part. With ``size: auto`` the result has the
+  first image's size; another size resizes the inputs first.
+* variation ``k`` of an image is the image at the requested size, its hue turned by
+  ``(k + 1) / 8`` of a circle, mirrored when ``k`` is odd.
+
 Streaming: partial images are the finished picture at increasing detail, coarse to fine:
 partial ``k`` is the picture averaged over a grid of ``PARTIAL_GRID_CELLS[k]`` cells along
 its short side and scaled back with hard edges (a mosaic), so every partial has the final
@@ -49,18 +60,28 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from server.errors import InvalidRequestError, ServiceUnavailableError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
+    InputImage,
     Progress,
     ProviderResult,
     TokenUsage,
 )
 
-__all__ = ["PARTIAL_GRID_CELLS", "LocalRenderer", "mosaic", "render_image", "render_with_partials", "revised_prompt"]
+__all__ = [
+    "PARTIAL_GRID_CELLS",
+    "LocalRenderer",
+    "mosaic",
+    "render_edit",
+    "render_image",
+    "render_variation",
+    "render_with_partials",
+    "revised_prompt",
+]
 
 MODEL_ID: Final = "local-1"
 OUTPUT_FORMATS: Final = frozenset({"png", "jpeg", "webp"})
@@ -1000,6 +1021,75 @@ def render_with_partials(
     return partials, final
 
 
+def _open_rgba(data: bytes, size: tuple[int, int] | None = None) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGBA")
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    return image
+
+
+def _encode_any(image: Image.Image, output_format: str, output_compression: int) -> bytes:
+    # JPEG has no alpha; PNG and WebP keep the input's.
+    return _encode(image.convert("RGB") if output_format == "jpeg" else image, output_format, output_compression)
+
+
+def render_edit(
+    prompt: str,
+    width: int,
+    height: int,
+    index: int,
+    quality: str,
+    output_format: str,
+    output_compression: int,
+    images: list[InputImage],
+    mask: InputImage | None,
+    partial_images: int,
+) -> tuple[list[bytes], bytes]:
+    """Edit ``index`` of ``images`` (see the module docstring), with its partial images."""
+    base = _open_rgba(images[0].read(), (width, height))
+    painted = _paint(prompt, width, height, index, None, quality).convert("RGBA")
+    # The other inputs as insets, a quarter of the short side each, left to right.
+    side = max(8, min(width, height) // 4)
+    margin = max(2, side // 10)
+    for position, extra in enumerate(images[1:]):
+        inset = _open_rgba(extra.read())
+        inset.thumbnail((side, side), Image.Resampling.LANCZOS)
+        per_row = max(1, (width - margin) // (side + margin))
+        row, column = divmod(position, per_row)
+        painted.alpha_composite(inset, (margin + column * (side + margin), height - (row + 1) * (side + margin)))
+    if mask is not None:
+        with Image.open(io.BytesIO(mask.read())) as opened:
+            alpha = opened.convert("RGBA").getchannel("A")
+        if alpha.size != (width, height):
+            alpha = alpha.resize((width, height), Image.Resampling.NEAREST)
+        where = alpha.point(lambda a: 255 if a == 0 else 0)  # fully transparent: edit here
+        edited = Image.composite(painted, base, where)
+    else:
+        edited = Image.blend(base, painted, 0.5)
+    final = _encode_any(edited, output_format, output_compression)
+    partials = [
+        _encode_any(mosaic(edited, cells), output_format, output_compression)
+        for cells in PARTIAL_GRID_CELLS[:partial_images]
+    ]
+    return partials, final
+
+
+def render_variation(
+    image: InputImage, width: int, height: int, index: int, output_format: str, output_compression: int
+) -> bytes:
+    """Variation ``index`` of ``image`` (see the module docstring)."""
+    source = _open_rgba(image.read(), (width, height))
+    hue, saturation, value = source.convert("RGB").convert("HSV").split()
+    turn = round(256 * (index + 1) / 8)
+    hue = hue.point(lambda h: (h + turn) % 256)
+    varied = Image.merge("HSV", (hue, saturation, value)).convert("RGBA")
+    varied.putalpha(source.getchannel("A"))
+    if index % 2:
+        varied = ImageOps.mirror(varied)
+    return _encode_any(varied, output_format, output_compression)
+
+
 # --------------------------------------------------------------------------- provider
 
 
@@ -1030,18 +1120,14 @@ class LocalRenderer:
         partials = request.partial_images if progress is not None else 0
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[tuple[list[bytes], bytes]]] = []
-        revised = revised_prompt(request.prompt, style=request.style, quality=request.quality)
+        revised = None
+        if request.operation == "generate":
+            revised = revised_prompt(request.prompt, style=request.style, quality=request.quality)
         images: list[GeneratedImage] = []
         try:
             try:
                 for index in range(request.n):
-                    futures.append(
-                        loop.run_in_executor(
-                            self._executor, render_with_partials, request.prompt, request.width,
-                            request.height, index, request.style, request.quality,
-                            request.output_format, request.output_compression, partials,
-                        )
-                    )
+                    futures.append(loop.run_in_executor(self._executor, self._render, request, index, partials))
             except concurrent.futures.BrokenExecutor as exc:
                 raise ServiceUnavailableError("the local renderer's workers died") from exc
             except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
@@ -1064,6 +1150,25 @@ class LocalRenderer:
                 future.cancel()
 
         return ProviderResult(images=images, usage=TokenUsage())  # nothing is metered: there are no tokens
+
+    @staticmethod
+    def _render(request: ImageRequest, index: int, partials: int) -> tuple[list[bytes], bytes]:
+        """One image of ``request`` (in a worker): generated, edited or varied."""
+        width, height = request.width, request.height
+        if request.operation != "generate" and request.size_is_auto:
+            width, height = request.images[0].width, request.images[0].height  # keep the input's size
+        if request.operation == "edit":
+            return render_edit(
+                request.prompt, width, height, index, request.quality, request.output_format,
+                request.output_compression, list(request.images), request.mask, partials,
+            )
+        if request.operation == "variation":
+            image = request.images[0]
+            return [], render_variation(image, width, height, index, request.output_format, request.output_compression)
+        return render_with_partials(
+            request.prompt, width, height, index, request.style, request.quality,
+            request.output_format, request.output_compression, partials,
+        )
 
     async def aclose(self) -> None:
         """Nothing to release: the executor belongs to whoever passed it in."""

@@ -39,8 +39,11 @@ def test_limits_timeouts_and_ports_come_from_settings(tmp_path: Path) -> None:
     assert transcoder["max_request_body_size"] == 1048576
     assert transcoder["max_response_body_size"] == settings.max_response_bytes
     assert transcoder["services"] == ["imagegw.v1.ImageService", "imagegw.v1.ModelService"]
-    generate = hcm["route_config"]["virtual_hosts"][0]["routes"][0]
-    assert generate["route"]["timeout"] == "900s"
-    assert generate["route"]["max_stream_duration"] == {"max_stream_duration": "900s", "grpc_timeout_header_max": "900s"}
+    routes = {r["match"]["prefix"]: r["route"] for r in hcm["route_config"]["virtual_hosts"][0]["routes"]}
+    for rpc in ("GenerateImages", "EditImages", "CreateImageVariation"):
+        route = routes[f"/imagegw.v1.ImageService/{rpc}"]
+        assert route["timeout"] == "900s"
+        assert route["max_stream_duration"] == {"max_stream_duration": "900s", "grpc_timeout_header_max": "900s"}
+    assert routes["/v1/images/edits"]["timeout"] == routes["/v1/images/variations"]["timeout"] == "900s"
     thresholds = config["static_resources"]["clusters"][0]["circuit_breakers"]["thresholds"][0]
     assert min(thresholds["max_requests"], thresholds["max_pending_requests"]) >= 4096

@@ -23,6 +23,7 @@ TABLE = [
     (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED, 403, "invalid_request_error", "permission_denied", False),
     (errors.NotFoundError, grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error", "not_found", False),
     (errors.ConflictError, grpc.StatusCode.ABORTED, 409, "invalid_request_error", "conflict", True),
+    (errors.PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED, 413, "invalid_request_error", "request_too_large", False),
     (errors.RateLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "requests", "rate_limit_exceeded", True),
     (errors.InternalError, grpc.StatusCode.INTERNAL, 500, "server_error", "internal_error", False),
     (errors.UpstreamError, grpc.StatusCode.UNAVAILABLE, 502, "server_error", "upstream_error", False),

@@ -475,6 +475,238 @@ class ImageGenerationEvent(_message.Message):
 Global___ImageGenerationEvent: _TypeAlias = ImageGenerationEvent  # noqa: Y015
 
 @_typing.final
+class InputImage(_message.Message):
+    """An image the caller sends to be edited or varied."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    FILENAME_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The encoded image: PNG, JPEG or WebP."""
+    filename: _builtins.str
+    """The file name, if any; used in error messages only."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        filename: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "filename", b"filename"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputImage: _TypeAlias = InputImage  # noqa: Y015
+
+@_typing.final
+class EditImagesRequest(_message.Message):
+    """Request for EditImages: OpenAI's CreateImageEditRequest, field for field, with
+    the images as bytes.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    OUTPUT_COMPRESSION_FIELD_NUMBER: _builtins.int
+    INPUT_FIDELITY_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    PARTIAL_IMAGES_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """A text description of the desired image(s). Required."""
+    model: _builtins.str
+    """Catalog model id of a model that edits. Unset means the server's default model."""
+    n: _builtins.int
+    """Number of images to make, 1 to the model's maximum. Unset means 1."""
+    quality: _builtins.str
+    """Quality, as the model allows. Unset means `auto`."""
+    response_format: _builtins.str
+    """`url` or `b64_json`. Unset means `url`."""
+    size: _builtins.str
+    """`WIDTHxHEIGHT` or `auto`, as the model allows. Unset means `auto`."""
+    user: _builtins.str
+    """An identifier for the end user, for abuse monitoring. Not interpreted."""
+    background: _builtins.str
+    """`transparent`, `opaque` or `auto`, for models that take a background."""
+    output_format: _builtins.str
+    """Encoding of the returned images: `png`, `jpeg` or `webp`. Unset means `png`."""
+    output_compression: _builtins.int
+    """Compression level 0-100 for `jpeg` and `webp` output. Unset means 100."""
+    input_fidelity: _builtins.str
+    """`high` or `low`: how closely to keep the input images' features, for models
+    that take it. Unset means the model's default.
+    """
+    stream: _builtins.bool
+    """Server-Sent Events (REST only; gRPC callers use StreamEditImages)."""
+    partial_images: _builtins.int
+    """Number of partial images (0-3) to stream before each final image."""
+    @_builtins.property
+    def image(self) -> _containers.RepeatedCompositeFieldContainer[Global___InputImage]:
+        """The images to edit (1 to the model's maximum, at most 16). The mask applies
+        to the first.
+        """
+
+    @_builtins.property
+    def mask(self) -> Global___InputImage:
+        """A PNG with an alpha channel, the size of the first image: its fully
+        transparent pixels mark where to edit. Unset means the whole image.
+        """
+
+    def __init__(
+        self,
+        *,
+        image: _abc.Iterable[Global___InputImage] | None = ...,
+        mask: Global___InputImage | None = ...,
+        prompt: _builtins.str = ...,
+        model: _builtins.str | None = ...,
+        n: _builtins.int | None = ...,
+        quality: _builtins.str | None = ...,
+        response_format: _builtins.str | None = ...,
+        size: _builtins.str | None = ...,
+        user: _builtins.str | None = ...,
+        background: _builtins.str | None = ...,
+        output_format: _builtins.str | None = ...,
+        output_compression: _builtins.int | None = ...,
+        input_fidelity: _builtins.str | None = ...,
+        stream: _builtins.bool | None = ...,
+        partial_images: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_background", b"_background", "_input_fidelity", b"_input_fidelity", "_mask", b"_mask", "_model", b"_model", "_n", b"_n", "_output_compression", b"_output_compression", "_output_format", b"_output_format", "_partial_images", b"_partial_images", "_quality", b"_quality", "_response_format", b"_response_format", "_size", b"_size", "_stream", b"_stream", "_user", b"_user", "background", b"background", "input_fidelity", b"input_fidelity", "mask", b"mask", "model", b"model", "n", b"n", "output_compression", b"output_compression", "output_format", b"output_format", "partial_images", b"partial_images", "quality", b"quality", "response_format", b"response_format", "size", b"size", "stream", b"stream", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_background", b"_background", "_input_fidelity", b"_input_fidelity", "_mask", b"_mask", "_model", b"_model", "_n", b"_n", "_output_compression", b"_output_compression", "_output_format", b"_output_format", "_partial_images", b"_partial_images", "_quality", b"_quality", "_response_format", b"_response_format", "_size", b"_size", "_stream", b"_stream", "_user", b"_user", "background", b"background", "image", b"image", "input_fidelity", b"input_fidelity", "mask", b"mask", "model", b"model", "n", b"n", "output_compression", b"output_compression", "output_format", b"output_format", "partial_images", b"partial_images", "prompt", b"prompt", "quality", b"quality", "response_format", b"response_format", "size", b"size", "stream", b"stream", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__background: _TypeAlias = _typing.Literal["background"]  # noqa: Y015
+    _WhichOneofArgType__background: _TypeAlias = _typing.Literal["_background", b"_background"]  # noqa: Y015
+    _WhichOneofReturnType__input_fidelity: _TypeAlias = _typing.Literal["input_fidelity"]  # noqa: Y015
+    _WhichOneofArgType__input_fidelity: _TypeAlias = _typing.Literal["_input_fidelity", b"_input_fidelity"]  # noqa: Y015
+    _WhichOneofReturnType__mask: _TypeAlias = _typing.Literal["mask"]  # noqa: Y015
+    _WhichOneofArgType__mask: _TypeAlias = _typing.Literal["_mask", b"_mask"]  # noqa: Y015
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    _WhichOneofReturnType__output_compression: _TypeAlias = _typing.Literal["output_compression"]  # noqa: Y015
+    _WhichOneofArgType__output_compression: _TypeAlias = _typing.Literal["_output_compression", b"_output_compression"]  # noqa: Y015
+    _WhichOneofReturnType__output_format: _TypeAlias = _typing.Literal["output_format"]  # noqa: Y015
+    _WhichOneofArgType__output_format: _TypeAlias = _typing.Literal["_output_format", b"_output_format"]  # noqa: Y015
+    _WhichOneofReturnType__partial_images: _TypeAlias = _typing.Literal["partial_images"]  # noqa: Y015
+    _WhichOneofArgType__partial_images: _TypeAlias = _typing.Literal["_partial_images", b"_partial_images"]  # noqa: Y015
+    _WhichOneofReturnType__quality: _TypeAlias = _typing.Literal["quality"]  # noqa: Y015
+    _WhichOneofArgType__quality: _TypeAlias = _typing.Literal["_quality", b"_quality"]  # noqa: Y015
+    _WhichOneofReturnType__response_format: _TypeAlias = _typing.Literal["response_format"]  # noqa: Y015
+    _WhichOneofArgType__response_format: _TypeAlias = _typing.Literal["_response_format", b"_response_format"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    _WhichOneofReturnType__stream: _TypeAlias = _typing.Literal["stream"]  # noqa: Y015
+    _WhichOneofArgType__stream: _TypeAlias = _typing.Literal["_stream", b"_stream"]  # noqa: Y015
+    _WhichOneofReturnType__user: _TypeAlias = _typing.Literal["user"]  # noqa: Y015
+    _WhichOneofArgType__user: _TypeAlias = _typing.Literal["_user", b"_user"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__background) -> _WhichOneofReturnType__background | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input_fidelity) -> _WhichOneofReturnType__input_fidelity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask) -> _WhichOneofReturnType__mask | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_compression) -> _WhichOneofReturnType__output_compression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__output_format) -> _WhichOneofReturnType__output_format | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__partial_images) -> _WhichOneofReturnType__partial_images | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__quality) -> _WhichOneofReturnType__quality | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__response_format) -> _WhichOneofReturnType__response_format | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream) -> _WhichOneofReturnType__stream | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user) -> _WhichOneofReturnType__user | None: ...
+
+Global___EditImagesRequest: _TypeAlias = EditImagesRequest  # noqa: Y015
+
+@_typing.final
+class CreateImageVariationRequest(_message.Message):
+    """Request for CreateImageVariation: OpenAI's CreateImageVariationRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    RESPONSE_FORMAT_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Catalog model id of a model that makes variations. Unset means the server's
+    default model.
+    """
+    n: _builtins.int
+    """Number of variations, 1 to the model's maximum. Unset means 1."""
+    response_format: _builtins.str
+    """`url` or `b64_json`. Unset means `url`."""
+    size: _builtins.str
+    """`WIDTHxHEIGHT` as the model allows. Unset means `auto`."""
+    user: _builtins.str
+    """An identifier for the end user, for abuse monitoring. Not interpreted."""
+    @_builtins.property
+    def image(self) -> Global___InputImage:
+        """One square PNG image."""
+
+    def __init__(
+        self,
+        *,
+        image: Global___InputImage | None = ...,
+        model: _builtins.str | None = ...,
+        n: _builtins.int | None = ...,
+        response_format: _builtins.str | None = ...,
+        size: _builtins.str | None = ...,
+        user: _builtins.str | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_n", b"_n", "_response_format", b"_response_format", "_size", b"_size", "_user", b"_user", "image", b"image", "model", b"model", "n", b"n", "response_format", b"response_format", "size", b"size", "user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_model", b"_model", "_n", b"_n", "_response_format", b"_response_format", "_size", b"_size", "_user", b"_user", "image", b"image", "model", b"model", "n", b"n", "response_format", b"response_format", "size", b"size", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__n: _TypeAlias = _typing.Literal["n"]  # noqa: Y015
+    _WhichOneofArgType__n: _TypeAlias = _typing.Literal["_n", b"_n"]  # noqa: Y015
+    _WhichOneofReturnType__response_format: _TypeAlias = _typing.Literal["response_format"]  # noqa: Y015
+    _WhichOneofArgType__response_format: _TypeAlias = _typing.Literal["_response_format", b"_response_format"]  # noqa: Y015
+    _WhichOneofReturnType__size: _TypeAlias = _typing.Literal["size"]  # noqa: Y015
+    _WhichOneofArgType__size: _TypeAlias = _typing.Literal["_size", b"_size"]  # noqa: Y015
+    _WhichOneofReturnType__user: _TypeAlias = _typing.Literal["user"]  # noqa: Y015
+    _WhichOneofArgType__user: _TypeAlias = _typing.Literal["_user", b"_user"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n) -> _WhichOneofReturnType__n | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__response_format) -> _WhichOneofReturnType__response_format | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__size) -> _WhichOneofReturnType__size | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__user) -> _WhichOneofReturnType__user | None: ...
+
+Global___CreateImageVariationRequest: _TypeAlias = CreateImageVariationRequest  # noqa: Y015
+
+@_typing.final
 class GetImageFileRequest(_message.Message):
     """Request for GetImageFile. The query string of a signed URL binds to
     `expires` and `signature`.

@@ -62,6 +62,31 @@ class ImageServiceStub:
                 request_serializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.EditImages = channel.unary_unary(
+                '/imagegw.v1.ImageService/EditImages',
+                request_serializer=imagegw_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+                _registered_method=True)
+        self.StreamEditImages = channel.unary_stream(
+                '/imagegw.v1.ImageService/StreamEditImages',
+                request_serializer=imagegw_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_images__pb2.ImageGenerationEvent.FromString,
+                _registered_method=True)
+        self.EditImagesHttp = channel.stream_stream(
+                '/imagegw.v1.ImageService/EditImagesHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.CreateImageVariation = channel.unary_unary(
+                '/imagegw.v1.ImageService/CreateImageVariation',
+                request_serializer=imagegw_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+                _registered_method=True)
+        self.CreateImageVariationHttp = channel.stream_stream(
+                '/imagegw.v1.ImageService/CreateImageVariationHttp',
+                request_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
         self.GetImageFile = channel.unary_unary(
                 '/imagegw.v1.ImageService/GetImageFile',
                 request_serializer=imagegw_dot_v1_dot_images__pb2.GetImageFileRequest.SerializeToString,
@@ -114,6 +139,48 @@ class ImageServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EditImages(self, request, context):
+        """Edits images from a prompt and one or more input images, optionally under a
+        mask (OpenAI's images.edit). Billable like GenerateImages, the input images
+        included. `stream: true` is refused here; use StreamEditImages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEditImages(self, request, context):
+        """Edits images like EditImages and streams the events as they are made.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EditImagesHttp(self, request_iterator, context):
+        """`POST /v1/images/edits`, multipart/form-data (files) or application/json
+        (image URLs). The body streams in as Envoy receives it (the first message
+        carries the Content-Type); the answer is OpenAI's, as for GenerateImagesHttp,
+        with `image_edit.*` events when streamed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateImageVariation(self, request, context):
+        """Makes variations of one square PNG image (OpenAI's images.create_variation),
+        for models whose catalog entry allows it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateImageVariationHttp(self, request_iterator, context):
+        """`POST /v1/images/variations` (multipart/form-data), answered like
+        GenerateImagesHttp.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetImageFile(self, request, context):
         """Returns the bytes of a stored image. The signed URL returned by
         GenerateImages carries the image id, its expiry and its signature.
@@ -138,6 +205,31 @@ def add_ImageServiceServicer_to_server(servicer, server):
             'GenerateImagesHttp': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateImagesHttp,
                     request_deserializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'EditImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.EditImages,
+                    request_deserializer=imagegw_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
+            ),
+            'StreamEditImages': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEditImages,
+                    request_deserializer=imagegw_dot_v1_dot_images__pb2.EditImagesRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_images__pb2.ImageGenerationEvent.SerializeToString,
+            ),
+            'EditImagesHttp': grpc.stream_stream_rpc_method_handler(
+                    servicer.EditImagesHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'CreateImageVariation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateImageVariation,
+                    request_deserializer=imagegw_dot_v1_dot_images__pb2.CreateImageVariationRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.SerializeToString,
+            ),
+            'CreateImageVariationHttp': grpc.stream_stream_rpc_method_handler(
+                    servicer.CreateImageVariationHttp,
+                    request_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'GetImageFile': grpc.unary_unary_rpc_method_handler(
@@ -238,6 +330,141 @@ class ImageService:
             target,
             '/imagegw.v1.ImageService/GenerateImagesHttp',
             imagegw_dot_v1_dot_images__pb2.GenerateImagesRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegw.v1.ImageService/EditImages',
+            imagegw_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEditImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/imagegw.v1.ImageService/StreamEditImages',
+            imagegw_dot_v1_dot_images__pb2.EditImagesRequest.SerializeToString,
+            imagegw_dot_v1_dot_images__pb2.ImageGenerationEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EditImagesHttp(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imagegw.v1.ImageService/EditImagesHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImageVariation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegw.v1.ImageService/CreateImageVariation',
+            imagegw_dot_v1_dot_images__pb2.CreateImageVariationRequest.SerializeToString,
+            imagegw_dot_v1_dot_images__pb2.GenerateImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateImageVariationHttp(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imagegw.v1.ImageService/CreateImageVariationHttp',
+            google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,

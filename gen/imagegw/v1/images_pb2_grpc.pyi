@@ -71,6 +71,27 @@ class ImageServiceStub:
     `image_generation.completed`, a final `error` event if the generation fails
     after the first event, and `:` comment lines that keep a quiet stream alive).
     """
+    EditImages: _grpc.UnaryUnaryMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]
+    """Edits images from a prompt and one or more input images, optionally under a
+    mask (OpenAI's images.edit). Billable like GenerateImages, the input images
+    included. `stream: true` is refused here; use StreamEditImages.
+    """
+    StreamEditImages: _grpc.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.ImageGenerationEvent]
+    """Edits images like EditImages and streams the events as they are made."""
+    EditImagesHttp: _grpc.StreamStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]
+    """`POST /v1/images/edits`, multipart/form-data (files) or application/json
+    (image URLs). The body streams in as Envoy receives it (the first message
+    carries the Content-Type); the answer is OpenAI's, as for GenerateImagesHttp,
+    with `image_edit.*` events when streamed.
+    """
+    CreateImageVariation: _grpc.UnaryUnaryMultiCallable[_images_pb2.CreateImageVariationRequest, _images_pb2.GenerateImagesResponse]
+    """Makes variations of one square PNG image (OpenAI's images.create_variation),
+    for models whose catalog entry allows it.
+    """
+    CreateImageVariationHttp: _grpc.StreamStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]
+    """`POST /v1/images/variations` (multipart/form-data), answered like
+    GenerateImagesHttp.
+    """
     GetImageFile: _grpc.UnaryUnaryMultiCallable[_images_pb2.GetImageFileRequest, _httpbody_pb2.HttpBody]
     """Returns the bytes of a stored image. The signed URL returned by
     GenerateImages carries the image id, its expiry and its signature.
@@ -110,6 +131,27 @@ class ImageServiceAsyncStub(ImageServiceStub):
     `text/event-stream` message per event (`image_generation.partial_image`,
     `image_generation.completed`, a final `error` event if the generation fails
     after the first event, and `:` comment lines that keep a quiet stream alive).
+    """
+    EditImages: _aio.UnaryUnaryMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
+    """Edits images from a prompt and one or more input images, optionally under a
+    mask (OpenAI's images.edit). Billable like GenerateImages, the input images
+    included. `stream: true` is refused here; use StreamEditImages.
+    """
+    StreamEditImages: _aio.UnaryStreamMultiCallable[_images_pb2.EditImagesRequest, _images_pb2.ImageGenerationEvent]  # type: ignore[assignment]
+    """Edits images like EditImages and streams the events as they are made."""
+    EditImagesHttp: _aio.StreamStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """`POST /v1/images/edits`, multipart/form-data (files) or application/json
+    (image URLs). The body streams in as Envoy receives it (the first message
+    carries the Content-Type); the answer is OpenAI's, as for GenerateImagesHttp,
+    with `image_edit.*` events when streamed.
+    """
+    CreateImageVariation: _aio.UnaryUnaryMultiCallable[_images_pb2.CreateImageVariationRequest, _images_pb2.GenerateImagesResponse]  # type: ignore[assignment]
+    """Makes variations of one square PNG image (OpenAI's images.create_variation),
+    for models whose catalog entry allows it.
+    """
+    CreateImageVariationHttp: _aio.StreamStreamMultiCallable[_httpbody_pb2.HttpBody, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """`POST /v1/images/variations` (multipart/form-data), answered like
+    GenerateImagesHttp.
     """
     GetImageFile: _aio.UnaryUnaryMultiCallable[_images_pb2.GetImageFileRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Returns the bytes of a stored image. The signed URL returned by
@@ -165,6 +207,57 @@ class ImageServiceServicer(metaclass=_abc_1.ABCMeta):
         `text/event-stream` message per event (`image_generation.partial_image`,
         `image_generation.completed`, a final `error` event if the generation fails
         after the first event, and `:` comment lines that keep a quiet stream alive).
+        """
+
+    @_abc_1.abstractmethod
+    def EditImages(
+        self,
+        request: _images_pb2.EditImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_images_pb2.GenerateImagesResponse, _abc.Awaitable[_images_pb2.GenerateImagesResponse]]:
+        """Edits images from a prompt and one or more input images, optionally under a
+        mask (OpenAI's images.edit). Billable like GenerateImages, the input images
+        included. `stream: true` is refused here; use StreamEditImages.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamEditImages(
+        self,
+        request: _images_pb2.EditImagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_images_pb2.ImageGenerationEvent], _abc.AsyncIterator[_images_pb2.ImageGenerationEvent]]:
+        """Edits images like EditImages and streams the events as they are made."""
+
+    @_abc_1.abstractmethod
+    def EditImagesHttp(
+        self,
+        request_iterator: _MaybeAsyncIterator[_httpbody_pb2.HttpBody],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """`POST /v1/images/edits`, multipart/form-data (files) or application/json
+        (image URLs). The body streams in as Envoy receives it (the first message
+        carries the Content-Type); the answer is OpenAI's, as for GenerateImagesHttp,
+        with `image_edit.*` events when streamed.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateImageVariation(
+        self,
+        request: _images_pb2.CreateImageVariationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_images_pb2.GenerateImagesResponse, _abc.Awaitable[_images_pb2.GenerateImagesResponse]]:
+        """Makes variations of one square PNG image (OpenAI's images.create_variation),
+        for models whose catalog entry allows it.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateImageVariationHttp(
+        self,
+        request_iterator: _MaybeAsyncIterator[_httpbody_pb2.HttpBody],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_httpbody_pb2.HttpBody], _abc.AsyncIterator[_httpbody_pb2.HttpBody]]:
+        """`POST /v1/images/variations` (multipart/form-data), answered like
+        GenerateImagesHttp.
         """
 
     @_abc_1.abstractmethod

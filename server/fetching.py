@@ -1,0 +1,134 @@
+"""Fetching the images a JSON edit names by URL, without becoming a proxy into our network.
+
+``images: [{"image_url": "https://..."}]`` makes the gateway fetch a URL the caller
+chose. Unchecked, that lets any caller reach what only the gateway can: the cloud metadata
+service, the database, an admin port on loopback (server-side request forgery). So:
+
+* only ``https`` (``http`` only for allowlisted hosts, such as a test fake on loopback);
+* the host is resolved here, and every address it resolves to must be public: loopback,
+  private, link-local (cloud metadata at 169.254.169.254), multicast, reserved and
+  unspecified addresses are refused unless the operator allowlists the host or a network
+  containing it (``IMAGEGW_IMAGE_URL_ALLOWLIST``);
+* the connection goes to the address that was checked (the URL's host stays in the
+  ``Host`` header and the TLS server name), so a second DNS answer cannot redirect it;
+* no redirects are followed; the body is read up to the file limit and the whole fetch
+  must finish within ``timeout`` seconds.
+
+Every refusal is a 400 naming the ``param`` (the URL's place in the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+
+import httpx
+
+from server.errors import InvalidRequestError, PayloadTooLargeError
+
+__all__ = ["ImageFetcher"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ImageFetcher:
+    """Fetches caller-named image URLs with the checks above."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, *, allowlist: Iterable[str], max_bytes: int, timeout: float
+    ) -> None:
+        self._client = client
+        self._hosts: set[str] = set()
+        self._networks: list[Network] = []
+        for entry in allowlist:
+            entry = entry.strip().lower()
+            if not entry:
+                continue
+            try:
+                self._networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self._hosts.add(entry)
+        self._max_bytes = max_bytes
+        self._timeout = timeout
+
+    async def fetch(self, url: str, *, param: str) -> bytes:
+        """The body of ``url``; a 400 (or 413) naming ``param`` when it may not or cannot be fetched."""
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise InvalidRequestError(f"Invalid '{param}': not a URL.", param=param, code="invalid_image_url") from exc
+        host = (parsed.host or "").lower()
+        if not host:
+            raise InvalidRequestError(f"Invalid '{param}': the URL has no host.", param=param, code="invalid_image_url")
+        allowlisted_host = host in self._hosts
+        if parsed.scheme != "https" and not (parsed.scheme == "http" and (allowlisted_host or self._literal_allowed(host))):
+            raise InvalidRequestError(
+                f"Invalid '{param}': image URLs must be https (or data: URLs).", param=param, code="invalid_image_url"
+            )
+        address = await self._checked_address(host, parsed.port or (443 if parsed.scheme == "https" else 80), param)
+        target = parsed.copy_with(host=address)
+        extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._client.stream(
+                    "GET", target, headers={"host": parsed.netloc.decode()}, extensions=extensions
+                ) as response:
+                    if response.status_code != 200:
+                        raise InvalidRequestError(
+                            f"Invalid '{param}': fetching the image URL gave HTTP {response.status_code}.",
+                            param=param,
+                            code="image_url_unavailable",
+                        )
+                    body = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > self._max_bytes:
+                            raise PayloadTooLargeError(
+                                f"Invalid '{param}': the image at the URL is larger than the server's limit of "
+                                f"{self._max_bytes} bytes.",
+                                param=param,
+                            )
+        except TimeoutError as exc:
+            raise InvalidRequestError(
+                f"Invalid '{param}': the image URL did not answer within {self._timeout:g} s.",
+                param=param,
+                code="image_url_unavailable",
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise InvalidRequestError(
+                f"Invalid '{param}': the image URL could not be fetched ({type(exc).__name__}).",
+                param=param,
+                code="image_url_unavailable",
+            ) from exc
+        return bytes(body)
+
+    def _literal_allowed(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self._networks)
+
+    async def _checked_address(self, host: str, port: int, param: str) -> str:
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"Invalid '{param}': the image URL's host does not resolve.", param=param, code="image_url_unavailable"
+            ) from exc
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        allowed_host = host in self._hosts
+        for address in addresses:
+            if allowed_host or any(address in network for network in self._networks):
+                continue
+            if not address.is_global or address.is_multicast:
+                raise InvalidRequestError(
+                    f"Invalid '{param}': the image URL points into a private or local network, which this server "
+                    "does not fetch from.",
+                    param=param,
+                    code="image_url_forbidden",
+                )
+        first = addresses[0]
+        return f"[{first}]" if first.version == 6 else str(first)
