@@ -36,7 +36,7 @@ from server.api import rest
 from server.api.interceptors import CallInfo, current_call
 from server.catalog import RawImageRequest
 from server.editing import EDIT_FIELDS, VARIATION_FIELDS, InputRequests
-from server.errors import ApiError, InternalError, InvalidRequestError, NotFoundError
+from server.errors import ApiError, InternalError, InvalidRequestError, NotFoundError, PayloadTooLargeError
 from server.generation import Generation, GenerationResult, StreamEvent, StreamSink
 from server.idempotency import (
     REPLAY_HEADER,
@@ -513,14 +513,32 @@ def _inputs_hash(raw: RawImageRequest) -> RequestHash:
 
 
 async def _read_body(requests: AsyncIterator[httpbody_pb2.HttpBody], limits: UploadLimits) -> Upload:
-    """The streamed REST body (edits, variations): the first message names the content type."""
+    """The streamed REST body (edits, variations): the first message names the content type.
+
+    Over a limit, parsing and storing stop at once; the rest of the body is then read and
+    dropped (up to ``limits.max_total_bytes`` more) before the 413 goes out: an HTTP/1.1
+    client still sending its body would otherwise see the connection closed under it,
+    not the answer.
+    """
     iterator = aiter(requests)
     first = await anext(iterator, None)
     if first is None:
         raise InvalidRequestError("The request has no body.")
+    # How much of the body was read, in the access log line.
+    log_fields = current_call().log_fields
+    log_fields["upload_bytes"] = len(first.data)
 
     async def rest_of() -> AsyncIterator[bytes]:
         async for message in iterator:
+            log_fields["upload_bytes"] += len(message.data)
             yield message.data
 
-    return await read_upload(first.content_type, first.data, rest_of(), limits)
+    try:
+        return await read_upload(first.content_type, first.data, rest_of(), limits)
+    except PayloadTooLargeError:
+        log_fields["refused_at_bytes"] = log_fields["upload_bytes"]
+        async for message in iterator:
+            log_fields["upload_bytes"] += len(message.data)
+            if log_fields["upload_bytes"] - log_fields["refused_at_bytes"] > limits.max_total_bytes:
+                break
+        raise
