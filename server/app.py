@@ -320,6 +320,11 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             ("grpc.max_receive_message_length", max(settings.max_request_bytes + 64 * 1024, settings.max_grpc_message_bytes)),
             # A second server on a taken port must fail, not silently share it.
             ("grpc.so_reuseport", 0),
+            # Uploads stream in from Envoy: read ahead at most 1 MiB per call instead of
+            # letting flow control grow each call's window (BDP probing reached several
+            # MiB a call, held in memory while the handler spools the file to disk).
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", 1024 * 1024),
         ],
     )
     images_pb2_grpc.add_ImageServiceServicer_to_server(
