@@ -15,7 +15,9 @@ of --measure seconds, at whose edges the bench reads the target's answer counter
 gateway's CPU time (utime + stime from /proc/<pid>/stat) and the server's SQLite
 write-lock totals (bench/instrument.py); peak RSS (VmHWM) is reset when the row starts.
 After the table, one more 1.5 MB b64 c=64 row runs under py-spy (not in the table: the
-sampler slows the server) and its profile is summarised.
+sampler slows the server) and its profile is summarised. Before the rows, the answer-path
+section (bench/answer_paths.py, issue 10 part 7) measures each REST answer design on
+the same stack; ``--answer-paths-only`` runs just that, ``--no-answer-paths`` skips it.
 
 Everything listens on 127.0.0.1 and every child process is stopped on exit, Ctrl-C,
 SIGTERM or failure (and gets SIGTERM if the bench itself is killed, via
@@ -45,6 +47,7 @@ from typing import Any
 import grpc
 import httpx
 
+from bench import answer_paths
 from bench import profile as profiling
 from bench.floor import write_floor_config
 from bench.images import IMAGES, image_bytes
@@ -223,6 +226,7 @@ class Stack:
     # The processes that serve requests: the server, or its workers (IMAGEGW_WORKERS).
     server_pids: list[int] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    settings: Any = None  # the imagegw server's (server.config.Settings)
 
     def lock_stats(self) -> dict[str, Any] | None:
         if self.lock_stats_path is None:
@@ -474,6 +478,7 @@ def _start(
         scripts=scripts,
         lock_stats_path=lock_stats,
         server_pids=_worker_pids(server.pid) if settings.workers > 1 else [server.pid],
+        settings=settings,
     )
 
 
@@ -725,6 +730,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="fake upstream processes (SO_REUSEPORT)",
     )
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy step")
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument(
+        "--answer-paths-only",
+        action="store_true",
+        help="run only the answer-path section (bench/answer_paths.py): no rows, no profile",
+    )
+    paths.add_argument("--no-answer-paths", action="store_true", help="skip the answer-path section")
     parser.add_argument(
         "--no-instrument",
         action="store_true",
@@ -790,7 +802,7 @@ def render_saved(path: Path, args: argparse.Namespace) -> int:
         profile=True,
         out_dir=path.parent,
     )
-    print(
+    report = (
         render_report(
             steps,
             plan=plan,
@@ -799,7 +811,16 @@ def render_saved(path: Path, args: argparse.Namespace) -> int:
             profile=data.get("profile"),
             elapsed_s=data["elapsed_s"],
         )
+        if steps
+        else ""
     )
+    if data.get("answer_paths"):
+        report += (
+            "\n" + answer_paths.render(data["answer_paths"])
+            if report
+            else answer_paths.render(data["answer_paths"], machine=data["machine"])
+        )
+    print(report)
     return 0
 
 
@@ -814,8 +835,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    targets = [t for t in args.targets.split(",") if t]
-    if "envoy" not in targets:
+    targets = [] if args.answer_paths_only else [t for t in args.targets.split(",") if t]
+    if "envoy" not in targets and not args.answer_paths_only:
         print(
             "note: without target 'envoy' there is no floor to compare with",
             file=sys.stderr,
@@ -849,6 +870,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
     done: list[Step] = []
     profile_summary: dict[str, Any] | None = None
+    answer_summary: dict[str, Any] | None = None
     idle_rss_kib = 0
     try:
         gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
@@ -856,6 +878,17 @@ def main(argv: list[str] | None = None) -> int:
             smoke_check(stack, plan.targets, plan.images)
             quiesce(stack.all_pids())
             idle_rss_kib = stack.server_rss_kib()
+            if not args.no_answer_paths:
+                # First, on a fresh server: its peak RSS is not what the c=512 rows left.
+                answer_summary = answer_paths.run_section(
+                    stack,
+                    wrk,
+                    out=plan.out_dir / "answer_paths",
+                    warmup_s=plan.warmup_s,
+                    max_warmup_s=plan.max_warmup_s,
+                    measure_s=plan.measure_s,
+                    quick=args.quick,
+                )
             for index, step in enumerate(steps, 1):
                 try:
                     run_step(stack, wrk, step, plan)
@@ -887,14 +920,24 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
     machine["server_idle_rss_kib"] = idle_rss_kib
-    report = render_report(
-        done,
-        plan=plan,
-        machine=machine,
-        sizes=sizes,
-        profile=profile_summary,
-        elapsed_s=elapsed,
+    report = (
+        render_report(
+            done,
+            plan=plan,
+            machine=machine,
+            sizes=sizes,
+            profile=profile_summary,
+            elapsed_s=elapsed,
+        )
+        if done
+        else ""
     )
+    if answer_summary is not None:
+        report += (
+            "\n" + answer_paths.render(answer_summary)
+            if report
+            else answer_paths.render(answer_summary, machine=machine)
+        )
     print(report)
     (plan.out_dir / "results.md").write_text(report)
     (plan.out_dir / "results.json").write_text(
@@ -915,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
                 "elapsed_s": elapsed,
                 "steps": [s.to_json() for s in done],
                 "profile": profile_summary,
+                "answer_paths": answer_summary,
             },
             indent=1,
         )
