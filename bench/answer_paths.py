@@ -26,8 +26,9 @@ Before measuring, every design must return exactly the fake's PNG (decoded, sha2
 compared), gRPC ``GenerateImages`` must return it as raw bytes, and the JSON bodies are
 compared byte for byte (``created`` aside, which is the second of the generation).
 Then the latency of a streamed answer's first event at concurrency 1 (0 s and 1 s
-upstream). The bench's fake upstream does not stream, so imagegw sends one completed
-event per image whatever ``partial_images`` says: that one event is what is measured.
+upstream). The bench's fake upstream does not stream: imagegw asks it for OpenAI's stream,
+gets a plain JSON answer, reads it as one (as it does for any such host) and sends one
+completed event per image whatever ``partial_images`` says. That event is what is measured.
 """
 
 from __future__ import annotations
@@ -657,8 +658,8 @@ def render(summary: dict[str, Any], *, machine: dict[str, Any] | None = None) ->
             "`GenerateImages` through a bench-only Envoy with `auto_mapping: true`, (c) is the product's "
             "`POST /v1/images/generations`. Echo rows: one prebuilt answer served in each shape by "
             "`bench/answer_echo.py` behind an Envoy with the product's rendered settings: the Envoy-only comparison. "
-            "The fake upstream does not stream, so a streamed answer is one `image_generation.completed` event "
-            "whatever `partial_images` says."
+            "The fake upstream answers `stream: true` with plain JSON, so a streamed answer is one "
+            "`image_generation.completed` event whatever `partial_images` says."
         ),
         "",
         (
