@@ -28,13 +28,12 @@ from imagegw.v1 import (
     admin_pb2,
     admin_pb2_grpc,
     images_pb2,
-    images_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
 )
 
 from server.api.admin import AdminServicer
-from server.api.images import ImageServicer
+from server.api.images import ImageServicer, add_to_server
 from server.api.interceptors import MethodPolicy, ServerInterceptor, check_policies
 from server.api.models import ModelServicer
 from server.catalog import CatalogError, ModelCatalog, ModelSpec, load_catalog
@@ -327,7 +326,7 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             ("grpc.http2.lookahead_bytes", 1024 * 1024),
         ],
     )
-    images_pb2_grpc.add_ImageServiceServicer_to_server(
+    add_to_server(
         ImageServicer(
             generation=app.generation,
             store=app.store,

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 import grpc
 from google.api import httpbody_pb2
+from google.protobuf import message_factory
 from imagegw.v1 import images_pb2, images_pb2_grpc
 
 from server.api import rest
@@ -53,7 +54,7 @@ from server.ratelimit import RateLimiter, requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
 from server.uploads import Upload, UploadLimits, read_upload
 
-__all__ = ["ImageServicer"]
+__all__ = ["ImageServicer", "add_to_server"]
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +225,13 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         if not raw.stream:
             outcome = await self._run(raw, context, request_hash, None)
             message = outcome.answer.message
-            body = await run_sized(message.ByteSize(), rest.images_response_json, message)
+            body = await run_sized(message.ByteSize(), rest.images_response, message)
             await context.send_initial_metadata(tuple(outcome.headers))
-            await context.write(httpbody_pb2.HttpBody(content_type=rest.JSON, data=body))
+            await context.write(body)  # a serialized HttpBody (see add_to_server)
             return
         writer = _Writer(
             context,
-            lambda event: httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.sse_event(event, prefix=events)),
+            lambda event: rest.sse_event(event, prefix=events),
             events,
         )
         call = current_call()
@@ -242,7 +243,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                     raise  # nothing sent yet: the caller gets the real HTTP status
                 # The status line (200) is gone: the error becomes the stream's last event.
                 call.handled_error = exc
-                await writer.write_raw(httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.error_event(exc)), [])
+                await writer.write_raw(rest.error_event(exc), [])
                 return
             if outcome.answer.replayed:
                 for event in _replayed_events(outcome.answer.message, events):
@@ -300,9 +301,9 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             headers.append((REPLAY_HEADER, "true"))
         return _Outcome(answer, headers)
 
-    async def GetImageFile(  # noqa: N802 - gRPC method name
+    async def GetImageFile(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request: images_pb2.GetImageFileRequest, context: grpc.aio.ServicerContext
-    ) -> httpbody_pb2.HttpBody:
+    ) -> bytes:
         current_call().log_fields["image_id"] = request.image_id
         if not valid_image_id(request.image_id):
             raise NotFoundError(f"No image with id '{request.image_id}'.", param="image_id")
@@ -312,7 +313,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             raise NotFoundError(f"No image with id '{request.image_id}'.", param="image_id")
         # The bytes never change for an id; caching is safe until the link expires.
         await context.send_initial_metadata((("cache-control", f"private, max-age={remaining}, immutable"),))
-        return httpbody_pb2.HttpBody(content_type=image.content_type, data=image.data)
+        return rest.frame(image.content_type, [image.data])  # a serialized HttpBody (see add_to_server)
 
 
 class _Writer(StreamSink):
@@ -371,7 +372,7 @@ async def _keepalive(writer: _Writer, call: CallInfo, interval: float) -> AsyncI
             if loop.time() - writer.last_write >= interval:
                 try:
                     await writer.write_raw(
-                        httpbody_pb2.HttpBody(content_type=rest.SSE, data=rest.KEEPALIVE), writer.headers
+                        rest.keepalive(), writer.headers
                     )
                 except Exception as exc:  # the call ended under us; the handler sees why
                     log.debug("keepalive stopped: %r", exc)
@@ -542,3 +543,27 @@ async def _read_body(requests: AsyncIterator[httpbody_pb2.HttpBody], limits: Upl
             if log_fields["upload_bytes"] - log_fields["refused_at_bytes"] > limits.max_total_bytes:
                 break
         raise
+
+
+def add_to_server(servicer: ImageServicer, server: grpc.aio.Server) -> None:
+    """Registers ImageService as the generated ``add_ImageServiceServicer_to_server`` does,
+    except that the RPCs answering ``google.api.HttpBody`` have no response serializer: the
+    servicer writes them already serialized (``rest.frame``), saving a whole-size copy of
+    every REST answer. Clients see ordinary HttpBody messages."""
+    service = images_pb2.DESCRIPTOR.services_by_name["ImageService"]
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        serializer = None if method.output_type is httpbody_pb2.HttpBody.DESCRIPTOR else response.SerializeToString
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=request.FromString, response_serializer=serializer
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
