@@ -7,15 +7,50 @@ instantiated at import time; ``server.cli`` builds one ``Settings`` and passes i
 
 from __future__ import annotations
 
+import functools
 import secrets
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-__all__ = ["Settings", "MIB"]
+from server.providers import PROVIDERS, ProviderEntry
+
+__all__ = ["MIB", "ProviderSettings", "Settings"]
 
 MIB = 1024 * 1024
+
+
+class ProviderSettings(BaseModel):
+    """One registry provider's key (None: not set, the provider is disabled) and base URL."""
+
+    model_config = ConfigDict(frozen=True)
+
+    api_key: SecretStr | None = None
+    base_url: str
+
+
+@functools.cache
+def _variables_of(entry: ProviderEntry) -> type[BaseSettings]:
+    # A settings class per entry, so that pydantic-settings itself reads its variables
+    # (case-insensitively, the first set alias winning) exactly as it reads every other setting.
+    class Variables(BaseSettings):
+        api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices(*entry.key_variables))
+        base_url: str = Field(default=entry.default_base_url, validation_alias=entry.base_url_variable)
+
+    return Variables
+
+
+class ProviderVariables(PydanticBaseSettingsSource):
+    """The settings source of ``Settings.providers``: every registry entry's variables."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole field at once
+
+    def __call__(self) -> dict[str, Any]:
+        return {"providers": {name: dict(_variables_of(entry)()) for name, entry in PROVIDERS.items()}}
 
 
 class Settings(BaseSettings):
@@ -92,24 +127,10 @@ class Settings(BaseSettings):
     # How long an Idempotency-Key's answer is kept and replayed (server.idempotency).
     idempotency_ttl_seconds: int = Field(default=24 * 3600, ge=60, le=7 * 24 * 3600)
 
-    # Upstream providers. A provider is enabled when its key is set; the conventional
-    # variable names of each vendor's own SDK are accepted as fallbacks.
-    openai_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("IMAGEGW_OPENAI_API_KEY", "OPENAI_API_KEY")
-    )
-    openai_base_url: str = "https://api.openai.com/v1"
-    google_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("IMAGEGW_GOOGLE_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY")
-    )
-    google_base_url: str = "https://generativelanguage.googleapis.com"
-    stability_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("IMAGEGW_STABILITY_API_KEY", "STABILITY_API_KEY")
-    )
-    stability_base_url: str = "https://api.stability.ai"
-    bfl_api_key: SecretStr | None = Field(
-        default=None, validation_alias=AliasChoices("IMAGEGW_BFL_API_KEY", "BFL_API_KEY")
-    )
-    bfl_base_url: str = "https://api.bfl.ai"
+    # Upstream providers: one entry per provider of the registry (server.providers.PROVIDERS),
+    # read from its own variables by ProviderVariables below. A provider is enabled when its
+    # key is set.
+    providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     # Largest upstream answer read into memory (provider JSON with base64 images).
     max_upstream_response_bytes: int = Field(default=128 * MIB, ge=MIB)
 
@@ -118,6 +139,19 @@ class Settings(BaseSettings):
     envoy_config_out: Path | None = None
     descriptor_file: Path = Path("build/imagegw.pb")
     log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Constructor arguments still win, merged per provider and field:
+        # Settings(providers={"openai": {"api_key": "sk-..."}}) keeps the others from the environment.
+        return (init_settings, ProviderVariables(settings_cls), env_settings, dotenv_settings, file_secret_settings)
 
     @field_validator("public_base_url")
     @classmethod

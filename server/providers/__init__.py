@@ -1,14 +1,22 @@
-"""The provider registry: which adapter serves a catalog ``provider`` name, and whether it can.
+"""The provider registry: every built-in upstream provider is one entry of ``PROVIDERS``.
 
-A built-in provider (``openai``, ``google``, ``stability``, ``bfl``) is enabled when its key
-is configured (``IMAGEGW_<NAME>_API_KEY`` or the vendor's conventional variable, see
-``server.config``); ``local`` needs none and is always enabled. A catalog row that names
-a ``base_url`` is an OpenAI-compatible host: its ``provider`` is an operator-chosen name
-(``xai`` and ``together`` select those hosts' documented dialects, ``openai`` the OpenAI
-rules, any other name plain OpenAI-compatible) and its key is read from the environment
-variable ``api_key_env`` (without one: a built-in provider's own key, else no auth). A
-provider is enabled only when every catalog row naming it has its key. Vendor modules are
-imported only when built.
+An entry holds all the gateway needs to know about a provider besides its adapter module:
+its name, the vendor's conventional key variables, its default base URL, where its adapter
+class lives, and how long its rate limits last when it does not say. Everything else is
+derived from the entry:
+
+* its settings (``server.config.Settings.providers``): the key from ``IMAGEGW_<NAME>_API_KEY``,
+  then the vendor's variables (first set wins), and ``IMAGEGW_<NAME>_BASE_URL``;
+* whether it is enabled: when its key is set (``local`` needs none and always is);
+* its adapter, on one pooled client wrapped in ``UpstreamHttp`` (bounded reads, retries
+  within the deadline, the key variable named when the provider refuses our credentials).
+  Adapter modules are imported only when built.
+
+A catalog row that names a ``base_url`` is an OpenAI-compatible host: its ``provider`` is an
+operator-chosen name (``xai`` and ``together`` select those hosts' documented dialects,
+``openai`` the OpenAI rules, any other name plain OpenAI-compatible) and its key is read
+from the environment variable ``api_key_env`` (without one: a built-in provider's own key,
+else no auth). A provider is enabled only when every catalog row naming it has its key.
 
 The composition root builds one adapter, on one pooled client, per distinct
 ``(provider, base_url, api_key_env)``; ``create_http_client`` is in ``server.providers.http``::
@@ -19,47 +27,103 @@ The composition root builds one adapter, on one pooled client, per distinct
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
-    # Type-only: server.catalog imports server.providers.base, so importing it here would be circular.
+    # Type-only: server.catalog imports server.providers.base, and server.config imports
+    # this module, so importing either here would be circular.
     import httpx
-    from pydantic import SecretStr
 
     from server.catalog import ModelSpec
     from server.config import Settings
-    from server.providers.base import ImageProvider
+    from server.providers.base import AdapterFactory, ImageProvider
 
 __all__ = [
-    "BUILTIN_PROVIDERS",
+    "LOCAL",
+    "PROVIDERS",
+    "ProviderEntry",
     "build_provider",
     "enabled_providers",
     "provider_api_key",
     "provider_key_setting",
 ]
 
-BUILTIN_PROVIDERS = ("openai", "google", "stability", "bfl")
 LOCAL = "local"
-KEY_SETTINGS = {
-    "openai": "IMAGEGW_OPENAI_API_KEY",
-    "google": "IMAGEGW_GOOGLE_API_KEY",
-    "stability": "IMAGEGW_STABILITY_API_KEY",
-    "bfl": "IMAGEGW_BFL_API_KEY",
+# Dialects of the OpenAI adapter that a compatible host's provider name selects.
+COMPATIBLE_DIALECTS = ("openai", "xai", "together")
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEntry:
+    """One built-in provider: everything but its wire format (which is its adapter's)."""
+
+    name: str
+    # "module:Class", imported when first built. The class is an ``AdapterFactory``:
+    # ``Class(http: UpstreamHttp, *, api_key: str, base_url: str)``.
+    adapter: str
+    default_base_url: str
+    # The variables the vendor's own SDK reads, accepted after IMAGEGW_<NAME>_API_KEY.
+    vendor_key_variables: tuple[str, ...] = ()
+    # Seconds to wait after a 429 that names no wait; None: exponential backoff.
+    rate_limit_delay: float | None = None
+
+    @property
+    def key_variables(self) -> tuple[str, ...]:
+        """Every variable that may hold the key, in the order they are tried."""
+        return (f"IMAGEGW_{self.name.upper()}_API_KEY", *self.vendor_key_variables)
+
+    @property
+    def key_setting(self) -> str:
+        """The variable the operator is told to set (or fix)."""
+        return self.key_variables[0]
+
+    @property
+    def base_url_variable(self) -> str:
+        return f"IMAGEGW_{self.name.upper()}_BASE_URL"
+
+    def load(self) -> AdapterFactory:
+        """The adapter class, importing its module."""
+        module, _, name = self.adapter.partition(":")
+        return cast("AdapterFactory", getattr(importlib.import_module(module), name))
+
+
+PROVIDERS: Mapping[str, ProviderEntry] = {
+    entry.name: entry
+    for entry in (
+        # The base URL includes the version, as the OpenAI SDK takes it.
+        ProviderEntry(
+            "openai", "server.providers.openai:OpenAIImageProvider", "https://api.openai.com/v1", ("OPENAI_API_KEY",)
+        ),
+        # The host, as google-genai takes it; the adapter adds /v1beta.
+        ProviderEntry(
+            "google",
+            "server.providers.google:GoogleImageProvider",
+            "https://generativelanguage.googleapis.com",
+            ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+        ),
+        # A 429 carries no Retry-After: Stability times the key out for 60 s.
+        ProviderEntry(
+            "stability",
+            "server.providers.stability:StabilityImageProvider",
+            "https://api.stability.ai",
+            ("STABILITY_API_KEY",),
+            rate_limit_delay=60.0,
+        ),
+        ProviderEntry("bfl", "server.providers.bfl:BflImageProvider", "https://api.bfl.ai", ("BFL_API_KEY",)),
+    )
 }
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None and value.get_secret_value() else None
 
 
 def provider_key_setting(provider: str, spec: ModelSpec | None = None) -> str:
     """The environment variable that enables ``provider`` (for the start-up log)."""
     if spec is not None and spec.base_url and spec.api_key_env:
         return spec.api_key_env
-    if provider in KEY_SETTINGS:
-        return KEY_SETTINGS[provider]
+    if provider in PROVIDERS:
+        return PROVIDERS[provider].key_setting
     return "(no key needed)" if spec is not None and spec.base_url else "(unknown provider)"
 
 
@@ -77,17 +141,11 @@ def provider_api_key(
     """
     if spec is not None and spec.base_url and spec.api_key_env is not None:
         return (os.environ if environ is None else environ).get(spec.api_key_env) or None
-    match provider:
-        case "openai":
-            return _secret(settings.openai_api_key)
-        case "google":
-            return _secret(settings.google_api_key)
-        case "stability":
-            return _secret(settings.stability_api_key)
-        case "bfl":
-            return _secret(settings.bfl_api_key)
-        case "local":
-            return ""
+    if provider == LOCAL:
+        return ""
+    if provider in PROVIDERS:
+        key = settings.providers[provider].api_key
+        return key.get_secret_value() if key is not None and key.get_secret_value() else None
     if spec is not None and spec.base_url:
         return ""  # an operator's host that needs no key
     return None
@@ -125,40 +183,29 @@ def build_provider(
     ``base_url`` and ``api_key_env``). ``local`` is not built here (the composition root
     owns the renderer's workers). Raises ValueError for an unknown or unconfigured provider.
     """
+    from server.providers.http import RetryPolicy, UpstreamHttp
+
+    entry = PROVIDERS.get(provider)
+    compatible = spec is not None and bool(spec.base_url)
+    if entry is None and not compatible:
+        raise ValueError(f"unknown provider {provider!r}")
     key = provider_api_key(provider, settings, spec, environ=environ)
     if key is None:
         raise ValueError(f"provider {provider!r} is not configured; set {provider_key_setting(provider, spec)}")
-    limit = settings.max_upstream_response_bytes
-    if spec is not None and spec.base_url:
+    upstream = UpstreamHttp(
+        http,
+        provider=provider,
+        max_response_bytes=settings.max_upstream_response_bytes,
+        # A compatible host speaks OpenAI's protocol, whatever built-in name it borrows.
+        retry=RetryPolicy(rate_limit_delay=None if compatible or entry is None else entry.rate_limit_delay),
+        key_setting=provider_key_setting(provider, spec),
+        on_retry=on_retry,
+    )
+    if compatible:
+        assert spec is not None and spec.base_url is not None
         from server.providers.openai import OpenAIImageProvider
 
-        return OpenAIImageProvider(
-            http,
-            api_key=key,
-            base_url=spec.base_url,
-            dialect=provider if provider in ("openai", "xai", "together") else "compatible",
-            name=provider,
-            max_response_bytes=limit,
-            key_setting=provider_key_setting(provider, spec),
-            on_retry=on_retry,
-        )
-    match provider:
-        case "openai":
-            from server.providers.openai import OpenAIImageProvider
-
-            return OpenAIImageProvider(http, api_key=key, base_url=settings.openai_base_url, max_response_bytes=limit, on_retry=on_retry)
-        case "google":
-            from server.providers.google import GoogleImageProvider
-
-            return GoogleImageProvider(http, api_key=key, base_url=settings.google_base_url, max_response_bytes=limit, on_retry=on_retry)
-        case "stability":
-            from server.providers.stability import StabilityImageProvider
-
-            return StabilityImageProvider(
-                http, api_key=key, base_url=settings.stability_base_url, max_response_bytes=limit, on_retry=on_retry
-            )
-        case "bfl":
-            from server.providers.bfl import BflImageProvider
-
-            return BflImageProvider(http, api_key=key, base_url=settings.bfl_base_url, max_response_bytes=limit, on_retry=on_retry)
-    raise ValueError(f"unknown provider {provider!r}")
+        dialect = provider if provider in COMPATIBLE_DIALECTS else "compatible"
+        return OpenAIImageProvider(upstream, api_key=key, base_url=spec.base_url, dialect=dialect)
+    assert entry is not None
+    return entry.load()(upstream, api_key=key, base_url=settings.providers[provider].base_url)

@@ -19,9 +19,13 @@ from __future__ import annotations
 import hashlib
 import threading
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
+
+if TYPE_CHECKING:
+    from server.providers.http import UpstreamHttp
 
 __all__ = [
+    "AdapterFactory",
     "GeneratedImage",
     "ImageProvider",
     "ImageRequest",
@@ -205,3 +209,9 @@ class ImageProvider(Protocol):
     async def aclose(self) -> None:
         """Releases connections and workers."""
         ...
+
+
+class AdapterFactory(Protocol):
+    """How the registry (``server.providers``) builds an adapter: its class, called so."""
+
+    def __call__(self, http: UpstreamHttp, *, api_key: str, base_url: str) -> ImageProvider: ...

@@ -18,19 +18,20 @@ status in ``ERRORS`` (BFL's bodies carry only FastAPI ``detail`` text).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import httpx
 
-from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
 from server.providers.base import GeneratedImage, ImageRequest, Progress, ProviderResult
 from server.providers.http import (
+    ErrorBody,
     ErrorTable,
     Failure,
+    Informational,
     Kind,
-    RetryPolicy,
     UpstreamHttp,
+    UpstreamModel,
     UpstreamResponse,
     fan_out,
     lookup_kind,
@@ -40,7 +41,6 @@ from server.providers.sizing import bfl_dimensions
 
 __all__ = ["ERRORS", "STATES", "BflImageProvider"]
 
-DEFAULT_BASE_URL = "https://api.bfl.ai"
 OUTPUT_FORMATS = ("jpeg", "png", "webp")
 
 # The one table: (HTTP status, -) -> kind; BFL has no structured error codes.
@@ -65,17 +65,41 @@ STATES: Mapping[str, str] = {
 }
 
 
+class _Problem(UpstreamModel):
+    msg: Informational[str] = None
+
+
+class _ErrorBody(ErrorBody):
+    # FastAPI: a message, or a validation error's list of problems.
+    detail: Informational[str | list[Informational[_Problem]]] = None
+
+
+class Submitted(UpstreamModel):
+    """The submit answer: the task and where to poll it."""
+
+    id: Informational[str] = None
+    polling_url: str | None = None
+
+
+class _Result(UpstreamModel):
+    sample: Informational[str] = None  # a signed link, valid about 10 minutes
+    prompt: Informational[str] = None  # the prompt used (it differs when upsampled)
+
+
+class TaskState(UpstreamModel):
+    """One poll answer."""
+
+    status: Informational[str] = None
+    result: Informational[_Result] = None
+
+
 def classify(response: UpstreamResponse) -> Failure:
     """Maps a non-2xx BFL answer through ``ERRORS``."""
-    body = response.json_or_none()
-    detail = body.get("detail") if isinstance(body, dict) else None
+    body = response.parse_or_none(_ErrorBody)
+    detail = body.detail if body is not None else None
     if isinstance(detail, list):
-        detail = "; ".join(str(d.get("msg")) for d in detail if isinstance(d, dict))
-    return Failure(
-        lookup_kind(ERRORS, response.status, []),
-        detail=detail if isinstance(detail, str) else "",
-        status=response.status,
-    )
+        detail = "; ".join(str(p.msg) for p in detail if p is not None)
+    return Failure(lookup_kind(ERRORS, response.status, []), detail=detail or "", status=response.status)
 
 
 class BflImageProvider:
@@ -83,35 +107,23 @@ class BflImageProvider:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         *,
         api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
-        name: str = "bfl",
-        max_response_bytes: int = 128 * MIB,
-        retry: RetryPolicy | None = None,
-        key_setting: str = "IMAGEGW_BFL_API_KEY",
-        on_retry: Callable[[], None] | None = None,
+        base_url: str,
         fan_out_concurrency: int = 4,
         poll_interval: float = 0.5,
         max_poll_interval: float = 2.0,
         safety_tolerance: int = 2,
     ) -> None:
-        self.name = name
+        self.name = http.provider
         self._base = httpx.URL(base_url.rstrip("/") + "/")
         self._headers = {"x-key": api_key, "accept": "application/json"}
         self._concurrency = fan_out_concurrency
         self._poll_interval = poll_interval
         self._max_poll_interval = max_poll_interval
         self._safety_tolerance = safety_tolerance
-        self._http = UpstreamHttp(
-            http,
-            provider=name,
-            max_response_bytes=max_response_bytes,
-            retry=retry or RetryPolicy(),
-            key_setting=key_setting,
-            on_retry=on_retry,
-        )
+        self._http = http
 
     def submit_body(self, request: ImageRequest) -> dict[str, object]:
         """The submit body for one image of ``request``."""
@@ -163,19 +175,16 @@ class BflImageProvider:
             json_body=body,
             operation="submit",
         )
-        task = await submitted.json()
-        if not isinstance(task, dict) or not isinstance(task.get("id"), str):
+        task = await submitted.parse(Submitted)
+        if not task.id:
             raise malformed("a submit answer without a task id")
-        polling = task.get("polling_url")
-        if polling is None:
-            polling_url = self._base.join("v1/get_result").copy_with(params={"id": task["id"]})
-        elif isinstance(polling, str):
+        if task.polling_url is None:
+            polling_url = self._base.join("v1/get_result").copy_with(params={"id": task.id})
+        else:
             try:
-                polling_url = httpx.URL(polling)
+                polling_url = httpx.URL(task.polling_url)
             except httpx.InvalidURL as exc:
                 raise malformed("a polling_url that is not a URL") from exc
-        else:
-            raise malformed("a polling_url that is not a string")
         if not self._trusted(polling_url):
             raise malformed(f"a polling_url outside the provider's domain ({polling_url.host})")
         return await self._poll(str(polling_url), request, deadline)
@@ -187,9 +196,9 @@ class BflImageProvider:
             response = await self._http.send(
                 "GET", url, deadline=deadline, classify=classify, headers=self._headers, operation="poll"
             )
-            state = await response.json()
-            status = state.get("status") if isinstance(state, dict) else None
-            if not isinstance(status, str) or status not in STATES:
+            state = await response.parse(TaskState)
+            status = state.status
+            if status is None or status not in STATES:
                 raise malformed(f"an unknown task status {status!r}")
             action = STATES[status]
             if action == "download":
@@ -202,15 +211,13 @@ class BflImageProvider:
             await asyncio.sleep(max(0.0, min(interval, deadline - loop.time())))
             interval = min(interval * 1.5, self._max_poll_interval)
 
-    async def _download(self, state: dict[str, object], request: ImageRequest, deadline: float) -> GeneratedImage:
-        result = state.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if not isinstance(sample, str) or not sample:
+    async def _download(self, state: TaskState, request: ImageRequest, deadline: float) -> GeneratedImage:
+        result = state.result
+        if result is None or not result.sample:
             raise malformed("a Ready task without result.sample")
-        image = await self._http.download_image(sample, deadline=deadline)
-        prompt = result.get("prompt") if isinstance(result, dict) else None
+        image = await self._http.download_image(result.sample, deadline=deadline)
         # BFL echoes the prompt it used; it differs only when it was upsampled.
-        revised = prompt if isinstance(prompt, str) and prompt != request.prompt else None
+        revised = result.prompt if result.prompt is not None and result.prompt != request.prompt else None
         return GeneratedImage(data=image.data, format=image.format, revised_prompt=revised)
 
     async def aclose(self) -> None:

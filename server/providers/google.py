@@ -26,11 +26,11 @@ send was validated by the catalog first, that row reads as moderation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import httpx
+from pydantic import ConfigDict, Field
+from pydantic.alias_generators import to_camel
 
-from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
 from server.providers.base import (
     GeneratedImage,
@@ -40,18 +40,20 @@ from server.providers.base import (
     TokenUsage,
 )
 from server.providers.http import (
+    Count,
+    ErrorBody,
     ErrorTable,
     Failure,
+    Informational,
     Kind,
-    RetryPolicy,
     UpstreamHttp,
+    UpstreamModel,
     UpstreamResponse,
     fan_out,
     image_from_base64,
     lookup_kind,
     malformed,
     parse_duration,
-    sum_usage,
 )
 from server.providers.sizing import (
     GEMINI_ASPECT_RATIOS,
@@ -61,7 +63,6 @@ from server.providers.sizing import (
 
 __all__ = ["ERRORS", "FINISH_REASONS", "GoogleImageProvider"]
 
-DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 IMAGEN_MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 QUOTA_PER_DAY = "QUOTA_PER_DAY"
 
@@ -92,70 +93,132 @@ FINISH_REASONS: Mapping[str, Kind] = {
 }
 
 
+class _Camel(UpstreamModel):
+    model_config = ConfigDict(alias_generator=to_camel)
+
+
+class _Violation(_Camel):
+    # An identifier such as GenerateRequestsPerDayPerProjectPerModel.
+    quota_id: Informational[str] = None
+
+
+class _ErrorDetail(_Camel):
+    type: Informational[str] = Field(default=None, alias="@type")
+    reason: Informational[str] = None  # ErrorInfo
+    retry_delay: Informational[str] = None  # RetryInfo, a protobuf Duration ("26s")
+    violations: Informational[list[Informational[_Violation]]] = None  # QuotaFailure
+
+
+class _Error(_Camel):
+    status: Informational[str] = None
+    message: Informational[str] = None
+    details: Informational[list[Informational[_ErrorDetail]]] = None
+
+
+class _ErrorBody(ErrorBody):
+    error: Informational[_Error] = None
+
+
 def classify(method: str, response: UpstreamResponse) -> Failure:
     """Maps a non-2xx Google answer through ``ERRORS`` by its structured fields."""
-    body = response.json_or_none()
-    if isinstance(body, list) and len(body) == 1:
-        body = body[0]
-    error = body.get("error") if isinstance(body, dict) else None
-    if not isinstance(error, dict):
+    body = response.parse_or_none(_ErrorBody)
+    error = body.error if body is not None else None
+    if error is None:
         return Failure(lookup_kind(ERRORS, response.status, []), status=response.status)
-    status = error.get("status") if isinstance(error.get("status"), str) else None
+    status = error.status or None
     reason: str | None = None
     retry_after: float | None = None
     per_day = False
-    details = error.get("details")
-    for detail in details if isinstance(details, list) else []:
-        if not isinstance(detail, dict):
-            continue
-        kind = detail.get("@type")
-        if kind == "type.googleapis.com/google.rpc.ErrorInfo" and isinstance(detail.get("reason"), str):
-            reason = detail["reason"]
-        elif kind == "type.googleapis.com/google.rpc.RetryInfo":
-            retry_after = parse_duration(detail.get("retryDelay"))
-        elif kind == "type.googleapis.com/google.rpc.QuotaFailure":
-            violations = detail.get("violations")
-            for violation in violations if isinstance(violations, list) else []:
-                quota_id = violation.get("quotaId") if isinstance(violation, dict) else None
-                # quotaId is an identifier such as GenerateRequestsPerDayPerProjectPerModel.
-                if isinstance(quota_id, str) and "PerDay" in quota_id:
-                    per_day = True
+    for detail in [d for d in error.details or [] if d is not None]:
+        if detail.type == "type.googleapis.com/google.rpc.ErrorInfo" and detail.reason is not None:
+            reason = detail.reason
+        elif detail.type == "type.googleapis.com/google.rpc.RetryInfo":
+            retry_after = parse_duration(detail.retry_delay)
+        elif detail.type == "type.googleapis.com/google.rpc.QuotaFailure":
+            per_day |= any(v is not None and v.quota_id is not None and "PerDay" in v.quota_id for v in detail.violations or [])
     codes = [reason, QUOTA_PER_DAY if per_day else None, f"{method}:{status}" if status else None, status]
-    message = error.get("message")
     return Failure(
         lookup_kind(ERRORS, response.status, codes),
-        detail=message if isinstance(message, str) else "",
+        detail=error.message or "",
         status=response.status,
         code=next((c for c in codes if c), None),
         retry_after=retry_after,
     )
 
 
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+class _Prediction(_Camel):
+    # Which of these is *present* says what the entry is (an image, a filter note, safety scores).
+    bytes_base64_encoded: str | None = None
+    rai_filtered_reason: Informational[str] = None
+    content_type: Informational[str] = None
+    prompt: Informational[str] = None  # Imagen's enhanced prompt
 
 
-def _by_modality(details: object) -> dict[str, int]:
+class ImagenAnswer(_Camel):
+    """A 200 from ``:predict``: ``{}`` when every image was filtered and reasons are off."""
+
+    predictions: list[_Prediction] = []
+
+
+class _InlineData(_Camel):
+    data: str | None = None
+
+
+class _Part(_Camel):
+    thought: Informational[bool] = None
+    inline_data: Informational[_InlineData] = None
+
+
+class _Content(_Camel):
+    parts: Informational[list[Informational[_Part]]] = None
+
+
+class _Candidate(_Camel):
+    finish_reason: Informational[str] = None
+    content: Informational[_Content] = None
+
+
+class _PromptFeedback(_Camel):
+    block_reason: Informational[str] = None
+
+
+class _ModalityCount(_Camel):
+    modality: Informational[str] = None
+    token_count: Count = 0
+
+
+class _UsageMetadata(_Camel):
+    prompt_token_count: Count = 0
+    candidates_token_count: Count = 0
+    prompt_tokens_details: Informational[list[Informational[_ModalityCount]]] = None
+    candidates_tokens_details: Informational[list[Informational[_ModalityCount]]] = None
+
+    def tokens(self) -> TokenUsage:
+        """Token counts by modality (the totals when an answer gives no breakdown)."""
+        prompt = _by_modality(self.prompt_tokens_details)
+        output = _by_modality(self.candidates_tokens_details)
+        return TokenUsage(
+            input_text_tokens=prompt.get("TEXT", self.prompt_token_count if not prompt else 0),
+            input_image_tokens=prompt.get("IMAGE", 0),
+            output_image_tokens=output.get("IMAGE", self.candidates_token_count if not output else 0),
+            output_text_tokens=output.get("TEXT", 0),
+        )
+
+
+def _by_modality(details: list[_ModalityCount | None] | None) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for entry in details if isinstance(details, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("modality"), str):
-            counts[entry["modality"]] = counts.get(entry["modality"], 0) + _count(entry.get("tokenCount"))
+    for entry in details or []:
+        if entry is not None and entry.modality is not None:
+            counts[entry.modality] = counts.get(entry.modality, 0) + entry.token_count
     return counts
 
 
-def gemini_usage(payload: dict[str, object]) -> TokenUsage:
-    """``usageMetadata`` as token counts by modality."""
-    meta = payload.get("usageMetadata")
-    if not isinstance(meta, dict):
-        return TokenUsage()
-    prompt = _by_modality(meta.get("promptTokensDetails"))
-    output = _by_modality(meta.get("candidatesTokensDetails"))
-    return TokenUsage(
-        input_text_tokens=prompt.get("TEXT", _count(meta.get("promptTokenCount")) if not prompt else 0),
-        input_image_tokens=prompt.get("IMAGE", 0),
-        output_image_tokens=output.get("IMAGE", _count(meta.get("candidatesTokenCount")) if not output else 0),
-        output_text_tokens=output.get("TEXT", 0),
-    )
+class GeminiAnswer(_Camel):
+    """A 200 from ``:generateContent``."""
+
+    prompt_feedback: Informational[_PromptFeedback] = None
+    candidates: list[_Candidate] = []
+    usage_metadata: Informational[_UsageMetadata] = None
 
 
 class GoogleImageProvider:
@@ -163,30 +226,18 @@ class GoogleImageProvider:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         *,
         api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str,
         api_version: str = "v1beta",
-        name: str = "google",
-        max_response_bytes: int = 128 * MIB,
-        retry: RetryPolicy | None = None,
-        key_setting: str = "IMAGEGW_GOOGLE_API_KEY",
-        on_retry: Callable[[], None] | None = None,
         fan_out_concurrency: int = 4,
     ) -> None:
-        self.name = name
+        self.name = http.provider
         self._base = f"{base_url.rstrip('/')}/{api_version}/models"
         self._headers = {"x-goog-api-key": api_key}
         self._concurrency = fan_out_concurrency
-        self._http = UpstreamHttp(
-            http,
-            provider=name,
-            max_response_bytes=max_response_bytes,
-            retry=retry or RetryPolicy(),
-            key_setting=key_setting,
-            on_retry=on_retry,
-        )
+        self._http = http
 
     @staticmethod
     def method(upstream_model: str) -> str:
@@ -264,23 +315,18 @@ class GoogleImageProvider:
 
     async def _imagen(self, request: ImageRequest, deadline: float) -> ProviderResult:
         response = await self._post(request, "predict", self.imagen_body(request), deadline)
-        payload = await response.json()
-        if not isinstance(payload, dict):
-            raise malformed("an answer that is not a JSON object")
-        predictions = payload.get("predictions", [])
-        if not isinstance(predictions, list):
-            raise malformed("predictions that are not a list")
+        answer = await response.parse(ImagenAnswer)
+        del response
         images: list[GeneratedImage] = []
-        filtered = 0
-        for prediction in predictions:
-            if not isinstance(prediction, dict):
-                raise malformed("a prediction that is not an object")
-            if "bytesBase64Encoded" in prediction:
-                revised = prediction.get("prompt") if isinstance(prediction.get("prompt"), str) else None
-                images.append(await image_from_base64(prediction["bytesBase64Encoded"], revised_prompt=revised))
-            elif "raiFilteredReason" in prediction:
-                filtered += 1
-            elif prediction.get("contentType") == "Positive Prompt":
+        for prediction in answer.predictions:
+            present = prediction.model_fields_set
+            if "bytes_base64_encoded" in present:
+                encoded, prediction.bytes_base64_encoded = prediction.bytes_base64_encoded, None
+                images.append(await image_from_base64(encoded, revised_prompt=prediction.prompt or None))
+                del encoded
+            elif "rai_filtered_reason" in present:
+                continue  # filtered images: fewer than asked, a partial success
+            elif prediction.content_type == "Positive Prompt":
                 continue  # prompt safety attributes, not an image
             else:
                 raise malformed("a prediction without bytesBase64Encoded")
@@ -291,35 +337,27 @@ class GoogleImageProvider:
 
     async def _gemini_once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:
         response = await self._post(request, "generateContent", body, deadline)
-        payload = await response.json()
-        if not isinstance(payload, dict):
-            raise malformed("an answer that is not a JSON object")
-        feedback = payload.get("promptFeedback")
-        if isinstance(feedback, dict) and feedback.get("blockReason"):
+        answer = await response.parse(GeminiAnswer)
+        del response
+        if answer.prompt_feedback is not None and answer.prompt_feedback.block_reason:
             raise ContentPolicyError("The upstream provider's safety system rejected the request.")
-        candidates = payload.get("candidates", [])
-        if not isinstance(candidates, list):
-            raise malformed("candidates that are not a list")
         images: list[GeneratedImage] = []
-        reasons: list[str] = []
-        for candidate in candidates:
-            if not isinstance(candidate, dict):
-                raise malformed("a candidate that is not an object")
-            if isinstance(candidate.get("finishReason"), str):
-                reasons.append(candidate["finishReason"])
-            content = candidate.get("content")
-            parts = content.get("parts", []) if isinstance(content, dict) else []
-            for part in parts if isinstance(parts, list) else []:
-                if not isinstance(part, dict) or part.get("thought"):
+        reasons = [c.finish_reason for c in answer.candidates if c.finish_reason is not None]
+        for candidate in answer.candidates:
+            parts = candidate.content.parts if candidate.content is not None else None
+            for part in parts or []:
+                if part is None or part.thought:
                     continue  # Gemini 3 thinking parts are drafts, not answers
-                inline = part.get("inlineData")
-                if isinstance(inline, dict):
-                    images.append(await image_from_base64(inline.get("data")))
+                if part.inline_data is not None:
+                    encoded, part.inline_data.data = part.inline_data.data, None
+                    images.append(await image_from_base64(encoded))
+                    del encoded
         if images:
-            return ProviderResult(images=images, usage=sum_usage([gemini_usage(payload)]))
+            usage = answer.usage_metadata.tokens() if answer.usage_metadata is not None else TokenUsage()
+            return ProviderResult(images=images, usage=usage)
         if any(FINISH_REASONS.get(reason) is Kind.CONTENT_POLICY for reason in reasons):
             raise ContentPolicyError("The upstream provider's safety system rejected the request.")
-        if not candidates:
+        if not answer.candidates:
             raise malformed("an answer with neither candidates nor a block reason")
         # NO_IMAGE, IMAGE_OTHER, or a text-only reply: the model chose not to draw.
         finish = reasons[0] if reasons else "none"

@@ -16,6 +16,16 @@ An adapter owns its wire format and one table that maps its vendor's errors to a
 * **Errors by type.** ``Kind`` -> exception happens in one place (``UpstreamHttp.error``).
   Our own credentials or credit being refused is our misconfiguration: the caller gets a
   generic 502 that never names the key, and the operator gets a loud ``logging.error``.
+* **Answers are typed.** ``UpstreamResponse.parse`` validates a JSON body straight into the
+  adapter's pydantic model (``UpstreamModel``; unknown fields ignored, ``Informational``
+  fields read as absent when they have the wrong type, so a cosmetic field never fails a
+  paid answer). Measured with ``python -m bench.parse`` on a 1.47 MB OpenAI answer: 0.14 ms
+  and 1.47 MB allocated, against 0.56 ms and 2.94 MB for ``json.loads`` and the isinstance
+  checks it replaced (6 MB, n=4: 0.5 ms / 5.9 MB against 12 ms / 11.7 MB): pydantic copies
+  the base64 text once, ``json.loads`` first decodes the whole body to a str. Bodies above
+  ``OFFLOAD_BYTES`` are parsed in a thread, but either parser holds the GIL throughout, so
+  that shortens no stall of the event loop (59 MB: a 56 ms gap in a thread, 64 ms inline):
+  about 1 ms per MB of answer, whichever way.
 * **Images are checked before anyone sees them.** Strict base64 (a ``data:`` URL prefix is
   accepted, bad padding is not), magic-number sniffing and a full Pillow decode off the
   event loop; provider URLs are downloaded at once with the same size bound.
@@ -33,7 +43,6 @@ import email.utils
 import enum
 import io
 import itertools
-import json
 import logging
 import math
 import random
@@ -41,11 +50,20 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import pybase64
 from PIL import Image, UnidentifiedImageError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Strict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 from server.errors import (
     ApiError,
@@ -53,13 +71,16 @@ from server.errors import (
     DeadlineExceededError,
     UpstreamError,
 )
-from server.offload import OFFLOAD_BYTES
+from server.offload import OFFLOAD_BYTES, run_sized
 from server.providers.base import GeneratedImage, Progress, ProviderResult, TokenUsage
 
 __all__ = [
     "CREDENTIALS_MESSAGE",
+    "Count",
+    "ErrorBody",
     "ErrorTable",
     "Failure",
+    "Informational",
     "Kind",
     "RetryPolicy",
     "ShardedTransport",
@@ -67,6 +88,7 @@ __all__ = [
     "SseEvent",
     "UpstreamEvents",
     "UpstreamHttp",
+    "UpstreamModel",
     "UpstreamResponse",
     "create_http_client",
     "decode_base64",
@@ -75,6 +97,7 @@ __all__ = [
     "image_from_bytes",
     "lookup_kind",
     "parse_duration",
+    "parse_json",
     "sniff_format",
 ]
 
@@ -137,6 +160,50 @@ class RetryPolicy:
         return delay * (1 - self.jitter * random.random())
 
 
+T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
+
+
+class UpstreamModel(BaseModel):
+    """Base of the typed upstream answers: the fields an adapter reads, with their types.
+
+    Unknown fields are ignored (providers add fields all the time). Not frozen: an adapter
+    drops each base64 text (sets it to None) as soon as its image is decoded.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorBody(UpstreamModel):
+    """Base of the typed error bodies; a body wrapped in a one-element list is unwrapped
+    (Google and some OpenAI-compatible hosts send ``[{"error": ...}]``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unwrap(cls, value: Any) -> Any:
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _or_none(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        return None
+
+
+def _or_zero(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:
+        return 0
+
+
+# A field passed on or consulted but never needed: a value of the wrong type reads as absent.
+Informational = Annotated[T | None, WrapValidator(_or_none)]
+# A token count: a non-negative JSON integer, anything else reads as 0.
+Count = Annotated[int, Strict(), WrapValidator(_or_zero)]
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
     """A complete upstream answer, read within the size bound."""
@@ -150,23 +217,32 @@ class UpstreamResponse:
     def content_type(self) -> str:
         return self.headers.get("content-type", "").split(";")[0].strip().lower()
 
-    async def json(self) -> Any:
-        """The body as JSON, or a MALFORMED UpstreamError; large bodies parse off the loop."""
-        try:
-            if len(self.body) > OFFLOAD_BYTES:
-                return await asyncio.to_thread(json.loads, self.body)
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise malformed(f"invalid JSON from {_host(self.url)} (HTTP {self.status})") from exc
+    async def parse(self, model: type[M]) -> M:
+        """The body validated into ``model``, or a MALFORMED UpstreamError (``parse_json``)."""
+        return await parse_json(self.body, model, invalid=f"invalid JSON from {_host(self.url)} (HTTP {self.status})")
 
-    def json_or_none(self) -> Any:
-        """The body as JSON when it is small valid JSON (error bodies), else None."""
+    def parse_or_none(self, model: type[M]) -> M | None:
+        """The body validated into ``model`` when it is small and fits (error bodies), else None."""
         if len(self.body) > OFFLOAD_BYTES:
             return None
         try:
-            return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+            return model.model_validate_json(self.body)
+        except ValidationError:
             return None
+
+
+async def parse_json(data: bytes, model: type[M], *, invalid: str) -> M:
+    """JSON ``data`` validated straight into ``model`` (no dict first), in a thread when
+    large; a MALFORMED UpstreamError saying ``invalid`` when it is not JSON, or naming the
+    first field that does not fit."""
+    try:
+        return await run_sized(len(data), model.model_validate_json, data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise malformed(invalid) from exc
+        where = ".".join(str(part) for part in first["loc"]) or "the top level"
+        raise malformed(f"an answer of unexpected shape ({where}: {first['msg']})") from exc
 
 
 class _BodyError(Exception):

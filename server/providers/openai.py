@@ -30,15 +30,12 @@ other. An ``error`` event maps through ``ERRORS`` like an error answer; a host t
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable
+from typing import Annotated
 
-import httpx
+from pydantic import Strict
 
-from server.config import MIB
 from server.errors import ApiError, ContentPolicyError, InvalidRequestError, UpstreamError
-from server.offload import run_sized
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
@@ -47,16 +44,20 @@ from server.providers.base import (
     TokenUsage,
 )
 from server.providers.http import (
+    Count,
+    ErrorBody,
     ErrorTable,
     Failure,
+    Informational,
     Kind,
-    RetryPolicy,
     SseEvent,
     UpstreamHttp,
+    UpstreamModel,
     UpstreamResponse,
     image_from_base64,
     lookup_kind,
     malformed,
+    parse_json,
     sum_usage,
 )
 from server.providers.sizing import XAI_ASPECT_RATIOS, nearest_aspect_ratio
@@ -66,7 +67,6 @@ __all__ = ["DIALECTS", "ERRORS", "OpenAIImageProvider"]
 logger = logging.getLogger(__name__)
 
 DIALECTS = ("openai", "compatible", "xai", "together")
-DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 # The one table: (HTTP status, error.code or error.type) -> what it means for us.
 ERRORS: ErrorTable = {
@@ -85,75 +85,101 @@ ERRORS: ErrorTable = {
 }
 
 
-def _count(value: object) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+class _TokenDetails(UpstreamModel):
+    text_tokens: Count = 0
+    image_tokens: Count = 0
 
 
-def _usage(payload: dict[str, object]) -> TokenUsage:
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return TokenUsage()
-    inputs = usage.get("input_tokens_details")
-    outputs = usage.get("output_tokens_details")
-    if isinstance(inputs, dict):
-        input_text, input_image = _count(inputs.get("text_tokens")), _count(inputs.get("image_tokens"))
-    else:
-        input_text, input_image = _count(usage.get("input_tokens")), 0
-    if isinstance(outputs, dict):
-        output_image, output_text = _count(outputs.get("image_tokens")), _count(outputs.get("text_tokens"))
-    else:
-        # Older answers only give the total; for an image model it is image tokens.
-        output_image, output_text = _count(usage.get("output_tokens")), 0
-    return TokenUsage(
-        input_text_tokens=input_text,
-        input_image_tokens=input_image,
-        output_image_tokens=output_image,
-        output_text_tokens=output_text,
-    )
+class _Usage(UpstreamModel):
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    input_tokens_details: Informational[_TokenDetails] = None
+    output_tokens_details: Informational[_TokenDetails] = None
+
+    def tokens(self) -> TokenUsage:
+        inputs, outputs = self.input_tokens_details, self.output_tokens_details
+        return TokenUsage(
+            input_text_tokens=inputs.text_tokens if inputs is not None else self.input_tokens,
+            input_image_tokens=inputs.image_tokens if inputs is not None else 0,
+            # Older answers only give the total; for an image model it is image tokens.
+            output_image_tokens=outputs.image_tokens if outputs is not None else self.output_tokens,
+            output_text_tokens=outputs.text_tokens if outputs is not None else 0,
+        )
 
 
-def _string(payload: dict[str, object], key: str) -> str | None:
-    value = payload.get(key)
-    return value if isinstance(value, str) and value else None
+class _Image(UpstreamModel):
+    b64_json: str | None = None
+    url: Informational[str] = None
+    revised_prompt: Informational[str] = None
+    # xAI marks a moderated image with false and leaves out its bytes.
+    respect_moderation: Informational[Annotated[bool, Strict()]] = None
 
 
-def _reported(payload: dict[str, object], image: GeneratedImage, usage: TokenUsage) -> ProviderResult:
-    """What one streamed event says about its image."""
-    return ProviderResult(
-        images=[image],
-        usage=usage,
-        size=_string(payload, "size"),
-        quality=_string(payload, "quality"),
-        background=_string(payload, "background"),
-        output_format=_string(payload, "output_format"),
-    )
+class _Reported(UpstreamModel):
+    """What a GPT image answer (or stream event) says it made; echoed to the caller."""
+
+    usage: Informational[_Usage] = None
+    size: Informational[str] = None
+    quality: Informational[str] = None
+    background: Informational[str] = None
+    output_format: Informational[str] = None
+
+    def result(self, images: list[GeneratedImage], usage: TokenUsage | None = None) -> ProviderResult:
+        return ProviderResult(
+            images=images,
+            usage=usage if usage is not None else self.tokens(),
+            size=self.size or None,
+            quality=self.quality or None,
+            background=self.background or None,
+            output_format=self.output_format or None,
+        )
+
+    def tokens(self) -> TokenUsage:
+        return self.usage.tokens() if self.usage is not None else TokenUsage()
 
 
-async def _event_payload(event: SseEvent) -> dict[str, object]:
-    try:
-        payload = await run_sized(len(event.data), json.loads, event.data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise malformed("a stream event that is not JSON") from exc
-    if not isinstance(payload, dict):
-        raise malformed("a stream event that is not a JSON object")
-    return payload
+class ImagesAnswer(_Reported):
+    """A 200 from ``images/generations``: OpenAI's, and its dialects' (extra fields ignored)."""
+
+    data: list[_Image]
+
+
+class _ErrorDetail(UpstreamModel):
+    message: Informational[str] = None
+    code: Informational[str] = None
+    type: Informational[str] = None
+
+
+class StreamEvent(_Reported, _ErrorDetail):
+    """One event of OpenAI's image stream: ``image_generation.partial_image``,
+    ``image_generation.completed`` or ``error`` (its fields nested or at the top)."""
+
+    b64_json: str | None = None
+    partial_image_index: Informational[Annotated[int, Strict()]] = None
+    error: Informational[_ErrorDetail] = None
+
+
+class _ErrorBody(ErrorBody):
+    # OpenAI, Together and Azure: {"error": {...}}; xAI: {"code": "...", "error": "..."}.
+    error: Informational[_ErrorDetail | str] = None
+    code: Informational[str] = None
+
+
+async def _event(sse: SseEvent) -> StreamEvent:
+    return await parse_json(sse.data, StreamEvent, invalid="a stream event that is not JSON")
 
 
 def classify(response: UpstreamResponse) -> Failure:
     """Maps a non-2xx answer through ``ERRORS`` by structured fields only."""
-    body = response.json_or_none()
-    if isinstance(body, list) and len(body) == 1:
-        body = body[0]
+    body = response.parse_or_none(_ErrorBody)
     codes: list[str | None] = []
     detail = ""
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):  # OpenAI, Together, Azure
-            codes = [_string(error, "code"), _string(error, "type")]
-            detail = _string(error, "message") or ""
-        elif isinstance(error, str):  # xAI: {"code": "...", "error": "..."}
-            codes = [_string(body, "code")]
-            detail = error
+    if body is not None and isinstance(body.error, _ErrorDetail):
+        codes = [body.error.code or None, body.error.type or None]
+        detail = body.error.message or ""
+    elif body is not None and isinstance(body.error, str):
+        codes = [body.code or None]
+        detail = body.error
     kind = lookup_kind(ERRORS, response.status, codes)
     return Failure(kind, detail=detail, status=response.status, code=next((c for c in codes if c), None))
 
@@ -161,34 +187,15 @@ def classify(response: UpstreamResponse) -> Failure:
 class OpenAIImageProvider:
     """Images from OpenAI or any host speaking its images API (see the module docstring)."""
 
-    def __init__(
-        self,
-        http: httpx.AsyncClient,
-        *,
-        api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
-        dialect: str = "openai",
-        name: str = "openai",
-        max_response_bytes: int = 128 * MIB,
-        retry: RetryPolicy | None = None,
-        key_setting: str = "IMAGEGW_OPENAI_API_KEY",
-        on_retry: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, http: UpstreamHttp, *, api_key: str, base_url: str, dialect: str = "openai") -> None:
         if dialect not in DIALECTS:
             raise ValueError(f"unknown OpenAI dialect {dialect!r}; expected one of {DIALECTS}")
-        self.name = name
+        self.name = http.provider
         self.dialect = dialect
         # The SDK's convention: the base URL includes the version ("https://api.openai.com/v1").
         self._url = base_url.rstrip("/") + "/images/generations"
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = UpstreamHttp(
-            http,
-            provider=name,
-            max_response_bytes=max_response_bytes,
-            retry=retry or RetryPolicy(),
-            key_setting=key_setting,
-            on_retry=on_retry,
-        )
+        self._http = http
 
     def family(self, upstream_model: str) -> str:
         """Which request shape a model gets: gpt-image, dall-e, xai, together or compatible."""
@@ -281,91 +288,69 @@ class OpenAIImageProvider:
                 return await self._answer(opened, deadline)
             images: list[GeneratedImage] = []
             usages: list[TokenUsage] = []
-            last: dict[str, object] = {}
+            last: StreamEvent | None = None
             partials = 0
-            async for event in opened:
-                payload = await _event_payload(event)
-                kind = payload.get("type") if isinstance(payload.get("type"), str) else event.event
-                if kind == "error" or "error" in payload:
-                    raise self._stream_error(payload)
+            async for sse in opened:
+                event = await _event(sse)
+                kind = event.type or sse.event
+                if kind == "error" or "error" in event.model_fields_set:
+                    raise self._stream_error(event)
                 if kind == "image_generation.partial_image":
-                    image = await image_from_base64(payload.pop("b64_json", None))
-                    index = payload.get("partial_image_index")
-                    reported = _reported(payload, image, TokenUsage())
-                    await progress.partial(len(images), index if isinstance(index, int) else partials, image, reported)
+                    image = await image_from_base64(event.b64_json)
+                    index = event.partial_image_index
+                    reported = event.result([image], TokenUsage())
+                    await progress.partial(len(images), index if index is not None else partials, image, reported)
                     partials += 1
                 elif kind == "image_generation.completed":
-                    image = await image_from_base64(payload.pop("b64_json", None))
-                    usage = _usage(payload)
+                    image = await image_from_base64(event.b64_json)
+                    event.b64_json = None
                     images.append(image)
-                    usages.append(usage)
-                    last = payload
+                    usages.append(event.tokens())
+                    last = event
                     partials = 0
-                    await progress.image(len(images) - 1, image, _reported(payload, image, usage))
+                    await progress.image(len(images) - 1, image, event.result([image]))
                 # Other event types (a newer API's) carry nothing we deliver.
-        if not images:
+        if not images or last is None:
             raise malformed("a stream that ended without an image")
-        return ProviderResult(
-            images=images,
-            usage=sum_usage(usages),
-            size=_string(last, "size"),
-            quality=_string(last, "quality"),
-            background=_string(last, "background"),
-            output_format=_string(last, "output_format"),
-        )
+        return last.result(images, sum_usage(usages))
 
-    def _stream_error(self, payload: dict[str, object]) -> ApiError:
+    def _stream_error(self, event: StreamEvent) -> ApiError:
         """An ``error`` event, mapped by its code like an error answer of the same kind."""
-        error = payload.get("error")
-        fields = error if isinstance(error, dict) else payload
-        codes = [_string(fields, "code"), _string(fields, "type")]
-        status = 500 if _string(fields, "type") == "server_error" else 400
+        fields: _ErrorDetail = event.error if event.error is not None else event
+        codes = [fields.code or None, fields.type or None]
+        status = 500 if fields.type == "server_error" else 400
         kind = lookup_kind(ERRORS, status, codes)
         if kind in (Kind.RATE_LIMITED, Kind.TRANSIENT):
             # Not retried here: the caller may hold partial images already.
             logger.warning("%s stream failed midway (code %s)", self.name, codes[0])
             return UpstreamError("The upstream provider failed while streaming.", retryable=True)
-        return self._http.error(Failure(kind, detail=_string(fields, "message") or "", status=status, code=codes[0]))
+        return self._http.error(Failure(kind, detail=fields.message or "", status=status, code=codes[0]))
 
     async def _answer(self, response: UpstreamResponse, deadline: float) -> ProviderResult:
-        payload = await response.json()
+        answer = await response.parse(ImagesAnswer)
         del response  # the raw body: one copy of the images fewer while they are decoded
-        if not isinstance(payload, dict):
-            raise malformed("an answer that is not a JSON object")
-        data = payload.get("data")
-        if not isinstance(data, list):
-            raise malformed("an answer without a data list")
         images: list[GeneratedImage] = []
         flagged = 0
-        for item in data:
-            if not isinstance(item, dict):
-                raise malformed("a data entry that is not an object")
-            if item.get("respect_moderation") is False:
-                # xAI returns a moderated image as an entry without bytes.
+        for item in answer.data:
+            if item.respect_moderation is False:
                 flagged += 1
                 continue
-            revised = _string(item, "revised_prompt")
-            if item.get("b64_json") is not None:
-                # Popped: each base64 text is freed as soon as its image is decoded.
-                images.append(await image_from_base64(item.pop("b64_json"), revised_prompt=revised))
-            elif isinstance(item.get("url"), str) and item["url"]:
-                image = await self._http.download_image(item["url"], deadline=deadline)
+            revised = item.revised_prompt or None
+            if item.b64_json is not None:
+                encoded, item.b64_json = item.b64_json, None  # freed as soon as its image is decoded
+                images.append(await image_from_base64(encoded, revised_prompt=revised))
+                del encoded
+            elif item.url:
+                image = await self._http.download_image(item.url, deadline=deadline)
                 images.append(GeneratedImage(data=image.data, format=image.format, revised_prompt=revised))
             else:
                 raise malformed("a data entry without b64_json or url")
         if not images:
-            if flagged or (self.dialect == "xai" and not data):
+            if flagged or (self.dialect == "xai" and not answer.data):
                 # xAI's moderation answer is a 200 with nothing usable in it.
                 raise ContentPolicyError("The upstream provider's safety system rejected the request.")
             raise malformed("an answer with no images")
-        return ProviderResult(
-            images=images,
-            usage=_usage(payload),
-            size=_string(payload, "size"),
-            quality=_string(payload, "quality"),
-            background=_string(payload, "background"),
-            output_format=_string(payload, "output_format"),
-        )
+        return answer.result(images)
 
     async def aclose(self) -> None:
         """Nothing to release: the composition root owns and closes the HTTP client."""

@@ -14,25 +14,24 @@ forms, both the caller's ``content_policy_violation`` when nothing survives: 403
 ``content_moderation`` before generation, and a 200 with finish reason
 ``CONTENT_FILTERED`` (a blurred image we must not deliver). Errors are
 ``{id, name, errors[]}``; ``ERRORS`` keys on the status and ``name``. A 429 carries no
-``Retry-After``: Stability times the key out for 60 s, which ``RetryPolicy.rate_limit_delay``
-encodes, so a request with less time left fails fast and retryable.
+``Retry-After``: Stability times the key out for 60 s, which its registry entry's
+``rate_limit_delay`` encodes, so a request with less time left fails fast and retryable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import httpx
-
-from server.config import MIB
 from server.errors import ContentPolicyError, InvalidRequestError
 from server.providers.base import ImageRequest, Progress, ProviderResult
 from server.providers.http import (
+    ErrorBody,
     ErrorTable,
     Failure,
+    Informational,
     Kind,
-    RetryPolicy,
     UpstreamHttp,
+    UpstreamModel,
     UpstreamResponse,
     fan_out,
     image_from_base64,
@@ -44,7 +43,6 @@ from server.providers.sizing import STABILITY_ASPECT_RATIOS, nearest_aspect_rati
 
 __all__ = ["ENDPOINTS", "ERRORS", "StabilityImageProvider"]
 
-DEFAULT_BASE_URL = "https://api.stability.ai"
 # Upstream model -> (endpoint, whether the `model` form field names it).
 ENDPOINTS: Mapping[str, tuple[str, bool]] = {
     "stable-image-ultra": ("ultra", False),
@@ -71,12 +69,23 @@ ERRORS: ErrorTable = {
 }
 
 
+class _ErrorBody(ErrorBody):
+    name: Informational[str] = None
+    errors: Informational[list[Informational[str]]] = None
+
+
+class JsonAnswer(UpstreamModel):
+    """A 200 negotiated as ``application/json``."""
+
+    image: str | None = None
+    finish_reason: Informational[str] = None
+
+
 def classify(response: UpstreamResponse) -> Failure:
     """Maps a non-2xx Stability answer through ``ERRORS`` by its ``name`` field."""
-    body = response.json_or_none()
-    name = body.get("name") if isinstance(body, dict) and isinstance(body.get("name"), str) else None
-    errors = body.get("errors") if isinstance(body, dict) else None
-    detail = "; ".join(e for e in errors if isinstance(e, str)) if isinstance(errors, list) else ""
+    body = response.parse_or_none(_ErrorBody)
+    name = body.name if body is not None else None
+    detail = "; ".join(e for e in body.errors or [] if e is not None) if body is not None else ""
     return Failure(lookup_kind(ERRORS, response.status, [name]), detail=detail, status=response.status, code=name)
 
 
@@ -85,32 +94,20 @@ class StabilityImageProvider:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: UpstreamHttp,
         *,
         api_key: str,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str,
         accept: str = "image/*",
-        name: str = "stability",
-        max_response_bytes: int = 128 * MIB,
-        retry: RetryPolicy | None = None,
-        key_setting: str = "IMAGEGW_STABILITY_API_KEY",
-        on_retry: Callable[[], None] | None = None,
         fan_out_concurrency: int = 4,
     ) -> None:
         if accept not in ACCEPTS:
             raise ValueError(f"accept must be one of {ACCEPTS}")
-        self.name = name
+        self.name = http.provider
         self._base = base_url.rstrip("/") + "/v2beta/stable-image/generate"
         self._headers = {"authorization": f"Bearer {api_key}", "accept": accept}
         self._concurrency = fan_out_concurrency
-        self._http = UpstreamHttp(
-            http,
-            provider=name,
-            max_response_bytes=max_response_bytes,
-            retry=retry or RetryPolicy(rate_limit_delay=60.0),
-            key_setting=key_setting,
-            on_retry=on_retry,
-        )
+        self._http = http
 
     def form(self, request: ImageRequest) -> tuple[str, list[tuple[str, tuple[None, str]]]]:
         """The endpoint URL and the multipart fields (no filenames) for one image."""
@@ -159,14 +156,13 @@ class StabilityImageProvider:
                 raise ContentPolicyError("The upstream provider's safety system rejected the request.")
             return ProviderResult(images=[await image_from_bytes(response.body)])
         if response.content_type == "application/json":
-            payload = await response.json()
-            if not isinstance(payload, dict):
-                raise malformed("an answer that is not a JSON object")
-            if payload.get("finish_reason") == FILTERED:
+            answer = await response.parse(JsonAnswer)
+            del response
+            if answer.finish_reason == FILTERED:
                 raise ContentPolicyError("The upstream provider's safety system rejected the request.")
-            if "image" not in payload:
+            if answer.image is None:
                 raise malformed("an answer without an image field")
-            return ProviderResult(images=[await image_from_base64(payload["image"])])
+            return ProviderResult(images=[await image_from_base64(answer.image)])
         raise malformed(f"an answer of content type {response.content_type or 'none'}")
 
     async def aclose(self) -> None:

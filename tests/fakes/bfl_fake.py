@@ -11,32 +11,32 @@ Submit validation follows FastAPI: 422 ``{"detail": [{loc, msg, type}]}`` for wi
 not a multiple of 32 or outside 256..1440 and ``safety_tolerance`` above 6; a missing or
 wrong key is 403; more than ``max_active`` unfinished tasks is 429.
 
-Scenarios (prompt token or ``fake.enqueue``, both read at submit):
+Endpoints (``tests.fakes.provider``): ``submit`` and ``global_poll`` on the global host;
+``poll`` and ``sample`` on the regional one. Scenarios (prompt token or ``fake.enqueue``,
+both read at submit):
 
     request-moderated, content-moderated, error, task-not-found    terminal poll states
     pending=K          K Pending polls before Ready (default ``pending``)
     poll-5xx=K         the first K polls answer 502/503 alternately (retry the poll, not the submit)
     expired-sample     result.sample expires at once (403 on download)
     garbage-sample     result.sample serves bytes that are no image
-    payment (402), forbidden (403), 429, 500, 503 at submit; no-polling-url (submit answers only an id)
+    revoked-key (403, as for a key BFL does not know), payment (402), forbidden (403), 429, 500, 503 at submit; no-polling-url (submit answers only an id)
     foreign-polling-url (a polling_url on an unrelated host), poll-invalid-json, unknown-status
     and the generic slow/drip/reset/truncated/html-502/html-504/html-200/invalid-json at submit.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakes.images import GARBAGE, MIME_TYPES, ImageCache
-from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
-from tests.fakes.server import FakeHttpServer, FakeResponse, RecordedRequest, SignedBlobs
+from tests.fakes.images import GARBAGE, MIME_TYPES
+from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
+from tests.fakes.scenarios import Scenario, transport_variant
+from tests.fakes.server import FakeResponse, RecordedRequest, SignedBlobs
 
 __all__ = ["BflFake", "start_bfl_fake"]
 
@@ -58,28 +58,24 @@ class _Task:
     done: bool = False
 
 
-class BflFake:
-    """The global API host plus a regional host that serves polls and deliveries."""
+class BflFake(FakeProvider):
+    """A fake BFL API: the global host plus a regional host that serves polls and deliveries."""
+
+    default_key = DEFAULT_KEY
+    title = "fake BFL API"
 
     def __init__(
-        self, *, api_key: str = DEFAULT_KEY, host: str = "127.0.0.1", port: int = 0, regional_port: int = 0,
-        pending: int = 2, sample_ttl: float = 600.0, max_active: int = 24,
+        self, *, regional_port: int = 0, pending: int = 2, sample_ttl: float = 600.0, max_active: int = 24,
+        **options: Any,
     ) -> None:
-        self.api_key = api_key
+        super().__init__(**options)
         self.pending = pending
         self.sample_ttl = sample_ttl
         self.max_active = max_active
-        self.server = FakeHttpServer(self._handle_api, host=host, port=port)
-        self.regional = FakeHttpServer(self._handle_regional, host=host, port=regional_port)
-        self.scenarios = ScenarioPicker()
+        # The regional host is a second server with its own endpoints (``Regional``).
+        self.regional = Regional(self, host=options.get("host", "127.0.0.1"), port=regional_port)
         self.blobs = SignedBlobs(prefix="/results")
         self.tasks: dict[str, _Task] = {}
-        self._images = ImageCache()
-
-    @property
-    def base_url(self) -> str:
-        """The global host, as BFL's client takes it (the adapter adds ``/v1/...``)."""
-        return self.server.base_url
 
     @property
     def submits(self) -> list[RecordedRequest]:
@@ -93,8 +89,19 @@ class BflFake:
     def downloads(self) -> list[RecordedRequest]:
         return [r for r in self.regional.requests if r.path.startswith("/results/")]
 
-    def enqueue(self, *scenarios: str | Scenario) -> None:
-        self.scenarios.enqueue(*scenarios)
+    def polls_of(self, prompt: str) -> list[RecordedRequest]:
+        """The polls of the tasks submitted with ``prompt``, on either host."""
+        ids = {task.id for task in self.tasks.values() if task.prompt == prompt}
+        return [r for r in self.polls if r.query.get("id") in ids]
+
+    def prompt_of(self, request: RecordedRequest) -> str | None:
+        return super().prompt_of(request) if request.method == "POST" else None
+
+    def describe(self) -> str:
+        return f"{super().describe()} (regional {self.regional.base_url})"
+
+    def not_found(self, request: RecordedRequest) -> FakeResponse:
+        return FakeResponse.json_body({"detail": "Not Found"}, 404)
 
     async def start(self) -> None:
         await self.server.start()
@@ -109,19 +116,23 @@ class BflFake:
 
     # -- global API: submit -------------------------------------------------------------------
 
-    async def _handle_api(self, request: RecordedRequest) -> FakeResponse:
-        if request.path == "/v1/get_result" and request.method == "GET":
-            if not self._authorized(request):
-                return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
-            task = self.tasks.get(request.query.get("id", ""))
-            if task is not None and task.scenario.name == "no-polling-url":
-                return self.poll(task.id)
-            # Tasks live on the regional cluster; the wrong host does not know them.
-            return FakeResponse.json_body({"id": request.query.get("id"), "status": "Task not found"})
-        model = request.path.removeprefix("/v1/")
-        if request.method != "POST" or model not in MODELS:
-            return FakeResponse.json_body({"detail": "Not Found"}, 404)
+    @endpoint("GET", r"/v1/get_result")
+    async def global_poll(self, request: RecordedRequest) -> FakeResponse:
+        """Polls on the global host: tasks live on the regional cluster, so it does not know them."""
         if not self._authorized(request):
+            return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
+        task = self.tasks.get(request.query.get("id", ""))
+        if task is not None and task.scenario.name == "no-polling-url":
+            return self.poll(task.id)
+        return FakeResponse.json_body({"id": request.query.get("id"), "status": "Task not found"})
+
+    @endpoint("POST", r"/v1/(?P<model>[a-z0-9.-]+)")
+    async def submit(self, request: RecordedRequest, model: str) -> FakeResponse:
+        """``POST /v1/{model}``: a new task, answered with its id and ``polling_url``."""
+        if model not in MODELS:
+            return FakeResponse.json_body({"detail": "Not Found"}, 404)
+        scenario = self.scenarios.pick(self.prompt_of(request))
+        if not self._authorized(request) or scenario.name == REVOKED_KEY:
             return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
         try:
             body = request.json()
@@ -130,7 +141,6 @@ class BflFake:
         problems = self._validate(body)
         if problems:
             return FakeResponse.json_body({"detail": problems}, 422)
-        scenario = self.scenarios.pick(body.get("prompt"))
         match scenario.name:
             case "payment":
                 return FakeResponse.json_body({"detail": "Insufficient credits"}, 402)
@@ -187,17 +197,7 @@ class BflFake:
             problems.append({"loc": ["body", "output_format"], "msg": "Input should be 'jpeg', 'png' or 'webp'", "type": "enum"})
         return problems
 
-    # -- regional host: poll and deliver -------------------------------------------------------
-
-    async def _handle_regional(self, request: RecordedRequest) -> FakeResponse:
-        blob = self.blobs.serve(request)
-        if blob is not None:
-            return blob
-        if request.path != "/v1/get_result" or request.method != "GET":
-            return FakeResponse.json_body({"detail": "Not Found"}, 404)
-        if not self._authorized(request):
-            return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
-        return self.poll(request.query.get("id", ""))
+    # -- the regional host's state machine -----------------------------------------------------
 
     def poll(self, task_id: str) -> FakeResponse:
         task = self.tasks.get(task_id)
@@ -221,7 +221,7 @@ class BflFake:
         if name in terminal:
             details = {"Moderation Reasons": ["Derivative Works Filter"]} if "moderated" in name else None
             return FakeResponse.json_body(state | {"status": terminal[name], "details": details})
-        data = GARBAGE if name == "garbage-sample" else self._images.get(task.fmt, task.width // 16, task.height // 16)
+        data = GARBAGE if name == "garbage-sample" else self.images.get(task.fmt, task.width // 16, task.height // 16)
         ttl = 0.0 if name == "expired-sample" else self.sample_ttl
         sample = self.blobs.put(self.regional.base_url, data, MIME_TYPES[task.fmt], ttl=ttl, suffix=task.fmt)
         return FakeResponse.json_body(
@@ -230,32 +230,37 @@ class BflFake:
         )
 
 
-@asynccontextmanager
-async def start_bfl_fake(**options: Any) -> AsyncIterator[BflFake]:
+class Regional(FakeProvider):
+    """The regional cluster of a ``BflFake``: polls and result deliveries, on its own port."""
+
+    title = "fake BFL regional host"
+
+    def __init__(self, api: BflFake, **options: Any) -> None:
+        super().__init__(api_key=api.api_key, **options)
+        self.api = api
+
+    def not_found(self, request: RecordedRequest) -> FakeResponse:
+        return FakeResponse.json_body({"detail": "Not Found"}, 404)
+
+    @endpoint("GET", r"/v1/get_result")
+    async def poll(self, request: RecordedRequest) -> FakeResponse:
+        """A task's state, with ``x-key``."""
+        if request.headers.get("x-key") != self.api.api_key:
+            return FakeResponse.json_body({"detail": "Invalid or missing API key"}, 403)
+        return self.api.poll(request.query.get("id", ""))
+
+    @endpoint("GET", r"/results/.+")
+    async def sample(self, request: RecordedRequest) -> FakeResponse:
+        """A Ready task's ``result.sample``: a signed link, no key."""
+        served = self.api.blobs.serve(request)
+        assert served is not None
+        return served
+
+
+def start_bfl_fake(**options: Any) -> AbstractAsyncContextManager[BflFake]:
     """A running ``BflFake`` (options as its constructor), both hosts stopped on exit."""
-    fake = BflFake(**options)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    fake = BflFake(api_key=args.key, host=args.host, port=args.port, regional_port=args.regional_port)
-    await fake.start()
-    print(f"fake BFL API at {fake.base_url} (regional {fake.regional.base_url})  key {args.key}", flush=True)  # noqa: T201
-    await asyncio.gather(fake.server.serve_forever(), fake.regional.serve_forever())
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9103)
-    parser.add_argument("--regional-port", type=int, default=9104)
-    parser.add_argument("--key", default=DEFAULT_KEY)
-    asyncio.run(_serve(parser.parse_args()))
+    return BflFake.running(**options)
 
 
 if __name__ == "__main__":
-    main()
+    serve_main(BflFake, 9103)

@@ -10,6 +10,7 @@ Imagen answers ``predictions[{mimeType, bytesBase64Encoded}]`` (fewer when filte
 ``raiFilteredReason`` entry); Gemini answers one ``inlineData`` part plus ``usageMetadata``
 (1290 IMAGE tokens).
 
+Endpoints (``tests.fakes.provider``): ``predict`` (Imagen), ``generate_content`` (Gemini).
 Scenarios (prompt token or ``fake.enqueue``):
 
     Imagen:  partial (n-1 images + raiFilteredReason), all-filtered (only the reason entry),
@@ -18,7 +19,8 @@ Scenarios (prompt token or ``fake.enqueue``):
     Gemini:  blocked (promptFeedback.blockReason), image-safety, image-prohibited, no-image,
              image-other (finishReason, no content), text-only (a text reply, STOP),
              with-text (text then image), thought (a thought part first), two-images
-    Both:    429=S (RESOURCE_EXHAUSTED, RetryInfo retryDelay "Ss", per-minute QuotaFailure, no
+    Both:    revoked-key (400 API_KEY_INVALID, as for a key Google does not know),
+             429=S (RESOURCE_EXHAUSTED, RetryInfo retryDelay "Ss", per-minute QuotaFailure, no
              Retry-After header), 429-daily (per-day quotaId), permission (403 SERVICE_DISABLED),
              model-gone (404), 500 (INTERNAL), 503 (UNAVAILABLE), list-error (a 503 body wrapped
              in a one-element JSON list), missing-image, bad-base64, garbage-image, fake-png,
@@ -27,17 +29,14 @@ Scenarios (prompt token or ``fake.enqueue``):
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
-import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from tests.fakes.images import FAKE_PNG, GARBAGE, ImageCache, with_bad_padding
-from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
-from tests.fakes.server import FakeHttpServer, FakeResponse, RecordedRequest
+from tests.fakes.images import FAKE_PNG, GARBAGE, with_bad_padding
+from tests.fakes.provider import FakeProvider, endpoint, serve_main
+from tests.fakes.scenarios import Scenario, transport_variant
+from tests.fakes.server import FakeResponse, RecordedRequest
 
 __all__ = ["GoogleFake", "start_google_fake"]
 
@@ -49,7 +48,7 @@ GEMINI_RATIOS = {
     "1:1": (1024, 1024), "2:3": (832, 1248), "3:2": (1248, 832), "3:4": (864, 1184), "4:3": (1184, 864),
     "4:5": (896, 1152), "5:4": (1152, 896), "9:16": (768, 1344), "16:9": (1344, 768), "21:9": (1536, 672),
 }
-PATH_RE = re.compile(r"^/(?P<version>v1beta|v1)/models/(?P<model>[^/:]+):(?P<method>[A-Za-z]+)$")
+MODEL_PATH = r"/(?:v1beta|v1)/models/(?P<model>[^/:]+)"
 STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE"}
 RAI_REASON = (
     "Your current safety filter threshold filtered out {n} generated images. You will not be charged for blocked "
@@ -70,40 +69,44 @@ def google_error(status: int, message: str, details: list[dict[str, Any]] | None
     return FakeResponse.json_body(body, status, content_type="application/json; charset=UTF-8")
 
 
-class GoogleFake:
-    """One fake ``generativelanguage.googleapis.com``."""
+def _invalid_key() -> FakeResponse:
+    return google_error(
+        400,
+        "API key not valid. Please pass a valid API key.",
+        [
+            {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+             "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
+            {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
+             "message": "API key not valid. Please pass a valid API key."},
+        ],
+    )
 
-    def __init__(self, *, api_key: str = DEFAULT_KEY, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.api_key = api_key
-        self.server = FakeHttpServer(self._handle, host=host, port=port)
-        self.scenarios = ScenarioPicker()
-        self._images = ImageCache()
 
-    @property
-    def base_url(self) -> str:
-        """The host, as google-genai takes it (the adapter adds ``/v1beta``)."""
-        return self.server.base_url
+class GoogleFake(FakeProvider):
+    """A fake ``generativelanguage.googleapis.com``: Imagen and Gemini image models."""
 
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.server.requests
+    default_key = DEFAULT_KEY
+    title = "fake Gemini API"
 
     def calls(self, method: str) -> list[RecordedRequest]:
         return [r for r in self.server.requests if r.path.endswith(f":{method}")]
 
-    def enqueue(self, *scenarios: str | Scenario) -> None:
-        self.scenarios.enqueue(*scenarios)
+    def prompt_of(self, request: RecordedRequest) -> str | None:
+        try:
+            body = request.json()
+            if request.path.endswith(":predict"):
+                prompt = body["instances"][0]["prompt"]
+            else:
+                prompt = body["contents"][0]["parts"][0]["text"]
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None
+        return prompt if isinstance(prompt, str) else None
 
-    async def start(self) -> None:
-        await self.server.start()
+    def not_found(self, request: RecordedRequest) -> FakeResponse:
+        return FakeResponse.text("<html><body>404. That's an error.</body></html>", 404)
 
-    async def stop(self) -> None:
-        await self.server.stop()
-
-    async def _handle(self, request: RecordedRequest) -> FakeResponse:
-        match = PATH_RE.match(request.path)
-        if match is None or request.method != "POST":
-            return FakeResponse.text("<html><body>404. That's an error.</body></html>", 404)
+    def _refuse(self, request: RecordedRequest, model: str, method: str) -> FakeResponse | None:
+        """Google's checks before any model runs: the key, the model, the method, the JSON body."""
         key = request.headers.get("x-goog-api-key") or request.query.get("key")
         if not key:
             return google_error(
@@ -112,20 +115,10 @@ class GoogleFake:
                 "or other form of API consumer identity to call this API.",
             )
         if key != self.api_key:
-            return google_error(
-                400,
-                "API key not valid. Please pass a valid API key.",
-                [
-                    {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                     "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}},
-                    {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
-                     "message": "API key not valid. Please pass a valid API key."},
-                ],
-            )
-        model, method = match.group("model"), match.group("method")
+            return _invalid_key()
         if model not in IMAGEN_MODELS | GEMINI_MODELS:
             return google_error(404, f"models/{model} is not found for API version v1beta, or is not supported for {method}.")
-        if (method == "predict") != (model in IMAGEN_MODELS) or method not in ("predict", "generateContent"):
+        if (method == "predict") != (model in IMAGEN_MODELS):
             return google_error(400, f"models/{model} does not support {method}.")
         try:
             body = request.json()
@@ -133,14 +126,28 @@ class GoogleFake:
             return google_error(400, "Invalid JSON payload received.")
         if not isinstance(body, dict):
             return google_error(400, "Invalid JSON payload received. Expected an object.")
-        if method == "predict":
-            return self._predict(model, body)
-        return self._generate_content(model, body)
+        return None
+
+    @endpoint("POST", MODEL_PATH + r":predict")
+    async def predict(self, request: RecordedRequest, model: str) -> FakeResponse:
+        """Imagen's ``:predict``."""
+        return self._refuse(request, model, "predict") or self._predict(model, request.json())
+
+    @endpoint("POST", MODEL_PATH + r":generateContent")
+    async def generate_content(self, request: RecordedRequest, model: str) -> FakeResponse:
+        """Gemini's ``:generateContent`` with image output."""
+        return self._refuse(request, model, "generateContent") or self._generate_content(model, request.json())
+
+    @endpoint("POST", MODEL_PATH + r":(?P<method>[A-Za-z]+)")
+    async def other_method(self, request: RecordedRequest, model: str, method: str) -> FakeResponse:
+        return self._refuse(request, model, method) or google_error(400, f"models/{model} does not support {method}.")
 
     # -- shared error scenarios ---------------------------------------------------------------
 
     def _common_error(self, scenario: Scenario, model: str) -> FakeResponse | None:
         match scenario.name:
+            case "revoked-key":  # tests.fakes.provider.REVOKED_KEY
+                return _invalid_key()
             case "429" | "429-daily":
                 daily = scenario.name == "429-daily"
                 quota_id = "GenerateRequestsPerDayPerProjectPerModel" if daily else "GenerateRequestsPerMinutePerProjectPerModel"
@@ -221,7 +228,7 @@ class GoogleFake:
         for index in range(delivered):
             entry: dict[str, Any] = {"mimeType": mime}
             if scenario.name != "missing-image":
-                entry["bytesBase64Encoded"] = self._encoded(scenario, self._images.get(fmt, width, height, index))
+                entry["bytesBase64Encoded"] = self._encoded(scenario, self.images.get(fmt, width, height, index))
             if scenario.name == "enhanced":
                 entry["prompt"] = f"An enhanced, detailed version of: {prompt}"
             predictions.append(entry)
@@ -282,7 +289,7 @@ class GoogleFake:
             for index in range(count):
                 inline: dict[str, Any] = {"mimeType": "image/png"}
                 if scenario.name != "missing-image":
-                    inline["data"] = self._encoded(scenario, self._images.get("png", width, height, index))
+                    inline["data"] = self._encoded(scenario, self.images.get("png", width, height, index))
                 parts.append({"inlineData": inline} if scenario.name != "missing-image" else {"text": "(no image)"})
             payload = {
                 "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
@@ -297,31 +304,10 @@ class GoogleFake:
         return transport_variant(scenario, ok) or ok
 
 
-@asynccontextmanager
-async def start_google_fake(**options: Any) -> AsyncIterator[GoogleFake]:
+def start_google_fake(**options: Any) -> AbstractAsyncContextManager[GoogleFake]:
     """A running ``GoogleFake`` (options as its constructor), stopped on exit."""
-    fake = GoogleFake(**options)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    fake = GoogleFake(api_key=args.key, host=args.host, port=args.port)
-    await fake.start()
-    print(f"fake Gemini API at {fake.base_url}  key {args.key}", flush=True)  # noqa: T201
-    await fake.server.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9101)
-    parser.add_argument("--key", default=DEFAULT_KEY)
-    asyncio.run(_serve(parser.parse_args()))
+    return GoogleFake.running(**options)
 
 
 if __name__ == "__main__":
-    main()
+    serve_main(GoogleFake, 9101)

@@ -9,6 +9,7 @@ GPT image answers with ``usage`` and ``size/quality/output_format/background``; 
 answers with ``revised_prompt`` and a ``url`` by default, served from an expiring fake
 blob host (403 XML after ``url_ttl``).
 
+Endpoints (``tests.fakes.provider``): ``generations``, and ``blob`` for the image links.
 Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
 ``tests.fakes.scenarios``):
 
@@ -19,6 +20,7 @@ Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
     429-ms=MS, 429-s=S            only retry-after-ms / only retry-after (seconds, may be fractional)
     429-date=S                    Retry-After as an HTTP-date S seconds ahead
     429-huge, 429-none            retry-after: 600 / no hint at all
+    revoked-key                   401 invalid_api_key, as for a key the provider does not know
     quota, billing                429 insufficient_quota / 400 billing_hard_limit_reached
     spend-limit                   402 (Together)           region  403 unsupported country
     model-gone                    404 model_not_found      invalid  400 invalid_request_error
@@ -39,7 +41,6 @@ after S seconds).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
@@ -47,12 +48,13 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from tests.fakes.images import FAKE_PNG, GARBAGE, ImageCache, MIME_TYPES, with_bad_padding
-from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
-from tests.fakes.server import FakeHttpServer, FakeResponse, RecordedRequest, SignedBlobs
+from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, with_bad_padding
+from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
+from tests.fakes.scenarios import Scenario, transport_variant
+from tests.fakes.server import FakeResponse, RecordedRequest, SignedBlobs
 
 __all__ = ["OpenAIFake", "start_openai_fake"]
 
@@ -76,22 +78,19 @@ def _mask(key: str) -> str:
     return key[:3] + "*" * 8 + key[-4:] if len(key) > 8 else "*" * len(key)
 
 
-class OpenAIFake:
-    """One fake OpenAI-shaped host; ``dialect`` is ``openai``, ``xai`` or ``together``."""
+class OpenAIFake(FakeProvider):
+    """A fake OpenAI Images API; ``dialect`` is ``openai``, ``xai`` or ``together``."""
 
-    def __init__(
-        self, *, api_key: str = DEFAULT_KEY, dialect: str = "openai", host: str = "127.0.0.1", port: int = 0,
-        url_ttl: float = 3600.0,
-    ) -> None:
+    default_key = DEFAULT_KEY
+    title = "fake OpenAI"
+
+    def __init__(self, *, dialect: str = "openai", url_ttl: float = 3600.0, **options: Any) -> None:
         if dialect not in ("openai", "xai", "together"):
             raise ValueError(f"unknown dialect {dialect!r}")
-        self.api_key = api_key
+        super().__init__(**options)
         self.dialect = dialect
         self.url_ttl = url_ttl
-        self.server = FakeHttpServer(self._handle, host=host, port=port)
-        self.scenarios = ScenarioPicker()
         self.blobs = SignedBlobs()
-        self._images = ImageCache()
         self._released = asyncio.Event()
 
     def release_stream(self) -> None:
@@ -104,21 +103,14 @@ class OpenAIFake:
         return f"{self.server.base_url}/v1"
 
     @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.server.requests
-
-    @property
     def generation_requests(self) -> list[RecordedRequest]:
         return [r for r in self.server.requests if r.path == "/v1/images/generations"]
 
-    def enqueue(self, *scenarios: str | Scenario) -> None:
-        self.scenarios.enqueue(*scenarios)
+    def prompt_of(self, request: RecordedRequest) -> str | None:
+        return super().prompt_of(request) if request.path == "/v1/images/generations" else None
 
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def stop(self) -> None:
-        await self.server.stop()
+    def not_found(self, request: RecordedRequest) -> FakeResponse:
+        return self._error(404, f"Invalid URL ({request.method} {request.path})")
 
     # -- errors ----------------------------------------------------------------------------
 
@@ -153,14 +145,16 @@ class OpenAIFake:
                 headers = ()
         return self._error(429, message, type_="requests", code="rate_limit_exceeded", headers=headers)
 
-    # -- the endpoint ----------------------------------------------------------------------
+    # -- endpoints -------------------------------------------------------------------------
 
-    async def _handle(self, request: RecordedRequest) -> FakeResponse:
-        blob = self.blobs.serve(request)
-        if blob is not None:
-            return blob
-        if request.path != "/v1/images/generations" or request.method != "POST":
-            return self._error(404, f"Invalid URL ({request.method} {request.path})")
+    @endpoint("GET", r"/blob/.+")
+    async def blob(self, request: RecordedRequest) -> FakeResponse:
+        """The expiring image links of ``url`` answers (no key: they are pre-signed)."""
+        served = self.blobs.serve(request)
+        assert served is not None
+        return served
+
+    def _refuse_key(self, request: RecordedRequest, scenario: Scenario) -> FakeResponse | None:
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or not auth.removeprefix("Bearer "):
             return self._error(
@@ -168,23 +162,38 @@ class OpenAIFake:
                 "You didn't provide an API key. You need to provide your API key in an Authorization header "
                 "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             )
-        if auth.removeprefix("Bearer ") != self.api_key:
-            given = auth.removeprefix("Bearer ")
+        given = auth.removeprefix("Bearer ")
+        if given != self.api_key or scenario.name == REVOKED_KEY:
             return self._error(
                 401,
                 f"Incorrect API key provided: {_mask(given)}. You can find your API key at "
                 "https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
+        return None
+
+    def _json_body(self, request: RecordedRequest) -> tuple[dict[str, Any] | None, FakeResponse | None]:
         if request.content_type != "application/json":
-            return self._error(400, "Invalid Content-Type header; expected application/json.")
+            return None, self._error(400, "Invalid Content-Type header; expected application/json.")
         try:
             body = request.json()
         except ValueError:
-            return self._error(400, "We could not parse the JSON body of your request.")
+            return None, self._error(400, "We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
-            return self._error(400, "The request body must be a JSON object.")
-        scenario = self.scenarios.pick(body.get("prompt"))
+            return None, self._error(400, "The request body must be a JSON object.")
+        return body, None
+
+    @endpoint("POST", r"/v1/images/generations")
+    async def generations(self, request: RecordedRequest) -> FakeResponse:
+        """``POST /v1/images/generations`` in this fake's dialect."""
+        scenario = self.scenarios.pick(self.prompt_of(request))
+        refused = self._refuse_key(request, scenario)
+        if refused is not None:
+            return refused
+        body, problem = self._json_body(request)
+        if problem is not None:
+            return problem
+        assert body is not None
         match self.dialect:
             case "openai":
                 problem, answer = self._openai(body)
@@ -437,7 +446,7 @@ class OpenAIFake:
     def _image_bytes(self, answer: dict[str, Any], index: int) -> bytes:
         size = answer["size"]
         width, height = (1024, 1024) if size == "auto" else (int(x) for x in size.split("x"))
-        return self._images.get(answer["format"], width, height, index)
+        return self.images.get(answer["format"], width, height, index)
 
     def _success(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
         n = body.get("n", 1)
@@ -459,7 +468,7 @@ class OpenAIFake:
             elif scenario.name == "fake-png":
                 data = FAKE_PNG
             elif scenario.name == "wrong-format":
-                data = self._images.get("jpeg" if fmt != "jpeg" else "png", 8, 8, index)
+                data = self.images.get("jpeg" if fmt != "jpeg" else "png", 8, 8, index)
             item: dict[str, Any] = {}
             if wants_url:
                 ttl = 0.0 if scenario.name == "expired-url" else self.url_ttl
@@ -503,32 +512,10 @@ class OpenAIFake:
         return FakeResponse.json_body(payload, 200, headers=headers)
 
 
-@asynccontextmanager
-async def start_openai_fake(**options: Any) -> AsyncIterator[OpenAIFake]:
+def start_openai_fake(**options: Any) -> AbstractAsyncContextManager[OpenAIFake]:
     """A running ``OpenAIFake`` (options as its constructor), stopped on exit."""
-    fake = OpenAIFake(**options)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    fake = OpenAIFake(api_key=args.key, dialect=args.dialect, host=args.host, port=args.port)
-    await fake.start()
-    print(f"fake OpenAI ({args.dialect}) at {fake.base_url}  key {args.key}", flush=True)  # noqa: T201
-    await fake.server.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9100)
-    parser.add_argument("--key", default=DEFAULT_KEY)
-    parser.add_argument("--dialect", default="openai", choices=["openai", "xai", "together"])
-    asyncio.run(_serve(parser.parse_args()))
+    return OpenAIFake.running(**options)
 
 
 if __name__ == "__main__":
-    main()
+    serve_main(OpenAIFake, 9100)

@@ -7,7 +7,8 @@ moment a client disconnects (to prove cancellation closes the upstream request).
 
 Each fake supplies one async handler ``RecordedRequest -> FakeResponse``; the server
 records every request, and every request whose client went away before the answer was
-complete, in arrival order.
+complete, in arrival order, and tests wait for either with ``wait_for`` (an event, never a
+polling sleep).
 """
 
 from __future__ import annotations
@@ -175,7 +176,8 @@ class FakeHttpServer:
         self._connections: set[asyncio.Task[None]] = set()
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[RecordedRequest] = []
-        self._disconnected = asyncio.Event()
+        # Notified whenever a request or a disconnect is recorded.
+        self._recorded = asyncio.Condition()
 
     @property
     def port(self) -> int:
@@ -206,10 +208,16 @@ class FakeHttpServer:
         assert self._server is not None, "server not started"
         await self._server.serve_forever()
 
-    async def wait_for_disconnect(self, timeout: float = 2.0) -> RecordedRequest:
-        """The first request whose client went away before its answer was complete."""
-        await asyncio.wait_for(self._disconnected.wait(), timeout)
-        return self.disconnects[0]
+    async def wait_for(self, predicate: Callable[[], bool], within: float = 5.0) -> None:
+        """Returns once ``predicate()`` (over ``requests`` and ``disconnects``) holds;
+        checked again each time one is recorded. TimeoutError after ``within`` seconds."""
+        async with asyncio.timeout(within), self._recorded:
+            await self._recorded.wait_for(predicate)
+
+    async def _record(self, into: list[RecordedRequest], request: RecordedRequest) -> None:
+        async with self._recorded:
+            into.append(request)
+            self._recorded.notify_all()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -221,7 +229,7 @@ class FakeHttpServer:
                 request = await self._read_request(conn, reader)
                 if request is None:
                     return
-                self.requests.append(request)
+                await self._record(self.requests, request)
                 keep_alive = await self._answer(conn, reader, writer, request)
                 if not keep_alive or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
@@ -275,8 +283,7 @@ class FakeHttpServer:
                     # EOF before the answer was complete: the client gave up (cancelled, timed out).
                     work.cancel()
                     await asyncio.wait({work})  # not `await work`: that would hide our own cancellation
-                    self.disconnects.append(request)
-                    self._disconnected.set()
+                    await self._record(self.disconnects, request)
                     return False
                 conn.receive_data(data)  # a pipelined request; h11 keeps it for the next cycle
                 watch = asyncio.create_task(reader.read(65536))

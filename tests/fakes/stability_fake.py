@@ -9,8 +9,9 @@ bytes with ``content-type: image/<fmt>``, ``finish-reason`` and ``seed`` headers
 ``accept: application/json`` answers ``{image, finish_reason, seed}``; other accepts are
 400. Errors are ``{id, name, errors[]}``.
 
-Scenarios (prompt token or ``fake.enqueue``):
+Endpoints (``tests.fakes.provider``): ``generate``. Scenarios (prompt token or ``fake.enqueue``):
 
+    revoked-key  401 unauthorized, as for a key Stability does not know
     moderated    403 content_moderation          filtered   200 with finish reason CONTENT_FILTERED
     payment      402 payment_required
     429          429 with no Retry-After          500        500 internal_error
@@ -21,22 +22,19 @@ Scenarios (prompt token or ``fake.enqueue``):
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import base64
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from tests.fakes.images import FAKE_PNG, GARBAGE, ImageCache, MIME_TYPES, with_bad_padding
-from tests.fakes.scenarios import Scenario, ScenarioPicker, transport_variant
-from tests.fakes.server import FakeHttpServer, FakeResponse, MultipartPart, RecordedRequest
+from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, with_bad_padding
+from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
+from tests.fakes.scenarios import transport_variant
+from tests.fakes.server import FakeResponse, MultipartPart, RecordedRequest
 
 __all__ = ["StabilityFake", "start_stability_fake"]
 
 DEFAULT_KEY = "sk-test-fake-stability"
-ENDPOINTS = ("ultra", "core", "sd3")
 RATIOS = {
     "16:9": (1344, 768), "1:1": (1024, 1024), "21:9": (1536, 640), "2:3": (832, 1216), "3:2": (1216, 832),
     "4:5": (896, 1088), "5:4": (1088, 896), "9:16": (768, 1344), "9:21": (640, 1536),
@@ -49,42 +47,35 @@ def stability_error(status: int, name: str, *messages: str) -> FakeResponse:
     return FakeResponse.json_body({"id": secrets.token_hex(16), "name": name, "errors": list(messages)}, status)
 
 
-class StabilityFake:
-    """One fake ``api.stability.ai``."""
+class StabilityFake(FakeProvider):
+    """A fake ``api.stability.ai``: the v2beta Stable Image generate endpoints."""
 
-    def __init__(self, *, api_key: str = DEFAULT_KEY, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.api_key = api_key
-        self.server = FakeHttpServer(self._handle, host=host, port=port)
-        self.scenarios = ScenarioPicker()
-        self._images = ImageCache()
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
-    def requests(self) -> list[RecordedRequest]:
-        return self.server.requests
+    default_key = DEFAULT_KEY
+    title = "fake Stability AI"
 
     @property
     def generation_requests(self) -> list[RecordedRequest]:
         return [r for r in self.server.requests if r.path.startswith("/v2beta/stable-image/generate/")]
 
-    def enqueue(self, *scenarios: str | Scenario) -> None:
-        self.scenarios.enqueue(*scenarios)
+    def payload(self, request: RecordedRequest) -> dict[str, str]:
+        """The form fields (Stability's body is multipart even without a file)."""
+        parts = request.multipart()
+        assert parts is not None, "not multipart/form-data"
+        return {part.name: part.data.decode() for part in parts if part.filename is None}
 
-    async def start(self) -> None:
-        await self.server.start()
+    def prompt_of(self, request: RecordedRequest) -> str | None:
+        parts = request.multipart() or []
+        return next((p.data.decode() for p in parts if p.name == "prompt" and p.filename is None), None)
 
-    async def stop(self) -> None:
-        await self.server.stop()
+    def not_found(self, request: RecordedRequest) -> FakeResponse:
+        return stability_error(404, "not_found", f"{request.method} {request.path} does not exist")
 
-    async def _handle(self, request: RecordedRequest) -> FakeResponse:
-        endpoint = request.path.removeprefix("/v2beta/stable-image/generate/")
-        if request.method != "POST" or endpoint not in ENDPOINTS:
-            return stability_error(404, "not_found", f"{request.method} {request.path} does not exist")
+    @endpoint("POST", r"/v2beta/stable-image/generate/(?P<family>ultra|core|sd3)")
+    async def generate(self, request: RecordedRequest, family: str) -> FakeResponse:
+        """Text to image on one of the three model families."""
+        scenario = self.scenarios.pick(self.prompt_of(request))
         auth = request.headers.get("authorization", "")
-        if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") != self.api_key:
+        if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") != self.api_key or scenario.name == REVOKED_KEY:
             return stability_error(401, "unauthorized", "authorization: invalid or missing API key")
         if len(request.body) > MAX_BODY:
             return stability_error(413, "payload_too_large", "body: payloads cannot be larger than 10MiB in size")
@@ -95,10 +86,9 @@ class StabilityFake:
         accept = request.headers.get("accept", "image/*")
         if accept not in ("image/*", "application/json"):
             return stability_error(400, "bad_request", "accept: must be either image/* or application/json")
-        problem = self._validate(endpoint, fields, parts)
+        problem = self._validate(family, fields, parts)
         if problem is not None:
             return problem
-        scenario = self.scenarios.pick(fields["prompt"])
         match scenario.name:
             case "moderated":
                 return stability_error(
@@ -120,13 +110,13 @@ class StabilityFake:
                 return stability_error(422, "invalid_language", "English is the only supported language for this service.")
         fmt = fields.get("output_format", "png")
         width, height = RATIOS[fields.get("aspect_ratio", "1:1")]
-        data = self._images.get(fmt, width // 16, height // 16)
+        data = self.images.get(fmt, width // 16, height // 16)
         if scenario.name == "garbage-image":
             data = GARBAGE
         elif scenario.name == "fake-png":
             data = FAKE_PNG
         elif scenario.name == "wrong-content-type":
-            data = self._images.get("jpeg" if fmt != "jpeg" else "png", 8, 8)
+            data = self.images.get("jpeg" if fmt != "jpeg" else "png", 8, 8)
         finish = "CONTENT_FILTERED" if scenario.name == "filtered" else "SUCCESS"
         seed = str(secrets.randbelow(4294967294))
         request_id = secrets.token_hex(16)
@@ -167,31 +157,10 @@ class StabilityFake:
         return None
 
 
-@asynccontextmanager
-async def start_stability_fake(**options: Any) -> AsyncIterator[StabilityFake]:
+def start_stability_fake(**options: Any) -> AbstractAsyncContextManager[StabilityFake]:
     """A running ``StabilityFake`` (options as its constructor), stopped on exit."""
-    fake = StabilityFake(**options)
-    await fake.start()
-    try:
-        yield fake
-    finally:
-        await fake.stop()
-
-
-async def _serve(args: argparse.Namespace) -> None:
-    fake = StabilityFake(api_key=args.key, host=args.host, port=args.port)
-    await fake.start()
-    print(f"fake Stability AI at {fake.base_url}  key {args.key}", flush=True)  # noqa: T201
-    await fake.server.serve_forever()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9102)
-    parser.add_argument("--key", default=DEFAULT_KEY)
-    asyncio.run(_serve(parser.parse_args()))
+    return StabilityFake.running(**options)
 
 
 if __name__ == "__main__":
-    main()
+    serve_main(StabilityFake, 9102)
