@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from server.providers import PROVIDERS
 from tests.fakes.postgres import PostgresServer, PostgresUnavailableError, running_postgres
 from tests.stack import InProcessStack, ProcessStack, in_process_stack, process_stack
 
@@ -21,7 +22,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 # Never let a developer's real provider keys or settings leak into a test run.
-_LEAKY = ("OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY", "STABILITY_API_KEY", "BFL_API_KEY")
+_LEAKY = {variable for entry in PROVIDERS.values() for variable in entry.vendor_key_variables}
 
 
 @pytest.fixture(scope="session", autouse=True)

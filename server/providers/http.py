@@ -58,6 +58,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Field,
     Strict,
     ValidationError,
     ValidatorFunctionWrapHandler,
@@ -201,7 +202,7 @@ def _or_zero(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 # A field passed on or consulted but never needed: a value of the wrong type reads as absent.
 Informational = Annotated[T | None, WrapValidator(_or_none)]
 # A token count: a non-negative JSON integer, anything else reads as 0.
-Count = Annotated[int, Strict(), WrapValidator(_or_zero)]
+Count = Annotated[int, Strict(), Field(ge=0), WrapValidator(_or_zero)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,10 +495,13 @@ class UpstreamHttp:
         retry: RetryPolicy,
         key_setting: str,
         on_retry: Callable[[], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.client = client
         # Told of every retry (the composition root counts them in a metric).
         self.on_retry = on_retry
+        # Every wait before a retry; tests pass one that records the waits instead of sleeping.
+        self.sleep = sleep
         self.provider = provider
         self.max_response_bytes = max_response_bytes
         self.retry = retry
@@ -617,7 +621,7 @@ class UpstreamHttp:
             logger.info("%s %s: %s, attempt %d, retrying in %.2f s", self.provider, operation, status, attempt, delay)
             if self.on_retry is not None:
                 self.on_retry()
-            await asyncio.sleep(delay)
+            await self.sleep(delay)
 
     async def _attempt(
         self,

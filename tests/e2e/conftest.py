@@ -9,6 +9,10 @@ import pytest
 from tests.fakes.postgres import create_database
 from tests.stack import ProcessStack, process_stack
 
+# The matrix's checks live in a support module (imported later, by its test module):
+# let pytest explain their failures.
+pytest.register_assert_rewrite("tests.e2e.matrix")
+
 
 @pytest.fixture(scope="session")
 async def replicas(tmp_path_factory: pytest.TempPathFactory, postgres_url: str) -> AsyncIterator[ProcessStack]:

@@ -223,7 +223,7 @@ class BflFake(FakeProvider):
             return FakeResponse.json_body(state | {"status": terminal[name], "details": details})
         data = GARBAGE if name == "garbage-sample" else self.images.get(task.fmt, task.width // 16, task.height // 16)
         ttl = 0.0 if name == "expired-sample" else self.sample_ttl
-        sample = self.blobs.put(self.regional.base_url, data, MIME_TYPES[task.fmt], ttl=ttl, suffix=task.fmt)
+        sample = self.blobs.put(self.regional.base_url, data, MIME_TYPES[task.fmt], ttl=ttl, suffix=task.fmt, tag=task.prompt)
         return FakeResponse.json_body(
             state | {"status": "Ready", "result": {"sample": sample, "prompt": task.prompt, "seed": secrets.randbelow(2**31),
                                                     "start_time": 1767225600.1, "end_time": 1767225606.4, "duration": 6.3}}

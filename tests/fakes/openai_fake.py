@@ -472,7 +472,9 @@ class OpenAIFake(FakeProvider):
             item: dict[str, Any] = {}
             if wants_url:
                 ttl = 0.0 if scenario.name == "expired-url" else self.url_ttl
-                item["url"] = self.blobs.put(self.server.base_url, data, MIME_TYPES.get(fmt, "image/png"), ttl=ttl, suffix=fmt)
+                item["url"] = self.blobs.put(
+                    self.server.base_url, data, MIME_TYPES.get(fmt, "image/png"), ttl=ttl, suffix=fmt, tag=body["prompt"]
+                )
             else:
                 encoded = base64.b64encode(data).decode()
                 if scenario.name == "bad-base64":

@@ -121,6 +121,8 @@ class _Blob:
     data: bytes
     content_type: str
     expires_at: float
+    tag: str | None  # what the blob was made for (a prompt), so tests find its downloads
+    fetches: list[RecordedRequest] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -131,14 +133,20 @@ class SignedBlobs:
     blobs: dict[str, _Blob] = field(default_factory=dict)
     downloads: list[str] = field(default_factory=list)
 
-    def put(self, base_url: str, data: bytes, content_type: str, *, ttl: float, suffix: str = "png") -> str:
+    def put(
+        self, base_url: str, data: bytes, content_type: str, *, ttl: float, suffix: str = "png", tag: str | None = None
+    ) -> str:
         blob_id = secrets.token_hex(8)
-        self.blobs[blob_id] = _Blob(data, content_type, time.monotonic() + ttl)
+        self.blobs[blob_id] = _Blob(data, content_type, time.monotonic() + ttl, tag)
         expiry = email.utils.formatdate(time.time() + ttl, usegmt=True)
         return (
             f"{base_url}{self.prefix}/private/img-{blob_id}.{suffix}"
             f"?se={expiry.replace(' ', '%20').replace(',', '%2C')}&sp=r&sv=2024-08-04&sr=b&sig={secrets.token_hex(16)}"
         )
+
+    def fetches(self, tag: str) -> list[RecordedRequest]:
+        """The downloads of the blobs made for ``tag``, in arrival order."""
+        return [fetch for blob in self.blobs.values() if blob.tag == tag for fetch in blob.fetches]
 
     def serve(self, request: RecordedRequest) -> FakeResponse | None:
         if request.method != "GET" or not request.path.startswith(self.prefix + "/"):
@@ -146,6 +154,8 @@ class SignedBlobs:
         blob_id = request.path.rsplit("/", 1)[-1].removeprefix("img-").split(".")[0]
         self.downloads.append(blob_id)
         blob = self.blobs.get(blob_id)
+        if blob is not None:
+            blob.fetches.append(request)
         if blob is None:
             return FakeResponse.text(
                 '<?xml version="1.0" encoding="utf-8"?><Error><Code>BlobNotFound</Code>'

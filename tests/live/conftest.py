@@ -15,19 +15,8 @@ import os
 
 import pytest
 
-# Provider -> the variables that may hold its key (the vendor's name first), and its base URL setting.
-KEY_VARIABLES = {
-    "openai": ("OPENAI_API_KEY", "IMAGEGW_OPENAI_API_KEY"),
-    "google": ("GEMINI_API_KEY", "GOOGLE_API_KEY", "IMAGEGW_GOOGLE_API_KEY"),
-    "stability": ("STABILITY_API_KEY", "IMAGEGW_STABILITY_API_KEY"),
-    "bfl": ("BFL_API_KEY", "IMAGEGW_BFL_API_KEY"),
-}
-BASE_URL_VARIABLES = {
-    "openai": "IMAGEGW_OPENAI_BASE_URL",
-    "google": "IMAGEGW_GOOGLE_BASE_URL",
-    "stability": "IMAGEGW_STABILITY_BASE_URL",
-    "bfl": "IMAGEGW_BFL_BASE_URL",
-}
+from server.providers import PROVIDERS
+
 _ENVIRONMENT = dict(os.environ)  # a copy taken before tests/conftest.py cleans the environment
 
 
@@ -50,16 +39,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 class LiveKeys:
-    """The real keys and base URLs found in the environment at start-up."""
+    """The provider variables (keys and base URLs, as the registry names them) found in the
+    environment at start-up."""
 
-    def key(self, provider: str) -> str:
-        for name in KEY_VARIABLES[provider]:
-            if _ENVIRONMENT.get(name):
-                return _ENVIRONMENT[name]
-        pytest.skip(f"no {provider} key: set {' or '.join(KEY_VARIABLES[provider])} to run this live check")
-
-    def base_url(self, provider: str) -> str | None:
-        return _ENVIRONMENT.get(BASE_URL_VARIABLES[provider]) or None
+    def environment(self, provider: str) -> dict[str, str]:
+        """``provider``'s variables that are set; skips the test when none holds a key."""
+        entry = PROVIDERS[provider]
+        if not any(_ENVIRONMENT.get(name) for name in entry.key_variables):
+            pytest.skip(f"no {provider} key: set {' or '.join(entry.key_variables)} to run this live check")
+        names = (*entry.key_variables, entry.base_url_variable)
+        return {name: _ENVIRONMENT[name] for name in names if name in _ENVIRONMENT}
 
 
 @pytest.fixture(scope="session")

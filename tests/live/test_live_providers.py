@@ -4,8 +4,8 @@ Opt-in (``pytest --live``, ``pytest -m live`` or ``IMAGEGW_LIVE_TESTS=1``; see c
 each skipped unless its provider's key is in the environment: ``OPENAI_API_KEY``,
 ``GEMINI_API_KEY``, ``STABILITY_API_KEY``, ``BFL_API_KEY`` (or the ``IMAGEGW_*_API_KEY``
 names; ``IMAGEGW_*_BASE_URL`` points one at a proxy). Each call uses the adapter exactly as
-the server does (the shipped catalog resolves the request, one pooled client, production
-retry policy) and costs one image at the model's lowest price: about $0.011 (gpt-image-1,
+the server builds it (the registry and the settings read from those variables, the shipped
+catalog resolving the request, one pooled client, production retry policy) and costs one image at the model's lowest price: about $0.011 (gpt-image-1,
 low), $0.039 (gemini-2.5-flash-image), $0.03 (stable-image-core), $0.04 (flux-pro-1.1).
 They prove the wire formats the fakes imitate are still the real ones.
 """
@@ -20,31 +20,14 @@ import pytest
 from PIL import Image
 
 from server.catalog import ModelCatalog, RawImageRequest, load_catalog
-from server.providers.base import ImageProvider
+from server.providers import build_provider
 from server.providers.http import create_http_client
+from tests.stack import settings_from
 
 pytestmark = [pytest.mark.live, pytest.mark.timeout(400)]
 
 SPECS = load_catalog()
 CATALOG = ModelCatalog(SPECS, enabled_providers={spec.provider for spec in SPECS}, default_model="local-1")
-
-
-def build(provider: str, key: str, base_url: str | None, http: Any) -> ImageProvider:
-    if provider == "openai":
-        from server.providers.openai import OpenAIImageProvider
-
-        return OpenAIImageProvider(http, api_key=key, **({"base_url": base_url} if base_url else {}))
-    if provider == "google":
-        from server.providers.google import GoogleImageProvider
-
-        return GoogleImageProvider(http, api_key=key, **({"base_url": base_url} if base_url else {}))
-    if provider == "stability":
-        from server.providers.stability import StabilityImageProvider
-
-        return StabilityImageProvider(http, api_key=key, **({"base_url": base_url} if base_url else {}))
-    from server.providers.bfl import BflImageProvider
-
-    return BflImageProvider(http, api_key=key, **({"base_url": base_url} if base_url else {}))
 
 
 @pytest.mark.parametrize(
@@ -57,10 +40,10 @@ def build(provider: str, key: str, base_url: str | None, http: Any) -> ImageProv
     ],
 )
 async def test_one_real_image(live_keys: Any, provider: str, model: str, params: dict[str, Any]) -> None:
-    key = live_keys.key(provider)
+    settings = settings_from(live_keys.environment(provider))  # read as the server reads them
     quote = CATALOG.resolve(RawImageRequest(prompt="a small red apple on a white table, studio photo", model=model, **params))
     async with create_http_client() as http:
-        adapter = build(provider, key, live_keys.base_url(provider), http)
+        adapter = build_provider(provider, settings=settings, http=http, spec=quote.spec)
         deadline = asyncio.get_running_loop().time() + quote.spec.timeout_seconds
         result = await adapter.generate(quote.request, deadline=deadline)
         await adapter.aclose()

@@ -1,9 +1,9 @@
-"""Fixtures for the adapter tests: real fakes on loopback, one pooled client, the real catalog.
+"""Fixtures for the adapter tests: real fakes on loopback, one client, the real catalog.
 
 Every test talks HTTP to a fake from ``tests.fakes``; nothing of ours is mocked. Requests
 are built by the real ``ModelCatalog.resolve`` so adapters see exactly what production
-gives them. Retry delays are scaled down through ``support.FAST_RETRY`` and the fakes' scenario
-arguments, so the whole folder runs in seconds.
+gives them. Waits before retries are recorded (``support.SleepRecorder``) or scaled down
+(``support.FAST_RETRY``), so the whole folder runs in seconds.
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ import pytest
 
 from server.catalog import ModelCatalog, RawImageRequest
 from server.providers.base import ImageRequest
-from tests.fakes.bfl_fake import BflFake, start_bfl_fake
-from tests.fakes.google_fake import GoogleFake, start_google_fake
-from tests.fakes.openai_fake import OpenAIFake, start_openai_fake
-from tests.fakes.stability_fake import StabilityFake, start_stability_fake
+from tests.fakes.google_fake import GoogleFake
+from tests.fakes.openai_fake import OpenAIFake
+from tests.fakes.stability_fake import StabilityFake
 from tests.providers.support import SPECS
 
 
@@ -52,23 +51,17 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def openai_fake() -> AsyncIterator[OpenAIFake]:
-    async with start_openai_fake() as fake:
+    async with OpenAIFake.running() as fake:
         yield fake
 
 
 @pytest.fixture
 async def google_fake() -> AsyncIterator[GoogleFake]:
-    async with start_google_fake() as fake:
+    async with GoogleFake.running() as fake:
         yield fake
 
 
 @pytest.fixture
 async def stability_fake() -> AsyncIterator[StabilityFake]:
-    async with start_stability_fake() as fake:
-        yield fake
-
-
-@pytest.fixture
-async def bfl_fake() -> AsyncIterator[BflFake]:
-    async with start_bfl_fake(pending=1) as fake:
+    async with StabilityFake.running() as fake:
         yield fake
