@@ -283,11 +283,12 @@ def openai_success(model: str, response_format: str) -> Row:
 
 
 async def rehosted(env: Env, row: Row, prompt: str, reply: Reply) -> None:
-    """The provider's link was downloaded once, without our key, and never passed on."""
+    """Each of the provider's links was downloaded once, without our key, and never passed on."""
     fake = env.fakes[row.provider]
     assert isinstance(fake, OpenAIFake)
-    [download] = fake.blobs.fetches(prompt)
-    assert "authorization" not in download.headers
+    downloads = fake.blobs.fetches(prompt)
+    assert len(downloads) == row.n
+    assert all("authorization" not in download.headers for download in downloads)
     assert fake.server.base_url not in reply.response.text
 
 
@@ -311,6 +312,8 @@ OPENAI_ROWS = [
         sent=dalle_body("dall-e-3", size="1792x1024", quality="hd", style="natural")),
     Row("openai", "success", "dall-e-3", "url", label="rehosted", images=[("PNG", 1024, 1024)], cost=40_000,
         revised=RENDITION, extra=rehosted),
+    Row("openai", "success", "dall-e-2", "url", label="rehosted", body={"n": 2, "size": "512x512"},
+        images=[("PNG", 512, 512)] * 2, cost=36_000, extra=rehosted),
     Row("openai", "success", "gpt-image-1", "data-url", body={"response_format": "b64_json"},
         images=[("PNG", 1024, 1024)], cost=42_000, answer=GPT_ANSWER, usage=gpt_usage()),
     Row("openai", "success", "gpt-image-1", "drip=0.05", images=[("PNG", 1024, 1024)], cost=42_000,
@@ -342,12 +345,17 @@ OPENAI_ROWS = [
     *(Row("openai", "transient", "gpt-image-1", scenario, images=[("PNG", 1024, 1024)], cost=42_000, calls=2,
           answer=GPT_ANSWER, usage=gpt_usage(), seconds=(wait, 30), retries=1)
       for scenario, wait in [("429-s=0.6x1", 0.6), ("429-ms=400x1", 0.4), ("503x1", 0.0), ("html-502x1", 0.0)]),
+    Row("openai", "transient", "gpt-image-1", "503x2", images=[("PNG", 1024, 1024)], cost=42_000, calls=3,
+        answer=GPT_ANSWER, usage=gpt_usage()),
     *(Row("openai", "upstream-error", "gpt-image-1", scenario, status=502, calls=3, error=failing(status))
       for scenario, status in [("500", "HTTP 500"), ("503", "HTTP 503"), ("html-502", "HTTP 502"),
                                ("html-504", "HTTP 504"), ("reset", "RemoteProtocolError on images/generations")]),
     # A wait longer than we make is not slept: at once, retryable, with the wait for the caller.
     Row("openai", "rate-limited", "gpt-image-1", "429-huge", status=502, seconds=(0, 5),
         error=rate_limited("retry after 600 s", retry_after="600")),
+    # A wait (retry-after 2 s) that does not fit the caller's deadline: at once, retryable.
+    Row("openai", "rate-limited", "gpt-image-1", "429", deadline="1S", status=502, seconds=(0, 1),
+        error=rate_limited("retry after 2 s", retry_after="2")),
     Row("openai", "rate-limited", "gpt-image-1", "429-none", status=502, calls=3,
         error=rate_limited("gave up after 3 attempts")),
     Row("openai", "upstream-error", "gpt-image-1", "500-no-retry", status=502, error=Err(
@@ -426,6 +434,10 @@ GOOGLE_ROWS = [
         "n": 3, "size": "1792x1024", "output_format": "jpeg", "output_compression": 70, "response_format": "b64_json"},
         images=[("JPEG", 1408, 768)] * 3, cost=120_000,
         sent=imagen_body(3, "16:9", {"mimeType": "image/jpeg", "compressionQuality": 70})),
+    Row("google", "success", "imagen-3", label="n-in-one-call", body={
+        "n": 3, "size": "1536x1024", "output_format": "jpeg", "output_compression": 70, "response_format": "b64_json"},
+        images=[("JPEG", 1280, 896)] * 3, cost=90_000,
+        sent=imagen_body(3, "4:3", {"mimeType": "image/jpeg", "compressionQuality": 70})),
     # Gemini makes one image per call: n fans out.
     Row("google", "success", GEMINI, label="fan-out", body={"n": 3, "size": "1536x1024"}, calls=3,
         images=[("PNG", 1248, 832)] * 3, cost=117_000, usage=gemini_usage(3, 3), sent=gemini_body("3:2", 3)),
@@ -469,7 +481,8 @@ GOOGLE_ROWS = [
         error=rate_limited("retry after 26 s", retry_after="26")),
     *(Row("google", "upstream-error", model, scenario, status=502, calls=3, error=failing(status))
       for model, scenario, status in [("imagen-3", "500", "HTTP 500"), (GEMINI, "503", "HTTP 503"),
-                                      ("imagen-4", "list-error", "HTTP 503"), (GEMINI, "html-502", "HTTP 502")]),
+                                      ("imagen-4", "list-error", "HTTP 503"), (GEMINI, "html-502", "HTTP 502"),
+                                      ("imagen-4", "html-504", "HTTP 504")]),
     *(Row("google", "credentials", model, scenario, status=502, error=CREDENTIALS, log=[line])
       for model, scenario, line in [
           ("imagen-3", "revoked-key", "google rejected the gateway's credentials (HTTP 400, code API_KEY_INVALID); "
@@ -495,6 +508,13 @@ GOOGLE_ROWS = [
           ("imagen-3", "garbage-image", malformed("bytes that are not a PNG, JPEG or WebP image.")),
           (GEMINI, "fake-png", malformed("a png image that does not decode.")),
           ("imagen-4", "truncated", Err("upstream_error", TRUNCATED, pattern=True)),
+          ("imagen-3", "invalid-json", malformed("invalid JSON from 127.0.0.1 (HTTP 200).")),
+          ("imagen-3", "bad-base64", malformed("image data that is not valid base64.")),
+          ("imagen-3", "truncated", Err("upstream_error", TRUNCATED, pattern=True)),
+          ("imagen-3", "fake-png", malformed("a png image that does not decode.")),
+          (GEMINI, "html-200", malformed("invalid JSON from 127.0.0.1 (HTTP 200).")),
+          (GEMINI, "truncated", Err("upstream_error", TRUNCATED, pattern=True)),
+          (GEMINI, "garbage-image", malformed("bytes that are not a PNG, JPEG or WebP image.")),
           # The model chose not to draw: never a success, never retried.
           (GEMINI, "missing-image", Err("upstream_error", "The upstream model answered without an image (finishReason STOP).")),
           (GEMINI, "text-only", Err("upstream_error", "The upstream model answered without an image (finishReason STOP).")),
@@ -504,6 +524,9 @@ GOOGLE_ROWS = [
       ]),
     *(Row("google", "deadline", model, "slow=8", deadline="2S", status=504, error=TIMEOUT, seconds=(0, 3),
           disconnects=1) for model in ("imagen-3", GEMINI)),
+    # Every call of a fan-out is closed.
+    Row("google", "deadline", GEMINI, "slow=8", body={"n": 2}, label="fan-out", deadline="2S", status=504,
+        error=TIMEOUT, calls=2, seconds=(0, 3), disconnects=2),
 ]
 
 # Stability ---------------------------------------------------------------------------------------
@@ -533,6 +556,9 @@ STABILITY_ROWS = [
     Row("stability", "success", "stable-image-core", label="fan-out", body={
         "n": 3, "size": "1792x1024", "output_format": "webp", "response_format": "b64_json"}, calls=3,
         images=[("WEBP", 84, 48)] * 3, cost=90_000, sent=stability_fields(3, aspect_ratio="16:9", output_format="webp")),
+    Row("stability", "success", "sd3.5-large", label="3:2-jpeg", body={"size": "1536x1024", "output_format": "jpeg"},
+        images=[("JPEG", 76, 52)], cost=65_000,
+        sent=stability_fields(aspect_ratio="3:2", output_format="jpeg", model="sd3.5-large")),
     # JPEG bytes labelled image/png: the gateway stores and serves what the bytes are.
     Row("stability", "success", "stable-image-ultra", "wrong-content-type", images=[("JPEG", 8, 8)], cost=80_000),
     refused("stability", "sd3.5-large", {"output_format": "webp"}, "output_format", "invalid_value"),
@@ -619,6 +645,8 @@ BFL_ROWS = [
     Row("bfl", "success", FLUX, label="fan-out", body={
         "n": 3, "size": "1536x1024", "output_format": "jpeg", "response_format": "b64_json"}, calls=3,
         images=[("JPEG", 90, 60)] * 3, cost=120_000, sent=bfl_body(1440, 960, "jpeg", 3)),
+    Row("bfl", "success", FLUX, label="webp", body={"size": "1536x1024", "output_format": "webp"},
+        images=[("WEBP", 90, 60)], cost=40_000, sent=bfl_body(1440, 960, "webp")),
     # The regional gateway fails two polls: retried as polls (502, 503, Pending, Ready), never resubmitted.
     Row("bfl", "transient", FLUX, "poll-5xx=2", images=[("PNG", 64, 64)], cost=40_000,
         extra=bfl_polls(lambda fake, polls, reply: len(polls) == 4)),
@@ -635,7 +663,8 @@ BFL_ROWS = [
     refused("bfl", FLUX, {"output_format": "jpeg", "output_compression": 50}, "output_compression", "unsupported_parameter"),
     refused("bfl", FLUX, {"prompt": "x" * 10001}, "prompt", "string_above_max_length"),
     *(Row("bfl", "moderation", FLUX, scenario, body={"n": n}, label=f"n{n}", status=400, error=MODERATION, calls=n)
-      for scenario, n in [("request-moderated", 1), ("content-moderated", 1), ("content-moderated", 2)]),
+      for scenario, n in [("request-moderated", 1), ("request-moderated", 2), ("content-moderated", 1),
+                          ("content-moderated", 2)]),
     Row("bfl", "partial", FLUX, "content-moderatedx1", body={"n": 3}, calls=3, images=[("PNG", 64, 64)] * 2,
         cost=80_000),
     *(Row("bfl", "upstream-error", FLUX, scenario, status=502, calls=calls, error=error)

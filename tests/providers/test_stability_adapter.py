@@ -4,9 +4,11 @@ answers negotiated as ``application/json`` (the server always asks for ``image/*
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from server.errors import ContentPolicyError, UpstreamError
+from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
 from server.providers import PROVIDERS
 from server.providers.http import RetryPolicy
 from server.providers.stability import StabilityImageProvider
@@ -37,10 +39,28 @@ async def test_every_catalog_model_answers_as_json(model, stability_fake, http, 
     }
 
 
-async def test_a_json_answer_filtered_by_moderation_is_content_policy(stability_fake, http, image_request, deadline):
-    request = image_request("stable-image-core", prompt="x [[fake:filtered]]")
+@pytest.mark.parametrize("scenario", ["moderated", "filtered"])
+async def test_moderation_in_json_is_content_policy(scenario, stability_fake, http, image_request, deadline):
+    request = image_request("stable-image-ultra", n=2, prompt=f"x [[fake:{scenario}]]")
     with pytest.raises(ContentPolicyError):
         await provider_for(stability_fake, http).generate(request, deadline=deadline(5))
+    assert len(stability_fake.generation_requests) == 2
+
+
+async def test_both_kinds_of_moderation_in_one_fan_out_leave_the_rest(stability_fake, http, image_request, deadline):
+    stability_fake.enqueue("ok", "moderated", "filtered")
+    provider = provider_for(stability_fake, http, accept="image/*")
+    result = await provider.generate(image_request("stable-image-core", n=3), deadline=deadline(5))
+    assert len(result.images) == 1 and len(stability_fake.generation_requests) == 3
+
+
+async def test_a_format_the_model_cannot_make_is_refused_before_any_call(stability_fake, http, image_request, deadline):
+    # The catalog refuses it first end to end; the adapter does not rely on that.
+    request = dataclasses.replace(image_request("sd3.5-large"), output_format="webp")
+    with pytest.raises(InvalidRequestError) as caught:
+        await provider_for(stability_fake, http).generate(request, deadline=deadline(5))
+    assert caught.value.param == "output_format"
+    assert stability_fake.requests == []
 
 
 @pytest.mark.parametrize(
