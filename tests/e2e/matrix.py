@@ -149,6 +149,7 @@ async def list_models(stack: ProcessStack, key: str) -> list[str]:
 
 
 def _decode(data: bytes) -> Image.Image:
+    # In a thread: the rows share this event loop, and the caller's wait is timed on it.
     image = Image.open(io.BytesIO(data))
     image.load()  # a full decode: a truncated image fails here
     return image
@@ -168,13 +169,13 @@ async def fetch_images(stack: ProcessStack, reply: Reply, response_format: str) 
                 assert "b64_json" not in item
                 fetched = await client.get(item["url"])
                 assert fetched.status_code == 200, fetched.text
-                image = _decode(fetched.content)
+                image = await asyncio.to_thread(_decode, fetched.content)
                 assert fetched.headers["content-type"] == CONTENT_TYPES[image.format]
                 pattern = URL_RE.format(base=re.escape(stack.api_base), ext=EXTENSIONS[image.format])
                 assert re.match(pattern, item["url"]), item["url"]
             else:
                 assert "url" not in item
-                image = _decode(base64.b64decode(item["b64_json"], validate=True))
+                image = await asyncio.to_thread(_decode, base64.b64decode(item["b64_json"], validate=True))
             found.append((image.format, image.width, image.height))
     return found
 
