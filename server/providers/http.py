@@ -21,7 +21,7 @@ An adapter owns its wire format and one table that maps its vendor's errors to a
   fields read as absent when they have the wrong type, so a cosmetic field never fails a
   paid answer). Measured with ``python -m bench.parse`` on a 1.47 MB OpenAI answer: 0.14 ms
   and 1.47 MB allocated, against 0.56 ms and 2.94 MB for ``json.loads`` and the isinstance
-  checks it replaced (6 MB, n=4: 0.5 ms / 5.9 MB against 12 ms / 11.7 MB): pydantic copies
+  checks it replaced (6 MB, n=4: 0.5 ms / 5.9 MB against 7-12 ms / 11.7 MB): pydantic copies
   the base64 text once, ``json.loads`` first decodes the whole body to a str. Bodies above
   ``OFFLOAD_BYTES`` are parsed in a thread, but either parser holds the GIL throughout, so
   that shortens no stall of the event loop (59 MB: a 56 ms gap in a thread, 64 ms inline):

@@ -1,10 +1,11 @@
 """Fake upstream providers: real HTTP servers on loopback that speak each wire format.
 
-Start one from any test package::
+Each is a ``FakeProvider`` (``tests.fakes.provider``: one handler per endpoint). Start one
+from any test package::
 
-    from tests.fakes.openai_fake import start_openai_fake
+    from tests.fakes.openai_fake import OpenAIFake
 
-    async with start_openai_fake() as fake:
+    async with OpenAIFake.running() as fake:
         ...  # point the adapter (or IMAGEGW_OPENAI_BASE_URL) at fake.base_url
 
 or by hand: ``python -m tests.fakes.openai_fake --port 9100``. Behaviour is chosen per
