@@ -297,6 +297,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         )
         headers += answer.headers
         if answer.replayed:  # nothing generated or charged this time
+            # The stored links were signed for the first answer's hour: sign them again, so
+            # a replay within the idempotency window gets links that work.
+            for image in answer.message.data:
+                if image.HasField("url"):
+                    image.url = self._signer.resign(image.url)
             call.log_fields.update(idempotent_replay=True, images=len(answer.message.data), cost_micros=0)
             headers.append((REPLAY_HEADER, "true"))
         return _Outcome(answer, headers)

@@ -84,3 +84,14 @@ async def test_filesystem_store_put_get_sweep(tmp_path: Path) -> None:
     assert await store.get(old) is None
     assert await store.get(fresh) is not None
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [fresh]  # no temp files left
+
+
+def test_resign_gives_the_same_image_a_fresh_expiry() -> None:
+    now = [1_800_000_000.0]
+    signer = UrlSigner(b"secret", base_url="http://gw.example", ttl_seconds=3600, clock=lambda: now[0])
+    first = signer.url("img-AAAAAAAAAAAAAAAAAAAAAA.png")
+    now[0] += 7200  # the first link has expired
+    again = signer.resign(first)
+    assert again == signer.url("img-AAAAAAAAAAAAAAAAAAAAAA.png") != first
+    assert again.startswith("http://gw.example/v1/images/files/img-AAAAAAAAAAAAAAAAAAAAAA.png?expires=1800010800&")
+    assert signer.resign("https://elsewhere.example/x.png") == "https://elsewhere.example/x.png"
