@@ -46,6 +46,7 @@ from server.ledger import Database, Ledger, migrate
 from server.metrics import Metrics
 from server.providers import build_provider, enabled_providers, provider_key_setting
 from server.providers.base import ImageProvider
+from server.providers.gate import AnswerGate
 from server.providers.http import create_http_client
 from server.providers.local import LocalRenderer
 from server.ratelimit import Limits, RateLimiter
@@ -141,7 +142,10 @@ async def build_app(
     if settings.metrics_port:
         metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
         stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
-    built = await _build_providers(settings, catalog, stack, metrics)
+    gate = AnswerGate(settings.max_large_upstream_answers)
+    metrics.large_answers.labels("decoding").set_function(lambda: gate.active)
+    metrics.large_answers.labels("waiting").set_function(lambda: gate.waiting)
+    built = await _build_providers(settings, catalog, stack, metrics, gate)
     wired.update({model: provider for model, provider in built.items() if model not in wired})
     store = FilesystemImageStore(settings.resolved_image_dir)
     signer = UrlSigner(
@@ -217,7 +221,7 @@ def _check_timeouts(specs: list[ModelSpec], settings: Settings) -> None:
 
 
 async def _build_providers(
-    settings: Settings, catalog: ModelCatalog, stack: AsyncExitStack, metrics: Metrics
+    settings: Settings, catalog: ModelCatalog, stack: AsyncExitStack, metrics: Metrics, gate: AnswerGate
 ) -> dict[str, ImageProvider]:
     """One adapter per provider (one pooled HTTP client each), mapped by model id."""
     by_model: dict[str, ImageProvider] = {}
@@ -227,7 +231,7 @@ async def _build_providers(
             continue
         key = _provider_key(spec)
         if key not in shared:
-            shared[key] = await _new_provider(spec, settings, stack, metrics)
+            shared[key] = await _new_provider(spec, settings, stack, metrics, gate)
         by_model[spec.id] = shared[key]
     return by_model
 
@@ -237,7 +241,9 @@ def _provider_key(spec: ModelSpec) -> str:
     return f"{spec.provider}|{spec.base_url or ''}|{spec.api_key_env or ''}"
 
 
-async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitStack, metrics: Metrics) -> ImageProvider:
+async def _new_provider(
+    spec: ModelSpec, settings: Settings, stack: AsyncExitStack, metrics: Metrics, gate: AnswerGate
+) -> ImageProvider:
     if spec.provider == "local":
         executor = ThreadPoolExecutor(max_workers=settings.render_workers, thread_name_prefix="imagegw-render")
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
@@ -251,6 +257,7 @@ async def _new_provider(spec: ModelSpec, settings: Settings, stack: AsyncExitSta
             http=http,
             spec=spec,
             on_retry=metrics.upstream_retries.labels(spec.provider).inc,
+            gate=gate,
         )
     stack.push_async_callback(provider.aclose)
     return provider

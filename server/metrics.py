@@ -56,6 +56,11 @@ class Metrics:
             "imagegw_upstream_retries", "Upstream calls retried after a transient failure, by provider.",
             ["provider"], registry=r,
         )
+        self.large_answers = Gauge(
+            "imagegw_upstream_large_answers",
+            "Upstream answers above 256 KiB being read, parsed and decoded (decoding), or waiting for a slot (waiting).",
+            ["state"], registry=r,
+        )
         self.fallbacks = Counter(
             "imagegw_fallbacks", "Requests moved to a fallback model, by model and fallback.",
             ["model", "fallback"], registry=r,

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from server.catalog import ModelSpec
     from server.config import Settings
     from server.providers.base import AdapterFactory, ImageProvider
+    from server.providers.gate import AnswerGate
 
 __all__ = [
     "LOCAL",
@@ -175,9 +176,11 @@ def build_provider(
     spec: ModelSpec | None = None,
     environ: Mapping[str, str] | None = None,
     on_retry: Callable[[], None] | None = None,
+    gate: AnswerGate | None = None,
 ) -> ImageProvider:
     """The adapter for ``provider`` on the injected client; imports its module lazily.
-    ``on_retry`` is called for every retried upstream call (a metric counts them).
+    ``on_retry`` is called for every retried upstream call (a metric counts them);
+    ``gate`` bounds the large answers in memory (one per process, shared by all).
 
     ``spec`` is the model's catalog row (needed for OpenAI-compatible hosts: its
     ``base_url`` and ``api_key_env``). ``local`` is not built here (the composition root
@@ -200,6 +203,7 @@ def build_provider(
         retry=RetryPolicy(rate_limit_delay=None if compatible or entry is None else entry.rate_limit_delay),
         key_setting=provider_key_setting(provider, spec),
         on_retry=on_retry,
+        gate=gate,
     )
     if compatible:
         assert spec is not None and spec.base_url is not None

@@ -39,6 +39,7 @@ from server.providers.base import (
     ProviderResult,
     TokenUsage,
 )
+from server.providers.gate import AnswerScope
 from server.providers.http import (
     Count,
     ErrorBody,
@@ -302,7 +303,9 @@ class GoogleImageProvider:
             result = ProviderResult(images=result.images[: request.n], usage=result.usage)
         return result
 
-    async def _post(self, request: ImageRequest, method: str, body: dict[str, object], deadline: float) -> UpstreamResponse:
+    async def _post(
+        self, request: ImageRequest, method: str, body: dict[str, object], deadline: float, scope: AnswerScope
+    ) -> UpstreamResponse:
         return await self._http.send(
             "POST",
             f"{self._base}/{request.upstream_model}:{method}",
@@ -311,10 +314,16 @@ class GoogleImageProvider:
             headers=self._headers,
             json_body=body,
             operation=method,
+            scope=scope,
         )
 
     async def _imagen(self, request: ImageRequest, deadline: float) -> ProviderResult:
-        response = await self._post(request, "predict", self.imagen_body(request), deadline)
+        # A large answer keeps its gate slot until its images are decoded and checked.
+        async with self._http.answer() as scope:
+            return await self._imagen_answer(request, deadline, scope)
+
+    async def _imagen_answer(self, request: ImageRequest, deadline: float, scope: AnswerScope) -> ProviderResult:
+        response = await self._post(request, "predict", self.imagen_body(request), deadline, scope)
         answer = await response.parse(ImagenAnswer)
         del response
         images: list[GeneratedImage] = []
@@ -336,7 +345,13 @@ class GoogleImageProvider:
         raise ContentPolicyError("The upstream provider's safety system rejected the request.")
 
     async def _gemini_once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:
-        response = await self._post(request, "generateContent", body, deadline)
+        async with self._http.answer() as scope:
+            return await self._gemini_answer(request, body, deadline, scope)
+
+    async def _gemini_answer(
+        self, request: ImageRequest, body: dict[str, object], deadline: float, scope: AnswerScope
+    ) -> ProviderResult:
+        response = await self._post(request, "generateContent", body, deadline, scope)
         answer = await response.parse(GeminiAnswer)
         del response
         if answer.prompt_feedback is not None and answer.prompt_feedback.block_reason:

@@ -5,6 +5,9 @@ An adapter owns its wire format and one table that maps its vendor's errors to a
 
 * **Bounded reads.** Bodies are streamed and abandoned past ``max_response_bytes``
   (a base64 answer with four 4K images is tens of MiB; a broken upstream could send more).
+  A large body is read only once the process's ``AnswerGate`` (``server.providers.gate``)
+  gives it a slot, held through the adapter's parsing and decoding when the adapter
+  passes its ``answer()`` scope; without one, through the read.
 * **Retries within the deadline.** Rate limits (429), 5xx, connection errors and read
   timeouts before the answer's head are retried with exponential backoff and jitter,
   honouring the upstream's own hint: the adapter's (Google's ``RetryInfo.retryDelay``),
@@ -74,6 +77,7 @@ from server.errors import (
 )
 from server.offload import OFFLOAD_BYTES, run_sized
 from server.providers.base import GeneratedImage, Progress, ProviderResult, TokenUsage
+from server.providers.gate import AnswerGate, AnswerScope
 
 __all__ = [
     "CREDENTIALS_MESSAGE",
@@ -496,8 +500,10 @@ class UpstreamHttp:
         key_setting: str,
         on_retry: Callable[[], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        gate: AnswerGate | None = None,
     ) -> None:
         self.client = client
+        self.gate = gate
         # Told of every retry (the composition root counts them in a metric).
         self.on_retry = on_retry
         # Every wait before a retry; tests pass one that records the waits instead of sleeping.
@@ -507,6 +513,12 @@ class UpstreamHttp:
         self.retry = retry
         # Named in the loud log line so the operator knows what to fix.
         self.key_setting = key_setting
+
+    def answer(self) -> AnswerScope:
+        """A claim on the gate for one answer: ``async with`` it around ``send(scope=...)``
+        and the parsing and decoding of what came back, so that a large answer keeps its
+        slot until its images are bytes that have been checked."""
+        return AnswerScope(self.gate)
 
     async def send(
         self,
@@ -519,18 +531,29 @@ class UpstreamHttp:
         json_body: Any = None,
         files: Any = None,
         operation: str = "request",
+        scope: AnswerScope | None = None,
     ) -> UpstreamResponse:
         """Sends one logical request and returns its 2xx answer, retrying what is transient.
 
         ``classify`` turns a non-2xx answer into a ``Failure`` using the adapter's table.
         Raises the mapped ``ApiError``; ``DeadlineExceededError`` when ``deadline`` passes
-        while waiting for the upstream.
+        while waiting for the upstream (or for the gate). Without ``scope``, a large body
+        holds its gate slot only while it is read.
         """
+        if scope is None:
+            async with self.answer() as own:
+                return await self.send(
+                    method, url, deadline=deadline, classify=classify, headers=headers, json_body=json_body,
+                    files=files, operation=operation, scope=own,
+                )
         answer = await self._retrying(
-            lambda: self._attempt(method, url, deadline=deadline, headers=headers, json_body=json_body, files=files),
+            lambda: self._attempt(
+                method, url, deadline=deadline, headers=headers, json_body=json_body, files=files, scope=scope
+            ),
             deadline=deadline,
             classify=classify,
             operation=operation,
+            scope=scope,
         )
         assert isinstance(answer, UpstreamResponse)
         return answer
@@ -546,16 +569,26 @@ class UpstreamHttp:
         headers: Mapping[str, str] | None = None,
         json_body: Any = None,
         operation: str = "request",
+        scope: AnswerScope | None = None,
     ) -> AsyncIterator[UpstreamEvents | UpstreamResponse]:
         """Like ``send``, for an upstream that may answer Server-Sent Events: yields the
         events as they arrive (``UpstreamEvents``), or the whole 2xx answer when the
         upstream answered something else (a host that ignores ``stream``). Failures before
-        the head are retried as in ``send``; the connection is closed on exit."""
+        the head are retried as in ``send``; the connection is closed on exit. Events are
+        not gated (the stream holds at most a few of them); a whole answer is, in ``scope``."""
+        if scope is None:
+            async with self.answer() as own, self.stream(
+                method, url, deadline=deadline, classify=classify, headers=headers, json_body=json_body,
+                operation=operation, scope=own,
+            ) as opened:
+                yield opened
+            return
         opened = await self._retrying(
-            lambda: self._open_events(method, url, deadline=deadline, headers=headers, json_body=json_body),
+            lambda: self._open_events(method, url, deadline=deadline, headers=headers, json_body=json_body, scope=scope),
             deadline=deadline,
             classify=classify,
             operation=operation,
+            scope=scope,
         )
         try:
             yield opened
@@ -570,8 +603,11 @@ class UpstreamHttp:
         deadline: float,
         classify: Callable[[UpstreamResponse], Failure],
         operation: str,
+        scope: AnswerScope,
     ) -> UpstreamResponse | UpstreamEvents:
         loop = asyncio.get_running_loop()
+        # A slot the scope took for an earlier answer (a download inside it) is not ours to give back.
+        held_before = scope.held
         attempt = 0
         while True:
             attempt += 1
@@ -585,6 +621,9 @@ class UpstreamHttp:
                     return answer
                 response = answer
                 failure = classify(response)
+            if not held_before:
+                # A large error page is done with; its slot must not be held through a backoff.
+                scope.release()
             if failure.kind not in RETRIED:
                 raise self.error(failure)
             should_retry = response.headers.get("x-should-retry") if response is not None else None
@@ -632,12 +671,15 @@ class UpstreamHttp:
         headers: Mapping[str, str] | None,
         json_body: Any,
         files: Any,
+        scope: AnswerScope,
     ) -> UpstreamResponse:
         # The exchange runs in its own task, cancelled at most once however often we are:
         # httpcore closes an abandoned connection in a cleanup that a second cancellation
         # (a fan-out's own deadline and its parent's, at the same instant) would interrupt,
         # leaving the connection open and counted in the pool forever.
-        exchange = asyncio.create_task(self._exchange(method, url, headers=headers, json_body=json_body, files=files))
+        exchange = asyncio.create_task(
+            self._exchange(method, url, headers=headers, json_body=json_body, files=files, scope=scope)
+        )
         try:
             async with asyncio.timeout_at(deadline):
                 status, response_headers, body = await asyncio.shield(exchange)
@@ -650,17 +692,23 @@ class UpstreamHttp:
         return UpstreamResponse(status=status, headers=response_headers, body=body, url=url)
 
     async def _exchange(
-        self, method: str, url: str, *, headers: Mapping[str, str] | None, json_body: Any, files: Any
+        self, method: str, url: str, *, headers: Mapping[str, str] | None, json_body: Any, files: Any, scope: AnswerScope
     ) -> tuple[int, httpx.Headers, bytes]:
         async with self.client.stream(method, url, headers=headers, json=json_body, files=files) as response:
-            body = await self._read_bounded(response)
+            body = await self._read_bounded(response, scope)
         return response.status_code, response.headers, body
 
-    async def _read_bounded(self, response: httpx.Response) -> bytes:
+    async def _read_bounded(self, response: httpx.Response, scope: AnswerScope) -> bytes:
         limit = self.max_response_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _BodyError(f"an answer of {declared} bytes, above the {limit}-byte limit")
+        # A large body waits for a gate slot before it is read (a chunked one, once it has
+        # grown that large); until then it stays in the socket.
+        large = scope.large_bytes
+        if large is not None and declared is not None and declared.isdigit() and int(declared) >= large:
+            await scope.admit()
+            large = None
         chunks: list[bytes] = []
         size = 0
         try:
@@ -669,6 +717,9 @@ class UpstreamHttp:
                 if size > limit:
                     raise _BodyError(f"an answer above the {limit}-byte limit")
                 chunks.append(chunk)
+                if large is not None and size >= large:
+                    await scope.admit()
+                    large = None
         except httpx.TransportError as exc:
             # The head arrived, so the upstream did the work; a retry could bill twice.
             raise _BodyError(f"a truncated answer ({type(exc).__name__} after {size} bytes)") from exc
@@ -677,14 +728,21 @@ class UpstreamHttp:
         return b"".join(chunks)
 
     async def _open_events(
-        self, method: str, url: str, *, deadline: float, headers: Mapping[str, str] | None, json_body: Any
+        self,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        headers: Mapping[str, str] | None,
+        json_body: Any,
+        scope: AnswerScope,
     ) -> UpstreamResponse | UpstreamEvents:
         # As in _attempt, the exchange runs in its own task, cancelled at most once; it
         # hands the head over, then each event through a small queue (back-pressure: the
         # upstream is read only as fast as the caller takes the events).
         head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]] = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue[SseEvent | BaseException | None] = asyncio.Queue(maxsize=2)
-        exchange = asyncio.create_task(self._event_exchange(method, url, headers, json_body, head, queue))
+        exchange = asyncio.create_task(self._event_exchange(method, url, headers, json_body, head, queue, scope))
         opened = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -709,12 +767,13 @@ class UpstreamHttp:
         json_body: Any,
         head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]],
         queue: asyncio.Queue[SseEvent | BaseException | None],
+        scope: AnswerScope,
     ) -> None:
         try:
             async with self.client.stream(method, url, headers=headers, json=json_body) as response:
                 content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
-                    body = await self._read_bounded(response)
+                    body = await self._read_bounded(response, scope)
                     head.set_result(UpstreamResponse(response.status_code, response.headers, body, url))
                     return
                 head.set_result((response.status_code, response.headers))
@@ -775,14 +834,21 @@ class UpstreamHttp:
             case Kind.RATE_LIMITED | Kind.TRANSIENT:  # pragma: no cover - send() retries these
                 return UpstreamError(f"The upstream provider failed ({where}).", retryable=True)
 
-    async def download_image(self, url: str, *, deadline: float) -> GeneratedImage:
+    async def download_image(self, url: str, *, deadline: float, scope: AnswerScope | None = None) -> GeneratedImage:
         """Fetches an image the provider only linked to (DALL·E, BFL), at once and bounded.
 
-        Sends no credentials: delivery URLs are pre-signed and often on another host.
+        Sends no credentials: delivery URLs are pre-signed and often on another host. A
+        large image keeps its gate slot until it has been checked (the caller's ``scope``,
+        whose slot it shares, or its own).
         """
         if httpx.URL(url).scheme not in ("http", "https"):
             raise malformed("an image URL that is not http(s)")
-        response = await self.send("GET", url, deadline=deadline, classify=_classify_download, operation="image download")
+        if scope is None:
+            async with self.answer() as own:
+                return await self.download_image(url, deadline=deadline, scope=own)
+        response = await self.send(
+            "GET", url, deadline=deadline, classify=_classify_download, operation="image download", scope=scope
+        )
         return await image_from_bytes(response.body)
 
 

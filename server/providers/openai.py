@@ -43,6 +43,7 @@ from server.providers.base import (
     ProviderResult,
     TokenUsage,
 )
+from server.providers.gate import AnswerScope
 from server.providers.http import (
     Count,
     ErrorBody,
@@ -262,20 +263,27 @@ class OpenAIImageProvider:
         """One upstream call returning up to ``request.n`` images; see ``ERRORS`` for failures."""
         if progress is not None and self.family(request.upstream_model) == "gpt-image":
             return await self._generate_streamed(request, deadline, progress)
-        response = await self._http.send(
-            "POST",
-            self._url,
-            deadline=deadline,
-            classify=classify,
-            headers=self._headers,
-            json_body=self.request_body(request),
-            operation="images/generations",
-        )
-        return await self._answer(response, deadline)
+        # A large answer keeps its gate slot until its images are decoded and checked. The
+        # answer goes straight into _answer (no name here), which drops the raw body once parsed.
+        async with self._http.answer() as scope:
+            return await self._answer(
+                await self._http.send(
+                    "POST",
+                    self._url,
+                    deadline=deadline,
+                    classify=classify,
+                    headers=self._headers,
+                    json_body=self.request_body(request),
+                    operation="images/generations",
+                    scope=scope,
+                ),
+                deadline,
+                scope,
+            )
 
     async def _generate_streamed(self, request: ImageRequest, deadline: float, progress: Progress) -> ProviderResult:
         body = self.request_body(request) | {"stream": True, "partial_images": request.partial_images}
-        async with self._http.stream(
+        async with self._http.answer() as scope, self._http.stream(
             "POST",
             self._url,
             deadline=deadline,
@@ -283,9 +291,10 @@ class OpenAIImageProvider:
             headers=self._headers,
             json_body=body,
             operation="images/generations (stream)",
+            scope=scope,
         ) as opened:
             if isinstance(opened, UpstreamResponse):
-                return await self._answer(opened, deadline)
+                return await self._answer(opened, deadline, scope)
             images: list[GeneratedImage] = []
             usages: list[TokenUsage] = []
             last: StreamEvent | None = None
@@ -326,7 +335,7 @@ class OpenAIImageProvider:
             return UpstreamError("The upstream provider failed while streaming.", retryable=True)
         return self._http.error(Failure(kind, detail=fields.message or "", status=status, code=codes[0]))
 
-    async def _answer(self, response: UpstreamResponse, deadline: float) -> ProviderResult:
+    async def _answer(self, response: UpstreamResponse, deadline: float, scope: AnswerScope) -> ProviderResult:
         answer = await response.parse(ImagesAnswer)
         del response  # the raw body: one copy of the images fewer while they are decoded
         images: list[GeneratedImage] = []
@@ -341,7 +350,7 @@ class OpenAIImageProvider:
                 images.append(await image_from_base64(encoded, revised_prompt=revised))
                 del encoded
             elif item.url:
-                image = await self._http.download_image(item.url, deadline=deadline)
+                image = await self._http.download_image(item.url, deadline=deadline, scope=scope)
                 images.append(GeneratedImage(data=image.data, format=image.format, revised_prompt=revised))
             else:
                 raise malformed("a data entry without b64_json or url")

@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 from server.errors import ContentPolicyError, InvalidRequestError
 from server.providers.base import ImageRequest, Progress, ProviderResult
+from server.providers.gate import AnswerScope
 from server.providers.http import (
     ErrorBody,
     ErrorTable,
@@ -147,8 +148,16 @@ class StabilityImageProvider:
         )
 
     async def _once(self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float) -> ProviderResult:
+        # A large answer keeps its gate slot until its image is decoded and checked.
+        async with self._http.answer() as scope:
+            return await self._answer(url, fields, deadline, scope)
+
+    async def _answer(
+        self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float, scope: AnswerScope
+    ) -> ProviderResult:
         response = await self._http.send(
-            "POST", url, deadline=deadline, classify=classify, headers=self._headers, files=fields, operation="generate"
+            "POST", url, deadline=deadline, classify=classify, headers=self._headers, files=fields,
+            operation="generate", scope=scope,
         )
         if response.content_type.startswith("image/"):
             finish = response.headers.get("finish-reason", "SUCCESS")

@@ -1,7 +1,9 @@
-"""The largest answers fit end to end; answers that could not fit are refused up front."""
+"""The largest answers fit end to end; answers that could not fit are refused up front;
+large upstream answers are decoded a bounded number at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 from pathlib import Path
@@ -11,7 +13,9 @@ import pytest
 from imagegw.v1 import images_pb2
 from PIL import Image
 
-from tests.stack import ProcessStack, process_stack
+from tests.fakes.images import make_image
+from tests.fakes.openai_fake import start_openai_fake
+from tests.stack import ProcessStack, metric_sample, process_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -62,3 +66,46 @@ async def test_an_answer_that_could_not_fit_is_400_before_any_charge(tmp_path: P
         assert as_url.status_code == 200
         account = await stack.admin.get(account_id)
         assert (account.balance_usd, account.spent_usd) == ("0.999000", "0.001000")
+
+
+async def _large_answer_gauges(stack: ProcessStack) -> tuple[float, float]:
+    page = await stack.metrics()
+    return (
+        metric_sample(page, "imagegw_upstream_large_answers", state="decoding"),
+        metric_sample(page, "imagegw_upstream_large_answers", state="waiting"),
+    )
+
+
+async def test_large_upstream_answers_take_turns_and_small_ones_pass(tmp_path: Path) -> None:
+    """Five ~4 MB upstream answers with two slots: two are read while three wait with their
+    bodies in the socket, a small answer meanwhile passes, and all five arrive whole."""
+    async with (
+        start_openai_fake() as fake,
+        process_stack(
+            tmp_path / "var", openai_api_key=fake.api_key, openai_base_url=fake.base_url, max_large_upstream_answers=2
+        ) as stack,
+    ):
+        account_id, key = await stack.admin.funded_key("1.00")
+        headers = {"Authorization": f"Bearer {key}"}
+        large = {"model": "gpt-image-1", "prompt": "a harbour at noon [[fake:held]]", "response_format": "b64_json"}
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = f"{stack.api_base}/images/generations"
+            held = [asyncio.create_task(client.post(url, json=large, headers=headers)) for _ in range(5)]
+            # Every upstream answer has sent its head and first chunk and is paused there.
+            for _ in range(400):
+                if fake.holding == 5 and await _large_answer_gauges(stack) == (2, 3):
+                    break
+                await asyncio.sleep(0.05)
+            assert (fake.holding, await _large_answer_gauges(stack)) == (5, (2, 3))
+            small = await client.post(url, json={"model": "gpt-image-1", "prompt": "a small one"}, headers=headers)
+            assert small.status_code == 200, small.text[:300]
+            assert await _large_answer_gauges(stack) == (2, 3)
+            fake.release_held()
+            answers = await asyncio.gather(*held)
+        assert [answer.status_code for answer in answers] == [200] * 5
+        expected = make_image("png", 1024, 1024, detailed=True)
+        assert len(expected) > 3_000_000
+        assert all(base64.b64decode(answer.json()["data"][0]["b64_json"]) == expected for answer in answers)
+        assert await _large_answer_gauges(stack) == (0, 0)
+        account = await stack.admin.settled(account_id)
+        assert (account.spent_usd, account.reserved_usd) == ("0.252000", "0.000000")  # 6 x 0.042

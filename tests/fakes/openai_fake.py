@@ -26,6 +26,8 @@ Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
     model-gone                    404 model_not_found      invalid  400 invalid_request_error
     500, 503, 500-no-retry        server_error / overloaded / 500 with x-should-retry: false
     url, expired-url              answer a url (even when b64 was asked) / one already expired
+    detailed                      images of seeded noise: as large as real photos (1024x1024 PNG: ~3 MB)
+    held                          detailed, and the body pauses after its first chunk until release_held()
     missing-image, empty-data, bad-base64, data-url, garbage-image, fake-png, wrong-format
     slow=S, drip=S, reset, truncated, html-502, html-504, html-200, invalid-json (generic)
 
@@ -49,6 +51,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
 from typing import Any
 
 from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, with_bad_padding
@@ -92,10 +95,20 @@ class OpenAIFake(FakeProvider):
         self.url_ttl = url_ttl
         self.blobs = SignedBlobs()
         self._released = asyncio.Event()
+        self._held = asyncio.Event()
 
     def release_stream(self) -> None:
         """Lets a ``stream-hold`` stream send its second event and the rest."""
         self._released.set()
+
+    @property
+    def holding(self) -> int:
+        """``held`` answers paused after their first body chunk right now."""
+        return self.server.holding
+
+    def release_held(self) -> None:
+        """Lets every paused ``held`` answer, and any later one, send the rest of its body."""
+        self._held.set()
 
     @property
     def base_url(self) -> str:
@@ -362,6 +375,8 @@ class OpenAIFake(FakeProvider):
         if answer["gpt"] and body.get("stream") is True:
             return self._stream(scenario, body, answer)
         ok = self._success(scenario, body, answer)
+        if scenario.name == "held":
+            return replace(ok, hold=self._held)
         return transport_variant(scenario, ok) or ok
 
     def _stream(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
@@ -443,10 +458,10 @@ class OpenAIFake(FakeProvider):
             code="content_policy_violation",
         )
 
-    def _image_bytes(self, answer: dict[str, Any], index: int) -> bytes:
+    def _image_bytes(self, answer: dict[str, Any], index: int, *, detailed: bool = False) -> bytes:
         size = answer["size"]
         width, height = (1024, 1024) if size == "auto" else (int(x) for x in size.split("x"))
-        return self.images.get(answer["format"], width, height, index)
+        return self.images.get(answer["format"], width, height, index, detailed=detailed)
 
     def _success(self, scenario: Scenario, body: dict[str, Any], answer: dict[str, Any]) -> FakeResponse:
         n = body.get("n", 1)
@@ -462,7 +477,7 @@ class OpenAIFake(FakeProvider):
             wants_url = True
         items: list[dict[str, Any]] = []
         for index in range(count):
-            data = self._image_bytes(answer, index)
+            data = self._image_bytes(answer, index, detailed=scenario.name in ("detailed", "held"))
             if scenario.name == "garbage-image":
                 data = GARBAGE
             elif scenario.name == "fake-png":

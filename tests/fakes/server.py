@@ -101,6 +101,7 @@ class FakeResponse:
     # A streamed body (chunked, each chunk flushed as it comes, e.g. Server-Sent Events);
     # a None chunk closes the connection there, mid-stream.
     stream: AsyncIterator[bytes | None] | None = None
+    hold: asyncio.Event | None = None  # after the head and the first body chunk, wait until it is set
 
     @classmethod
     def json_body(
@@ -188,6 +189,8 @@ class FakeHttpServer:
         self.disconnects: list[RecordedRequest] = []
         # Notified whenever a request or a disconnect is recorded.
         self._recorded = asyncio.Condition()
+        # Answers paused on their ``hold`` event right now.
+        self.holding = 0
 
     @property
     def port(self) -> int:
@@ -339,6 +342,12 @@ class FakeHttpServer:
             else:
                 writer.write(chunk)  # raw: h11 would refuse to end a message short of its length
             await writer.drain()
+            if response.hold is not None and start == 0:
+                self.holding += 1
+                try:
+                    await response.hold.wait()
+                finally:
+                    self.holding -= 1
             if response.drip:
                 await asyncio.sleep(response.drip)
         if response.truncate_to is not None:
