@@ -1,4 +1,4 @@
-"""``make bench``: the same closed-loop load against four targets, one markdown table.
+"""``make bench``: the same closed-loop load against five targets, one markdown table.
 
     (a) fake     the lean fake OpenAI upstream directly (bench.upstream)
     (b) envoy    plain Envoy proxying HTTP/1.1 to it: the floor (bench.floor)
@@ -6,6 +6,8 @@
                  gpt-image-1 served by the same fake (IMAGEGW_OPENAI_BASE_URL)
     (d) url      the same with ``response_format: url`` (the image is stored, a signed
                  URL is returned; the client does not download it)
+    (e) litellm  the Python peer: LiteLLM's proxy, 2 workers, no database, the same
+                 request as (c) against the same fake (bench.peer)
 
 Each with a ~500-byte PNG and a 1024x1024 ~1.5 MB PNG, at concurrency 1, 16, 64, 512,
 with the upstream answering after 1 s; then the same at 0 s (throughput ceilings) at
@@ -51,6 +53,7 @@ from bench import answer_paths
 from bench import profile as profiling
 from bench.floor import write_floor_config
 from bench.images import IMAGES, image_bytes
+from bench.peer import MASTER_KEY, PeerProcess, install_litellm, start_litellm
 from bench.procs import (
     MemoryWatch,
     cpu_seconds,
@@ -70,13 +73,16 @@ ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-bench-upstream"
 MODEL = "gpt-image-1"
 PATH = "/v1/images/generations"
-TARGETS = ("fake", "envoy", "b64", "url")
+TARGETS = ("fake", "envoy", "b64", "url", "litellm")
 TARGET_LABELS = {
     "fake": "(a) fake upstream",
     "envoy": "(b) plain Envoy (floor)",
     "b64": "(c) imagegw b64_json",
     "url": "(d) imagegw url",
+    "litellm": "(e) LiteLLM proxy",
 }
+# LiteLLM's virtualenv outlives runs (it takes a minute to install); var/ is never committed.
+PEER_DIR = ROOT / "var" / "bench-peer"
 
 
 @dataclass
@@ -225,6 +231,8 @@ class Stack:
     lock_stats_path: Path | None = None
     # The processes that serve requests: the server, or its workers (IMAGEGW_WORKERS).
     server_pids: list[int] = field(default_factory=list)
+    # The Python peer (target litellm), when it is part of the run.
+    peer: PeerProcess | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     settings: Any = None  # the imagegw server's (server.config.Settings)
 
@@ -238,6 +246,9 @@ class Stack:
         return stats if stats.get("instrumented") else None
 
     def url(self, target: str) -> str:
+        if target == "litellm":
+            assert self.peer is not None, "LiteLLM was not started"
+            return f"http://127.0.0.1:{self.peer.port}{PATH}"
         port = {"fake": self.upstream_port, "envoy": self.floor_port}.get(target, self.gateway_port)
         return f"http://127.0.0.1:{port}{PATH}"
 
@@ -253,12 +264,16 @@ class Stack:
         if target in ("b64", "url"):
             body["response_format"] = "b64_json" if target == "b64" else "url"
             key = self.api_key
+        elif target == "litellm":
+            body["response_format"] = "b64_json"  # the same request as (c)
+            key = MASTER_KEY
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
         return json.dumps(body, separators=(",", ":")), headers
 
     def completed(self, target: str, client: httpx.Client) -> int:
-        """Successful answers the target has sent so far."""
-        if target == "fake":
+        """Successful answers the target has sent so far. LiteLLM without a database keeps
+        no count of its own: its row reads the fake's (only LiteLLM calls it in that row)."""
+        if target in ("fake", "litellm"):
             return int(client.get(f"http://127.0.0.1:{self.upstream_port}/bench/stats").json()["responses"])
         port, name = (
             (self.floor_admin_port, "http.floor.downstream_rq_2xx")
@@ -273,13 +288,16 @@ class Stack:
         return 0
 
     def all_pids(self) -> list[int]:
-        return [p.pid for p in (self.upstream, self.floor, self.gateway_envoy)] + self.server_pids
+        peer = self.peer.pids if self.peer is not None else []
+        return [p.pid for p in (self.upstream, self.floor, self.gateway_envoy)] + self.server_pids + peer
 
     def gateway_pids(self, target: str) -> list[int]:
         if target == "envoy":
             return [self.floor.pid]
         if target in ("b64", "url"):
             return [*self.server_pids, self.gateway_envoy.pid]
+        if target == "litellm" and self.peer is not None:
+            return list(self.peer.pids)
         return []
 
     def server_rss_kib(self) -> int:
@@ -341,6 +359,7 @@ def running_stack(
     gateway_env: dict[str, str] | None = None,
     *,
     instrument: bool = True,
+    peer_exe: Path | None = None,
 ) -> Iterator[Stack]:
     """Starts every process; stops all of them however the block ends.
 
@@ -349,7 +368,7 @@ def running_stack(
     for attempt in range(1, 4):
         cleanup = ExitStack()
         try:
-            stack = _start(work, cleanup, upstream_workers, gateway_env, instrument)
+            stack = _start(work, cleanup, upstream_workers, gateway_env, instrument, peer_exe)
         except BaseException as exc:
             cleanup.close()  # also on Ctrl-C during start-up
             retryable = isinstance(exc, (RuntimeError, TimeoutError, OSError, grpc.RpcError))
@@ -372,6 +391,7 @@ def _start(
     upstream_workers: int,
     gateway_env: dict[str, str] | None,
     instrument: bool,
+    peer_exe: Path | None,
 ) -> Stack:
     from server.dev import stop_process, wait_for_envoy, wait_for_grpc
     from server.envoy import write_envoy_config
@@ -462,6 +482,18 @@ def _start(
     _wait_envoy_ready(floor_admin, floor)
     wait_for_envoy(settings, gateway_envoy)
     api_key = _fund(settings, env["IMAGEGW_ADMIN_TOKEN"])
+    peer = None
+    if peer_exe is not None:
+        peer = start_litellm(
+            peer_exe,
+            work=work,
+            port=free_port(),
+            upstream_base_url=f"http://127.0.0.1:{upstream_port}/v1",
+            upstream_key=UPSTREAM_KEY,
+            model=MODEL,
+            log=logs / "litellm.log",
+        )
+        cleanup.callback(peer.stop)
     return Stack(
         upstream=upstream,
         upstream_port=upstream_port,
@@ -479,6 +511,7 @@ def _start(
         lock_stats_path=lock_stats,
         server_pids=_worker_pids(server.pid) if settings.workers > 1 else [server.pid],
         settings=settings,
+        peer=peer,
     )
 
 
@@ -542,6 +575,8 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
         headers=headers,
     )
     url = stack.url(step.target)
+    if step.target == "litellm" and stack.peer is not None:
+        stack.peer.refresh_pids()  # uvicorn replaces a worker that died
     everyone = stack.all_pids()
     pids = stack.gateway_pids(step.target)
     watched = [*stack.server_pids, stack.gateway_envoy.pid] if step.target in ("b64", "url") else pids
@@ -638,11 +673,12 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
         step.envoy_peak_kib = memory.peak_kib(stack.gateway_envoy.pid)
     elif step.target == "envoy":
         step.envoy_peak_kib = memory.peak_kib(stack.floor.pid)
-    for process, name in (
-        (stack.server, "server"),
-        (stack.gateway_envoy, "imagegw envoy"),
-        (stack.floor, "floor envoy"),
-    ):
+    elif step.target == "litellm":
+        step.server_peak_kib = sum(memory.peak_kib(pid) for pid in pids)
+    processes = [(stack.server, "server"), (stack.gateway_envoy, "imagegw envoy"), (stack.floor, "floor envoy")]
+    if stack.peer is not None:
+        processes.append((stack.peer.process, "LiteLLM proxy"))
+    for process, name in processes:
         if process.poll() is not None:
             raise RuntimeError(f"the {name} exited with status {process.returncode}; see {stack.logs}")
     quiesce(stack.all_pids())
@@ -703,7 +739,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="levels with a 0 s upstream; '' skips them (default %(default)s)",
     )
     parser.add_argument("--images", default="tiny,large")
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help="any of %(default)s (litellm is installed into var/bench-peer/ on first use)",
+    )
     parser.add_argument(
         "--delay",
         type=float,
@@ -836,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     targets = [] if args.answer_paths_only else [t for t in args.targets.split(",") if t]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        print(f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGETS)}", file=sys.stderr)
+        return 2
     if "envoy" not in targets and not args.answer_paths_only:
         print(
             "note: without target 'envoy' there is no floor to compare with",
@@ -867,6 +911,13 @@ def main(argv: list[str] | None = None) -> int:
         f"bench: {len(steps)} steps of {plan.warmup_s:g}+{plan.measure_s:g} s; wrk at {wrk}",
         file=sys.stderr,
     )
+    peer_exe = None
+    if "litellm" in plan.targets:
+        try:
+            peer_exe = install_litellm(PEER_DIR, plan.out_dir / "litellm-install.log")
+        except RuntimeError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 1
     work = Path(tempfile.mkdtemp(prefix="imagegw-bench-"))
     done: list[Step] = []
     profile_summary: dict[str, Any] | None = None
@@ -874,7 +925,9 @@ def main(argv: list[str] | None = None) -> int:
     idle_rss_kib = 0
     try:
         gateway_env = dict(item.split("=", 1) for item in args.gateway_env)
-        with running_stack(work, args.upstream_workers, gateway_env, instrument=not args.no_instrument) as stack:
+        with running_stack(
+            work, args.upstream_workers, gateway_env, instrument=not args.no_instrument, peer_exe=peer_exe
+        ) as stack:
             smoke_check(stack, plan.targets, plan.images)
             quiesce(stack.all_pids())
             idle_rss_kib = stack.server_rss_kib()
