@@ -4,17 +4,21 @@ Two glibc defaults make a server's RSS grow under bursts of large answers and st
 
 * The mmap threshold is dynamic: once a 2 MB block that had its own mapping is freed,
   glibc raises the threshold to 2 MB, and from then on buffers of that size (upstream
-  bodies, base64 text, decoded images, protobuf messages) come from the heap arenas,
-  where freed memory is kept and fragments. The same happens to the 64 KiB pieces an
-  upstream answer is read in (one per socket read), interleaved with long-lived small
-  allocations. Fixing the threshold at 64 KiB gives each of these buffers its own mapping,
-  returned to the kernel the moment it is freed (a few microseconds of mmap per piece).
+  bodies, base64 text, decoded images, protobuf and JSON answers) come from the heap
+  arenas, where freed memory is kept and fragments. Fixing the threshold at 1 MiB gives
+  each of these buffers its own mapping, returned to the kernel the moment it is freed.
+  The pieces an upstream body is read in (64 and 256 KiB, one per socket read) stay on
+  the heap and are reused: how many are alive at once is bounded by the answer gate
+  (``server.providers.gate``). Mapping each of them too (a 64 KiB threshold, before the
+  gate) cost a page fault per 4 KiB and a TLB shootdown per unmap: with the gate, which
+  makes every read a full one, 38 ms of gateway CPU per 1.5 MB answer against 29-32 ms.
 * Up to 8 arenas per core, one per thread that allocates: the worker threads (base64,
   JSON, image checks, database) each pin their own. Two are enough here.
 
 Measured with the bench (``bench/README.md``): after a burst of 512 requests for 1.5 MB
-images the server's RSS went back to 317-336 MiB instead of staying at 1,061 MiB. The
-peak during the burst is set by how many answers are in memory at once, not by this.
+images the server's RSS went back to about 300 MiB instead of staying at 1,061 MiB. The
+peak during the burst is set by how many answers are in memory at once (the gate), not
+by this.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ log = logging.getLogger(__name__)
 # From glibc's <malloc.h>.
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
-MMAP_THRESHOLD_BYTES = 64 * 1024
+MMAP_THRESHOLD_BYTES = 1024 * 1024
 ARENA_MAX = 2
 
 
