@@ -1,5 +1,8 @@
-"""Validators for OpenAI's own schemas (reference/openai-images-openapi.yaml, beside the
-checkout in ../shared), so tests check our answers against the contract, not a copy."""
+"""Validators for OpenAI's own schemas, so tests check our answers against the contract.
+
+``tests/reference/openai-images-openapi.yaml`` is OpenAI's OpenAPI file for the images
+paths (trimmed from openai/openai-openapi, unchanged otherwise; the project's reference
+copy), kept in the repository so that the tests need nothing beside the checkout."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-images-openapi.yaml"
+SPEC = Path(__file__).resolve().parent / "reference" / "openai-images-openapi.yaml"
 
 
 @functools.cache

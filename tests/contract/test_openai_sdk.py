@@ -8,31 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jsonschema
 import openai
 import pytest
-import yaml
 from PIL import Image
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT202012
 
+from tests.openai_schema import validator
 from tests.stack import ProcessStack
 
 pytestmark = pytest.mark.contract
-
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "reference" / "openai-images-openapi.yaml"
 
 
 @pytest.fixture(scope="module")
 def schemas() -> dict[str, Any]:
     """Validators for ImagesResponse and ErrorResponse from OpenAI's OpenAPI file."""
-    spec = yaml.safe_load(SPEC.read_text())
-    registry: Registry = Registry().with_resource("urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012))
-
-    def validator(name: str) -> jsonschema.protocols.Validator:
-        schema = {"$ref": f"urn:openai#/components/schemas/{name}"}
-        return jsonschema.Draft202012Validator(schema, registry=registry)
-
     return {"ImagesResponse": validator("ImagesResponse"), "ErrorResponse": validator("ErrorResponse")}
 
 
