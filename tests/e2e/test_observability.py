@@ -34,7 +34,7 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
         return metric_sample(after, name, **labels) - metric_sample(before, name, **labels)
 
     assert delta("imagegw_requests_total", method="GenerateImagesHttp", model="local-1", provider="local", status="200") == 1
-    assert delta("imagegw_requests_total", method="GenerateImagesHttp", status="400") == 1
+    assert delta("imagegw_requests_total", method="GenerateImagesHttp", model="local-1", provider="", status="400") == 1
     assert delta("imagegw_images_generated_total", model="local-1", provider="local") == 3
     assert delta("imagegw_captured_microdollars_total", model="local-1") == 6000
     assert delta("imagegw_upstream_duration_seconds_count", provider="local", model="local-1", outcome="ok") == 1
