@@ -248,6 +248,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             if outcome.answer.replayed:
                 for event in _replayed_events(outcome.answer.message, events):
                     await writer.write(event, outcome.headers)
+            call.answered = True
 
     async def _run(
         self,

@@ -75,6 +75,8 @@ class CallInfo:
     # An error the handler already reported to the caller in-band (after a stream's first
     # event); the call itself ends OK.
     handled_error: ApiError | None = None
+    # The whole answer went out (a stream's last event): a hang-up after it changes nothing.
+    answered: bool = False
 
 
 _CURRENT: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("imagegw_call")
@@ -237,7 +239,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             code, message, trailers = error_trailers(exc, call.request_id)
             await context.abort(code, message, trailing_metadata=trailers)
         except asyncio.CancelledError:
-            outcome, status = "cancelled", 499
+            # A stream whose answer was complete (its last event, or its error event, was
+            # written) when the caller hung up ends as what the caller saw.
+            if call.handled_error is not None:
+                outcome, status = call.handled_error.code or call.handled_error.reason, call.handled_error.http_status
+            elif not call.answered:
+                outcome, status = "cancelled", 499
             raise
         except grpc.aio.AbortError:
             raise
