@@ -11,7 +11,14 @@ PROTOS := $(wildcard proto/imagegw/v1/*.proto)
 # Envoy only transcodes the public services; admin.proto stays out of its descriptor.
 PUBLIC_PROTOS := proto/imagegw/v1/images.proto proto/imagegw/v1/models.proto
 DESCRIPTOR := build/imagegw.pb
-PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto -I $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# The Google protos we import, vendored from the pinned googleapis-common-protos wheel
+# (make vendor-protos) so that protoc and buf resolve them alike, without a network.
+VENDORED_PROTOS := google/api/annotations.proto google/api/http.proto google/api/httpbody.proto \
+	google/api/field_behavior.proto
+PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto -I third_party/proto
+SITE_PACKAGES = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+# buf comes from npm (@bufbuild/buf, pinned in tools/package-lock.json), installed under tools/.
+BUF := tools/node_modules/.bin/buf
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,12 +31,25 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install imagegw with its dev dependencies
 
+vendor-protos: $(STAMP) ## Copy the Google protos proto/ imports from the installed googleapis-common-protos wheel
+	rm -rf third_party/proto && mkdir -p third_party/proto
+	cd $(SITE_PACKAGES) && cp --parents $(VENDORED_PROTOS) $(CURDIR)/third_party/proto/
+
+$(BUF): tools/package.json tools/package-lock.json
+	npm ci --prefix tools --no-audit --no-fund --loglevel=error
+	touch $@
+
+tools: $(BUF) ## Install the npm tools (buf) under tools/node_modules
+
 gen: $(STAMP) ## Regenerate gen/ (Python, gRPC and type stubs) from proto/
 	rm -rf gen && mkdir -p gen
 	$(PROTOC) --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch gen/imagegw/__init__.py gen/imagegw/v1/__init__.py
 
-check-gen: $(STAMP) ## Fail when gen/ does not match proto/
+check-gen: $(STAMP) ## Fail when gen/ does not match proto/, or third_party/proto the wheel
+	@cd $(SITE_PACKAGES) && for f in $(VENDORED_PROTOS); do \
+	  cmp -s $$f $(CURDIR)/third_party/proto/$$f || { echo "third_party/proto/$$f differs from the wheel: make vendor-protos"; exit 1; }; \
+	done
 	@tmp=$$(mktemp -d) && \
 	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
 	touch $$tmp/imagegw/__init__.py $$tmp/imagegw/v1/__init__.py && \
@@ -45,6 +65,16 @@ lint: $(STAMP) ## ruff and mypy on server/
 	$(VENV)/bin/ruff check server
 	$(VENV)/bin/mypy server
 
+# buf breaking against the newest release tag (v*): proto/ as it was there, taken with
+# git archive (no network, and it works in a worktree too). Skipped until a tag exists.
+breaking: $(BUF) ## buf breaking (WIRE_JSON) against the last release tag; skipped while there is none
+	@tag=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null) || { \
+	  echo "buf breaking: skipped, no release tag (v*) yet"; exit 0; }; \
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	git archive "$$tag" | tar -x -C "$$tmp" && \
+	echo "buf breaking against $$tag" && \
+	$(BUF) breaking --against "$$tmp"
+
 run: $(STAMP) $(DESCRIPTOR) ## Start the gRPC server and Envoy on embedded defaults (Ctrl-C stops both)
 	$(VENV)/bin/imagegw dev
 
@@ -57,4 +87,4 @@ bench: $(STAMP) $(DESCRIPTOR) ## Run the load benchmarks and print a markdown ta
 clean: ## Remove build outputs and local state (var/)
 	rm -rf build var .pytest_cache
 
-.PHONY: help install gen check-gen descriptor lint run test bench clean
+.PHONY: help install vendor-protos tools gen check-gen descriptor lint breaking run test bench clean

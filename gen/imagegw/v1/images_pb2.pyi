@@ -8,6 +8,13 @@ REST paths and JSON field names deliberately reproduce the OpenAI Images API
 AIP-136 resource URIs: the public contract is OpenAI's, and Envoy's gRPC-JSON
 transcoder maps these annotations onto it. OpenAI "enums" (size, quality, ...)
 are plain strings checked per model by the server's catalog.
+
+The names and types here are OpenAI's on purpose, not Google's API guidelines
+(which AdminService follows): `created` is a uint32 of unix seconds (OpenAI's
+JSON integer; proto3 JSON would print an int64 or a Timestamp as a string),
+optional fields use proto3 `optional` so that absence survives, and RPCs
+that carry raw bytes use google.api.HttpBody. The buf lint rules this breaks
+are turned off for this file only, each with its reason, in buf.yaml.
 """
 
 from collections import abc as _abc

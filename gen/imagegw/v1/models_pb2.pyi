@@ -3,6 +3,12 @@
 isort:skip_file
 Model discovery, shaped like OpenAI's `GET /v1/models` so that SDKs'
 `client.models.list()` and `client.models.retrieve()` work unchanged.
+
+The names and types here are OpenAI's on purpose, not Google's API guidelines
+(which AdminService follows): GetModel returns OpenAI's model object itself,
+`created` is a uint32 of unix seconds, and the list is OpenAI's unpaged
+`{"object": "list", "data": [...]}`. The buf lint rules this breaks are
+turned off for this file only, each with its reason, in buf.yaml.
 """
 
 from collections import abc as _abc
