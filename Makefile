@@ -61,7 +61,9 @@ $(DESCRIPTOR): $(PROTOS) $(STAMP)
 
 descriptor: $(DESCRIPTOR) ## Build Envoy's descriptor set (build/imagegw.pb)
 
-lint: $(STAMP) ## ruff and mypy on server/
+lint: $(STAMP) $(BUF) ## buf lint and breaking on proto/, ruff and mypy on server/
+	$(BUF) lint
+	@$(MAKE) --no-print-directory breaking
 	$(VENV)/bin/ruff check server
 	$(VENV)/bin/mypy server
 

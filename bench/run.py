@@ -343,13 +343,13 @@ def _fund(settings: Any, admin_token: str) -> str:
             admin_pb2.CreateAccountRequest(name=f"bench-{secrets.token_hex(4)}", balance_usd="1000000.00"),
             metadata=auth,
             timeout=10,
-        )
-        key = admin.CreateKey(
-            admin_pb2.CreateKeyRequest(account_id=account.account_id),
+        ).account
+        key = admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(account_id=account.account_id),
             metadata=auth,
             timeout=10,
         )
-    return str(key.api_key)
+    return str(key.key_string)
 
 
 @contextmanager

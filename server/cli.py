@@ -6,12 +6,15 @@
     imagegw envoy-config           print the Envoy config rendered for these settings
     imagegw accounts create|credit|show|limits ...   operator commands over AdminService
     imagegw keys create|revoke ...
-    imagegw usage --account ID
+    imagegw usage --account ID     every page of an account's usage
     imagegw reconcile
 
 Settings come from ``IMAGEGW_*`` variables (server/config.py). Operator commands talk
 to a running server over gRPC with the admin token (``IMAGEGW_ADMIN_TOKEN``, or the one
-generated under ``var/`` on this machine).
+generated under ``var/`` on this machine). Every command that changes something sends a
+request id (a new UUID unless ``--request-id`` gives one) and prints it: run the command
+again with ``--request-id`` when its outcome is unknown (a timeout), and the change is
+made at most once (AIP-155).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -32,6 +36,8 @@ from imagegw.v1 import admin_pb2, admin_pb2_grpc
 from server.config import Settings
 
 __all__ = ["main"]
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 class JsonFormatter(logging.Formatter):
@@ -62,31 +68,52 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-def _admin_call(settings: Settings, target: str | None, method: str, request: Message) -> dict[str, Any]:
-    async def run() -> Message:
+def _admin_call(
+    settings: Settings, target: str | None, calls: Callable[[admin_pb2_grpc.AdminServiceStub, Metadata], Awaitable[Any]]
+) -> Any:
+    async def run() -> Any:
         async with grpc.aio.insecure_channel(target or settings.grpc_target) as channel:
-            stub = admin_pb2_grpc.AdminServiceStub(channel)
-            metadata = (("authorization", f"Bearer {settings.secret('admin_token')}"),)
-            result: Message = await getattr(stub, method)(request, metadata=metadata, timeout=30)
-            return result
+            return await calls(admin_pb2_grpc.AdminServiceStub(channel), (
+                ("authorization", f"Bearer {settings.secret('admin_token')}"),
+            ))
 
-    response = asyncio.run(run())
-    return json_format.MessageToDict(response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return asyncio.run(run())
+
+
+def _to_dict(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _print(result: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(result, indent=2))
-    else:
-        for key, value in result.items():
-            print(f"{key}: {value}")
+        return
+    for key, value in _flatten(result):
+        print(f"{key}: {value}")
 
 
-def _error_payload(exc: grpc.aio.AioRpcError) -> dict[str, Any]:
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in _flatten(item, f"{prefix}.{key}" if prefix else key)]
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [pair for i, item in enumerate(value) for pair in _flatten(item, f"{prefix}[{i}]")]
+    return [(prefix, value)]
+
+
+def _error_payload(exc: grpc.aio.AioRpcError, timeout: float) -> dict[str, Any]:
     for key, value in exc.trailing_metadata() or ():
         if key == "x-openai-error" and isinstance(value, str):
             body: dict[str, Any] = json.loads(value)["error"]
             return body
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return {
+            "message": f"No answer within {timeout:g} s: the change may or may not have been made.",
+            "type": "server_error",
+            "param": None,
+            "code": "timeout",
+        }
     return {"message": exc.details() or exc.code().name, "type": "server_error", "param": None, "code": None}
 
 
@@ -109,24 +136,34 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations")
     sub.add_parser("envoy-config", help="print the rendered Envoy config")
 
-    def admin(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    def admin(p: argparse.ArgumentParser, *, changes: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print JSON")
         p.add_argument("--target", help="gRPC address of the server (default: IMAGEGW_GRPC_HOST:PORT)")
+        p.add_argument("--timeout", type=float, default=30, help="seconds to wait for the answer (default 30)")
+        if changes:
+            p.add_argument(
+                "--request-id",
+                help="the change's request id (default: a new UUID, printed); give the printed one to retry "
+                "a call whose outcome is unknown: the change is made at most once",
+            )
         return p
 
     accounts = sub.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
-    create = admin(accounts.add_parser("create", help="create an account"))
+    create = admin(accounts.add_parser("create", help="create an account"), changes=True)
     create.add_argument("--name", required=True)
     create.add_argument("--balance", default="0", help="opening balance in USD, e.g. 5.00")
-    credit = admin(accounts.add_parser("credit", help="add money to an account"))
+    credit = admin(accounts.add_parser("credit", help="add money to an account"), changes=True)
     credit.add_argument("--account", required=True)
     credit.add_argument("--amount", required=True, help="USD, e.g. 2.50")
     show = admin(accounts.add_parser("show", help="show an account"))
     show.add_argument("--account", required=True)
     limits = admin(
         accounts.add_parser(
-            "limits", help="show or set the rate limits of each of an account's API keys (0 = unlimited)"
-        )
+            "limits",
+            help="show the rate limits of each of an account's API keys, or set them with --rpm/--ipm/--defaults "
+            "(0 = unlimited)",
+        ),
+        changes=True,
     )
     limits.add_argument("--account", required=True)
     limits.add_argument("--rpm", type=_int32, help="requests per minute per key; 0 = unlimited")
@@ -136,43 +173,91 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
-    key_create = admin(keys.add_parser("create", help="issue an API key (shown once)"))
+    key_create = admin(keys.add_parser("create", help="issue an API key (shown once)"), changes=True)
     key_create.add_argument("--account", required=True)
     key_create.add_argument("--name", default="")
-    revoke = admin(keys.add_parser("revoke", help="revoke an API key"))
+    revoke = admin(keys.add_parser("revoke", help="revoke an API key"), changes=True)
     revoke.add_argument("--key-id", required=True)
 
-    usage = admin(sub.add_parser("usage", help="list an account's usage"))
+    usage = admin(sub.add_parser("usage", help="list an account's usage (every page)"))
     usage.add_argument("--account", required=True)
-    usage.add_argument("--limit", type=int, default=100)
+    usage.add_argument("--page-size", type=_int32, default=1000, help="records per call (1-1000)")
     admin(sub.add_parser("reconcile", help="check every balance against the ledger"))
     return parser
 
 
-def _admin_request(args: argparse.Namespace) -> tuple[str, Message]:
+def _admin_request(args: argparse.Namespace, request_id: str) -> tuple[str, Message]:
+    """The RPC and request of an operator command; ``request_id`` goes on every change."""
     match (args.command, getattr(args, "action", None)):
         case ("accounts", "create"):
-            return "CreateAccount", admin_pb2.CreateAccountRequest(name=args.name, balance_usd=args.balance)
+            return "CreateAccount", admin_pb2.CreateAccountRequest(
+                name=args.name, balance_usd=args.balance, request_id=request_id
+            )
         case ("accounts", "credit"):
-            return "CreditAccount", admin_pb2.CreditAccountRequest(account_id=args.account, amount_usd=args.amount)
+            return "CreditAccount", admin_pb2.CreditAccountRequest(
+                account_id=args.account, amount_usd=args.amount, request_id=request_id
+            )
         case ("accounts", "show"):
             return "GetAccount", admin_pb2.GetAccountRequest(account_id=args.account)
+        case ("accounts", "limits") if args.rpm is None and args.ipm is None and not args.defaults:
+            return "GetRateLimits", admin_pb2.GetRateLimitsRequest(account_id=args.account)
         case ("accounts", "limits"):
             return "SetRateLimits", admin_pb2.SetRateLimitsRequest(
                 account_id=args.account,
                 requests_per_minute=args.rpm,
                 images_per_minute=args.ipm,
                 use_defaults=args.defaults,
+                request_id=request_id,
             )
         case ("keys", "create"):
-            return "CreateKey", admin_pb2.CreateKeyRequest(account_id=args.account, name=args.name)
+            return "CreateApiKey", admin_pb2.CreateApiKeyRequest(
+                account_id=args.account, name=args.name, request_id=request_id
+            )
         case ("keys", "revoke"):
-            return "RevokeKey", admin_pb2.RevokeKeyRequest(key_id=args.key_id)
+            return "RevokeApiKey", admin_pb2.RevokeApiKeyRequest(key_id=args.key_id, request_id=request_id)
         case ("usage", _):
-            return "ListUsage", admin_pb2.ListUsageRequest(account_id=args.account, limit=args.limit)
+            return "ListUsage", admin_pb2.ListUsageRequest(account_id=args.account, page_size=args.page_size)
         case ("reconcile", _):
             return "Reconcile", admin_pb2.ReconcileRequest()
     raise SystemExit(f"unknown command {args.command}")
+
+
+def _run_admin(settings: Settings, args: argparse.Namespace) -> int:
+    """One operator command over AdminService; prints its answer (and the request id of a change)."""
+    request_id = getattr(args, "request_id", None) or str(uuid.uuid4())
+    method, request = _admin_request(args, request_id)
+    changes = request.DESCRIPTOR.fields_by_name.get("request_id") is not None
+    # The request id also names the call in the server's logs (x-request-id).
+    log_id = (("x-request-id", request_id),) if changes else ()
+
+    async def call(stub: admin_pb2_grpc.AdminServiceStub, auth: Metadata) -> dict[str, Any]:
+        rpc = getattr(stub, method)
+        if method != "ListUsage":
+            return _to_dict(await rpc(request, metadata=auth + log_id, timeout=args.timeout))
+        # Every page, in order: the server's order is stable, so nothing is skipped or repeated.
+        records: list[dict[str, Any]] = []
+        assert isinstance(request, admin_pb2.ListUsageRequest)
+        while True:
+            page = await rpc(request, metadata=auth, timeout=args.timeout)
+            records += _to_dict(page)["usage_records"]
+            if not page.next_page_token:
+                return {"usage_records": records}
+            request.page_token = page.next_page_token
+
+    shown = {"request_id": request_id} if changes else {}
+    try:
+        result = _admin_call(settings, args.target, call)
+    except grpc.aio.AioRpcError as exc:
+        error = _error_payload(exc, args.timeout)
+        if args.json:
+            print(json.dumps({"error": error, **shown}, indent=2), file=sys.stderr)
+        else:
+            print(f"error: {error['message']}", file=sys.stderr)
+            if changes:
+                print(f"request_id: {request_id} (retry with --request-id {request_id}: at most once)", file=sys.stderr)
+        return 1
+    _print({**shown, **result}, args.json)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,20 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(yaml.safe_dump(render_envoy_config(settings), sort_keys=False))
         return 0
-    method, request = _admin_request(args)
-    try:
-        result = _admin_call(settings, args.target, method, request)
-    except grpc.aio.AioRpcError as exc:
-        error = _error_payload(exc)
-        if args.json:
-            print(json.dumps({"error": error}, indent=2), file=sys.stderr)
-        else:
-            print(f"error: {error['message']}", file=sys.stderr)
-        return 1
-    if method == "ListUsage":
-        result = {"data": result.get("data", [])}
-    _print(result, args.json)
-    return 0
+    return _run_admin(settings, args)
 
 
 if __name__ == "__main__":  # pragma: no cover

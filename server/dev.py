@@ -150,7 +150,7 @@ def ensure_dev_key(settings: Settings) -> dict[str, Any]:
                 admin_pb2.CreateAccountRequest(name=name, balance_usd=settings.dev_account_balance_usd),
                 metadata=auth,
                 timeout=10,
-            )
+            ).account
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -158,11 +158,13 @@ def ensure_dev_key(settings: Settings) -> dict[str, Any]:
             account_id = json.loads(path.read_text())["account_id"] if path.exists() else None
             if account_id is None:
                 raise
-            account = admin.GetAccount(admin_pb2.GetAccountRequest(account_id=account_id), metadata=auth, timeout=10)
-        key = admin.CreateKey(
-            admin_pb2.CreateKeyRequest(account_id=account.account_id, name="dev"), metadata=auth, timeout=10
+            account = admin.GetAccount(
+                admin_pb2.GetAccountRequest(account_id=account_id), metadata=auth, timeout=10
+            ).account
+        key = admin.CreateApiKey(
+            admin_pb2.CreateApiKeyRequest(account_id=account.account_id, name="dev"), metadata=auth, timeout=10
         )
-    record = {"account_id": account.account_id, "key_id": key.key_id, "api_key": key.api_key}
+    record = {"account_id": account.account_id, "key_id": key.api_key.key_id, "api_key": key.key_string}
     path.write_text(json.dumps(record, indent=2))
     path.chmod(0o600)
     return record

@@ -28,7 +28,7 @@ another replica already opened, never resets it.
 
 Limits: ``IMAGEGW_RATE_LIMIT_RPM`` / ``IMAGEGW_RATE_LIMIT_IPM`` for every key, overridden
 per account (``accounts.rate_limit_rpm`` / ``rate_limit_ipm``; NULL means the default) by
-``AdminService.SetRateLimits`` (``imagegw accounts limits``). 0 means unlimited; when
+``AdminService.SetRateLimits`` (``imagegw accounts limits``; ``GetRateLimits`` reads them). 0 means unlimited; when
 both are unlimited nothing is written at all. The overrides are read on every request
 (no cache), so a change applies to the next request on every replica. A request counts
 as one request and as its ``n`` images (1 when absent); a request for more images than
@@ -59,6 +59,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from server.errors import InvalidRequestError, NotFoundError, RateLimitError
 from server.ledger import Principal
 from server.ledger.db import Database
+from server.ledger.requests import Once, begin, finish
 from server.ledger.schema import accounts, rate_limit_counters
 
 _ACCOUNT_LIMITS = select(accounts.c.rate_limit_rpm, accounts.c.rate_limit_ipm).where(accounts.c.id == bindparam("a_id"))
@@ -278,14 +279,18 @@ class RateLimiter:
         requests_per_minute: int | None = None,
         images_per_minute: int | None = None,
         use_defaults: bool = False,
+        once: Once[AccountLimits] | None = None,
     ) -> AccountLimits:
-        """Sets an account's overrides; ``None`` keeps the current setting, and
-        ``use_defaults`` first drops both overrides (so the defaults apply to whatever is
-        not set in this call). With nothing to change, returns the current limits.
+        """Sets an account's overrides and returns the limits then in force; ``None`` keeps
+        the current setting, and ``use_defaults`` first drops both overrides (so the
+        defaults apply to whatever is not set in this call). ``once`` makes it happen at
+        most once per request id (:mod:`server.ledger.requests`).
 
         Raises:
-            InvalidRequestError: a limit outside 0..1,000,000.
+            InvalidRequestError: a limit outside 0..1,000,000, or nothing to change (reading
+                the limits is :meth:`account_limits`).
             NotFoundError: no such account.
+            Replayed: ``once``'s request id was done before; nothing changed.
         """
         values: dict[str, int | None] = {}
         if use_defaults:
@@ -294,12 +299,26 @@ class RateLimiter:
             values["rate_limit_rpm"] = _check_limit(requests_per_minute, "requests_per_minute")
         if images_per_minute is not None:
             values["rate_limit_ipm"] = _check_limit(images_per_minute, "images_per_minute")
-        if values:
-            statement = accounts.update().where(accounts.c.id == account_id).values(**values)
-            if await self._db.write(lambda conn: conn.execute(statement).rowcount) == 0:
+        if not values:
+            raise InvalidRequestError(
+                "Set requests_per_minute, images_per_minute or use_defaults; GetRateLimits reads the limits.",
+                param="requests_per_minute",
+                code="missing_required_parameter",
+            )
+        statement = accounts.update().where(accounts.c.id == account_id).values(**values)
+        now = int(self._clock())
+
+        def change(conn: Connection) -> AccountLimits:
+            begin(conn, once, now)
+            if conn.execute(statement).rowcount == 0:
                 raise NotFoundError(f"No account with id {account_id[:64]!r}.", param="account_id")
-            log.info("rate limits changed", extra={"account_id": account_id})
-        return await self._account_limits(account_id, require=True)
+            limits = self._effective(account_id, conn.execute(_ACCOUNT_LIMITS, {"a_id": account_id}).first())
+            finish(conn, once, limits)
+            return limits
+
+        limits = await self._db.write(change)
+        log.info("rate limits changed", extra={"account_id": account_id})
+        return limits
 
     async def _account_limits(self, account_id: str, *, require: bool = False) -> AccountLimits:
         row = await self._db.read(lambda conn: conn.execute(_ACCOUNT_LIMITS, {"a_id": account_id}).first())

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import socket
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -106,6 +108,11 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         return settings
 
 
+def status_of(record: admin_pb2.UsageRecord) -> str:
+    """A usage record's status enum as the word it stands for (STATUS_FAILED: "failed")."""
+    return admin_pb2.UsageRecord.Status.Name(record.status).removeprefix("STATUS_").lower()
+
+
 @dataclass
 class Admin:
     """Operator calls over the real AdminService."""
@@ -122,15 +129,15 @@ class Admin:
         return (("authorization", f"Bearer {self.token}"),)
 
     async def account(self, balance_usd: str, name: str | None = None) -> str:
-        account = await self.stub.CreateAccount(
+        created = await self.stub.CreateAccount(
             admin_pb2.CreateAccountRequest(name=name or f"acct-{secrets.token_hex(6)}", balance_usd=balance_usd),
             metadata=self.auth,
         )
-        return account.account_id
+        return created.account.account_id
 
     async def key(self, account_id: str) -> str:
-        created = await self.stub.CreateKey(admin_pb2.CreateKeyRequest(account_id=account_id), metadata=self.auth)
-        return created.api_key
+        created = await self.stub.CreateApiKey(admin_pb2.CreateApiKeyRequest(account_id=account_id), metadata=self.auth)
+        return created.key_string
 
     async def funded_key(self, balance_usd: str = "100.00") -> tuple[str, str]:
         """A new account with ``balance_usd`` and a key for it: (account_id, api_key)."""
@@ -138,7 +145,8 @@ class Admin:
         return account_id, await self.key(account_id)
 
     async def get(self, account_id: str) -> admin_pb2.Account:
-        return await self.stub.GetAccount(admin_pb2.GetAccountRequest(account_id=account_id), metadata=self.auth)
+        reply = await self.stub.GetAccount(admin_pb2.GetAccountRequest(account_id=account_id), metadata=self.auth)
+        return reply.account
 
     async def settled(self, account_id: str, timeout: float = 10) -> admin_pb2.Account:
         """The account once nothing is reserved any more (or as it is after ``timeout``):
@@ -150,12 +158,49 @@ class Admin:
                 return account
             await asyncio.sleep(0.05)
 
+    async def limits(self, account_id: str) -> admin_pb2.RateLimits:
+        reply = await self.stub.GetRateLimits(admin_pb2.GetRateLimitsRequest(account_id=account_id), metadata=self.auth)
+        return reply.rate_limits
+
+    async def set_limits(self, account_id: str, **limits: int) -> admin_pb2.RateLimits:
+        reply = await self.stub.SetRateLimits(
+            admin_pb2.SetRateLimitsRequest(account_id=account_id, **limits), metadata=self.auth
+        )
+        return reply.rate_limits
+
     async def reconcile(self) -> admin_pb2.ReconcileResponse:
         return await self.stub.Reconcile(admin_pb2.ReconcileRequest(), metadata=self.auth)
 
     async def usage(self, account_id: str) -> list[admin_pb2.UsageRecord]:
-        reply = await self.stub.ListUsage(admin_pb2.ListUsageRequest(account_id=account_id), metadata=self.auth)
-        return list(reply.data)
+        """Every usage record of the account, newest first (all pages)."""
+        request = admin_pb2.ListUsageRequest(account_id=account_id, page_size=1000)
+        records: list[admin_pb2.UsageRecord] = []
+        while True:
+            reply = await self.stub.ListUsage(request, metadata=self.auth)
+            records += reply.usage_records
+            if not reply.next_page_token:
+                return records
+            request.page_token = reply.next_page_token
+
+
+def run_cli(stack: ProcessStack, *args: str, token: str | None = None, timeout: float = 60) -> tuple[int, Any]:
+    """Runs ``imagegw ARGS --json`` against the stack's server as an operator would:
+    (exit status, its JSON: stdout on success, stderr on failure)."""
+    env = {
+        **os.environ,
+        "IMAGEGW_GRPC_PORT": str(stack.settings.grpc_port),
+        "IMAGEGW_VAR_DIR": stack.env["IMAGEGW_VAR_DIR"],
+        "IMAGEGW_ADMIN_TOKEN": token or stack.env["IMAGEGW_ADMIN_TOKEN"],
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result.returncode, json.loads(result.stdout if result.returncode == 0 else result.stderr)
+
+
+async def cli(stack: ProcessStack, *args: str, token: str | None = None) -> tuple[int, Any]:
+    """:func:`run_cli` on a thread, for async tests."""
+    return await asyncio.to_thread(run_cli, stack, *args, token=token)
 
 
 @dataclass

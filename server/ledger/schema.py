@@ -27,6 +27,9 @@ spell the tables out, so that an old revision never changes when this file does)
   ``in_progress`` while its first attempt runs (owned by ``owner`` until
   ``locked_until``), then ``completed`` with the serialized response, until
   ``expires_at`` (:mod:`server.idempotency`).
+* ``admin_requests``: one row per ``request_id`` of a mutating admin call (AIP-155): the
+  method, a hash of the request and the response the first call got, written in the
+  same transaction as the change itself (:mod:`server.ledger.requests`).
 
 Money columns are BIGINT micro-dollars; times are BIGINT unix seconds.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "RESERVATION_STATUSES",
     "USAGE_STATUSES",
     "accounts",
+    "admin_requests",
     "api_keys",
     "idempotency_keys",
     "ledger_entries",
@@ -204,4 +208,17 @@ idempotency_keys = Table(
     CheckConstraint(_in("state", IDEMPOTENCY_STATES), name="state_known"),
     # The sweeper's query: rows past their expiry.
     Index("ix_idempotency_keys_expires_at", "expires_at"),
+)
+
+admin_requests = Table(
+    "admin_requests",
+    metadata,
+    Column("request_id", String(100), primary_key=True),
+    # The RPC, for example "CreditAccount".
+    Column("method", String(100), nullable=False),
+    # SHA-256 (hex) of the method and the canonical request.
+    Column("request_hash", String(64), nullable=False),
+    # The serialized response message; NULL only inside the claiming transaction.
+    Column("response", LargeBinary, nullable=True),
+    Column("created_at", BigInteger, nullable=False),
 )

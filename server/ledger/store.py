@@ -77,6 +77,7 @@ from server.ledger.keys import (
     parse_api_key,
 )
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_usd
+from server.ledger.requests import Once, begin, finish
 from server.ledger.schema import (
     USAGE_STATUSES,
     accounts,
@@ -93,13 +94,14 @@ __all__ = [
     "Principal",
     "ReconcileReport",
     "Reservation",
+    "UsagePage",
     "UsageView",
 ]
 
 logger = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 100
-MAX_USAGE_LIMIT = 1000
+MAX_USAGE_PAGE_SIZE = 1000
 # Error code written on usage rows of reservations released by the sweeper.
 EXPIRED_ERROR_CODE = "reservation_expired"
 # The sweeper closes expired reservations in batches of this many, one transaction each.
@@ -229,6 +231,15 @@ class UsageView:
 
 
 @dataclass(frozen=True, slots=True)
+class UsagePage:
+    """One page of an account's usage, newest first; ``next_before_id`` is the
+    ``before_id`` of the next page, None on the last one."""
+
+    records: list[UsageView]
+    next_before_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class ReconcileReport:
     """The result of :meth:`Ledger.reconcile`: ``ok`` when ``mismatches`` is empty."""
 
@@ -306,10 +317,15 @@ class Ledger:
 
     # -- accounts -----------------------------------------------------------------
 
-    async def create_account(self, name: str, balance_micros: int) -> AccountView:
+    async def create_account(
+        self, name: str, balance_micros: int, *, once: Once[AccountView] | None = None
+    ) -> AccountView:
         """Creates an account with an opening balance (written to the ledger as a credit).
 
+        ``once`` makes it happen at most once per request id (:mod:`server.ledger.requests`).
+
         Raises:
+            Replayed: ``once``'s request id was done before; nothing changed.
             InvalidRequestError: empty, too long or duplicate name (``code="account_exists"``),
                 negative or too large balance.
         """
@@ -323,7 +339,10 @@ class Ledger:
             f"An account named {_shown(name)} already exists.", param="name", code="account_exists"
         )
 
+        view = AccountView(account_id, name, balance_micros, 0, 0, balance_micros, now)
+
         def create(conn: Connection) -> None:
+            begin(conn, once, now)
             if conn.execute(select(accounts.c.id).where(accounts.c.name == name)).first() is not None:
                 raise exists
             conn.execute(
@@ -339,6 +358,7 @@ class Ledger:
             )
             if balance_micros:
                 _entry(conn, account_id, "credit", balance_micros, None, now)
+            finish(conn, once, view)
 
         try:
             await self._db.write(create)
@@ -346,12 +366,18 @@ class Ledger:
             # Another replica inserted the same name between our check and our insert.
             raise exists from None
         logger.info("account created", extra={"account_id": account_id})
-        return AccountView(account_id, name, balance_micros, 0, 0, balance_micros, now)
+        return view
 
-    async def credit(self, account_id: str, amount_micros: int) -> AccountView:
+    async def credit(
+        self, account_id: str, amount_micros: int, *, once: Once[AccountView] | None = None
+    ) -> AccountView:
         """Adds money to an account's balance (a ``credit`` entry).
 
+        ``once`` makes it happen at most once per request id (:mod:`server.ledger.requests`):
+        a retried credit is never credited twice.
+
         Raises:
+            Replayed: ``once``'s request id was done before; nothing changed.
             InvalidRequestError: ``amount_micros`` not positive, above
                 :data:`~server.ledger.money.MAX_AMOUNT_MICROS`, or the account's lifetime
                 credits would pass :data:`~server.ledger.money.MAX_CREDITED_MICROS`.
@@ -363,7 +389,8 @@ class Ledger:
             )
         now = self._now()
 
-        def credit(conn: Connection) -> Any:
+        def credit(conn: Connection) -> AccountView:
+            begin(conn, once, now)
             updated = conn.execute(
                 accounts.update()
                 .where(accounts.c.id == account_id)
@@ -382,11 +409,13 @@ class Ledger:
                     param="amount",
                 )
             _entry(conn, account_id, "credit", amount_micros, None, now)
-            return _require_account(conn, account_id)
+            view = _account_view(_require_account(conn, account_id))
+            finish(conn, once, view)
+            return view
 
-        row = await self._db.write(credit)
+        view = await self._db.write(credit)
         logger.info("account credited", extra={"account_id": account_id, "amount_micros": amount_micros})
-        return _account_view(row)
+        return view
 
     async def get_account(self, account_id: str) -> AccountView:
         """Returns an account. Raises NotFoundError when there is none with that id."""
@@ -399,8 +428,13 @@ class Ledger:
 
     # -- API keys -------------------------------------------------------------------
 
-    async def create_key(self, account_id: str, name: str = "") -> tuple[KeyView, str]:
+    async def create_key(
+        self, account_id: str, name: str = "", *, once: Once[KeyView] | None = None
+    ) -> tuple[KeyView, str]:
         """Issues a new API key for an account.
+
+        ``once`` makes it happen at most once per request id (:mod:`server.ledger.requests`);
+        its stored response is made from the :class:`KeyView` alone, never the key.
 
         Returns:
             The key's public view and the API key itself, which is not stored (only its
@@ -409,45 +443,55 @@ class Ledger:
         Raises:
             InvalidRequestError: name longer than 100 characters.
             NotFoundError: no such account.
+            Replayed: ``once``'s request id was done before; nothing changed.
         """
         name = _check_name(name, param="name", required=False)
         key_id, api_key = generate_api_key()
         now = self._now()
         key_hash = hash_api_key(api_key, self._key_hash_secret)
+        view = KeyView(key_id, account_id, name, now, None)
 
         def create(conn: Connection) -> None:
+            begin(conn, once, now)
             _require_account(conn, account_id)
             conn.execute(
                 api_keys.insert().values(
                     id=key_id, account_id=account_id, name=name, key_hash=key_hash, created_at=now, revoked_at=None
                 )
             )
+            finish(conn, once, view)
 
         await self._db.write(create)
         logger.info("api key created", extra={"account_id": account_id, "key_id": key_id})
-        return KeyView(key_id, account_id, name, now, None), api_key
+        return view, api_key
 
-    async def revoke_key(self, key_id: str) -> KeyView:
+    async def revoke_key(self, key_id: str, *, once: Once[KeyView] | None = None) -> KeyView:
         """Revokes a key; the next request with it fails on every replica.
 
-        Idempotent: revoking a revoked key keeps the first revocation time.
+        Idempotent: revoking a revoked key keeps the first revocation time. ``once``
+        records the call's request id (:mod:`server.ledger.requests`).
 
         Raises:
             NotFoundError: no key with that id.
+            Replayed: ``once``'s request id was done before; nothing changed.
         """
         now = self._now()
 
-        def revoke(conn: Connection) -> Any:
+        def revoke(conn: Connection) -> KeyView:
+            begin(conn, once, now)
             conn.execute(
                 api_keys.update().where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)).values(revoked_at=now)
             )
-            return conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+            row = conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+            if row is None:
+                raise NotFoundError(f"No API key with id {_shown(key_id)}.", param="key_id")
+            view = _key_view(row)
+            finish(conn, once, view)
+            return view
 
-        row = await self._db.write(revoke)
-        if row is None:
-            raise NotFoundError(f"No API key with id {_shown(key_id)}.", param="key_id")
+        view = await self._db.write(revoke)
         logger.info("api key revoked", extra={"key_id": key_id})
-        return _key_view(row)
+        return view
 
     async def authenticate(self, api_key: str | None) -> Principal:
         """Checks an API key against the database (on every call: revocation is immediate).
@@ -628,7 +672,7 @@ class Ledger:
         was already closed."""
         now = self._now()
 
-        def close(conn: Connection) -> int | None:
+        def close(conn: Connection) -> Any:
             row = conn.execute(_RESERVATION, {"r_id": reservation_id}).first()
             if row is None:
                 raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
@@ -676,31 +720,41 @@ class Ledger:
                     "created_at": now,
                 },
             )
-            return captured_micros
+            return row
 
-        return await self._db.write(close)
+        row = await self._db.write(close)
+        return None if row is None else captured_micros
 
-    async def usage(self, account_id: str, limit: int = 100) -> list[UsageView]:
-        """Lists an account's usage rows, newest first.
+    async def usage(self, account_id: str, *, page_size: int = 100, before_id: int | None = None) -> UsagePage:
+        """One page of an account's usage rows, newest first (by row id, so the order is
+        stable: rows added while paging come before the first page, never inside a later one).
+
+        Args:
+            page_size: rows per page, 1..1000.
+            before_id: the previous page's ``next_before_id``; None for the first page.
 
         Raises:
-            InvalidRequestError: ``limit`` outside 1..1000.
+            InvalidRequestError: ``page_size`` outside 1..1000.
             NotFoundError: no such account.
         """
-        if not _is_int(limit) or not 1 <= limit <= MAX_USAGE_LIMIT:
-            raise InvalidRequestError(f"The limit must be between 1 and {MAX_USAGE_LIMIT}.", param="limit")
+        if not _is_int(page_size) or not 1 <= page_size <= MAX_USAGE_PAGE_SIZE:
+            raise InvalidRequestError(
+                f"The page_size must be between 1 and {MAX_USAGE_PAGE_SIZE}.", param="page_size"
+            )
+        query = select(usage_records).where(usage_records.c.account_id == account_id)
+        if before_id is not None:
+            query = query.where(usage_records.c.id < before_id)
+        # One row more than the page: whether it exists says whether there is a next page.
+        query = query.order_by(usage_records.c.id.desc()).limit(page_size + 1)
 
         def usage(conn: Connection) -> Any:
             _require_account(conn, account_id)
-            return conn.execute(
-                select(usage_records)
-                .where(usage_records.c.account_id == account_id)
-                .order_by(usage_records.c.id.desc())
-                .limit(limit)
-            ).all()
+            return conn.execute(query).all()
 
         rows = await self._db.read(usage)
-        return [
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        records = [
             UsageView(
                 created=row.created_at,
                 request_id=row.request_id,
@@ -713,6 +767,7 @@ class Ledger:
             )
             for row in rows
         ]
+        return UsagePage(records=records, next_before_id=rows[-1].id if more else None)
 
     # -- audit ----------------------------------------------------------------------
 

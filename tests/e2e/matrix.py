@@ -33,7 +33,7 @@ from PIL import Image
 
 from tests.fakes.provider import FakeProvider
 from tests.fakes.server import RecordedRequest
-from tests.stack import ProcessStack, metric_sample
+from tests.stack import ProcessStack, metric_sample, status_of
 
 __all__ = [
     "CREDENTIALS_MESSAGE",
@@ -211,7 +211,7 @@ async def expect_money(
     account = await stack.admin.settled(account_id)
     assert (account.balance_usd, account.reserved_usd, account.spent_usd) == (usd(funded - spent), "0.000000", usd(spent))
     rows = await stack.admin.usage(account_id)
-    assert [(u.status, u.error_code, u.images_requested, u.images_delivered, u.cost_usd) for u in rows] == [
+    assert [(status_of(u), u.error_code, u.images_requested, u.images_delivered, u.cost_usd) for u in rows] == [
         (status, code, requested, delivered, usd(cost)) for status, code, requested, delivered, cost in usage_rows
     ]
     report = await stack.admin.reconcile()

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.ledger import Database, Ledger
-from tests.stack import ProcessStack, process_stack
+from tests.stack import ProcessStack, process_stack, status_of
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +76,7 @@ async def test_deadline_shorter_than_the_generation_is_504_and_releases(tmp_path
         account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
-        assert [(u.status, u.error_code, u.images_delivered) for u in usage] == [("failed", "timeout", 0)]
+        assert [(status_of(u), u.error_code, u.images_delivered) for u in usage] == [("failed", "timeout", 0)]
         assert (await stack.admin.reconcile()).ok
 
 
@@ -112,6 +112,6 @@ async def test_sigkill_mid_request_leaves_a_reservation_the_next_start_releases(
         account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
-        assert [(u.status, u.error_code, u.cost_usd) for u in usage] == [("failed", "reservation_expired", "0.000000")]
+        assert [(status_of(u), u.error_code, u.cost_usd) for u in usage] == [("failed", "reservation_expired", "0.000000")]
         assert (await stack.admin.reconcile()).ok
         stop_process(restarted)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.fakes.postgres import create_database
-from tests.stack import ProcessStack, process_stack
+from tests.stack import ProcessStack, process_stack, status_of
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +45,7 @@ async def assert_exactly_funded_images_succeed(stack: ProcessStack) -> None:
     account = await stack.admin.get(account_id)
     assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("0.000000", "0.000000", "0.025000")
     usage = await stack.admin.usage(account_id)
-    assert len(usage) == FUNDED_IMAGES and {u.status for u in usage} == {"succeeded"}
+    assert len(usage) == FUNDED_IMAGES and {status_of(u) for u in usage} == {"succeeded"}
     report = await stack.admin.reconcile()
     assert report.ok, report.mismatches
 
@@ -86,7 +86,7 @@ async def test_client_disconnect_mid_generation_is_not_charged(tmp_path: Path) -
         account = await stack.admin.settled(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
-        assert [(u.request_id, u.status, u.error_code, u.cost_usd) for u in usage] == [
+        assert [(u.request_id, status_of(u), u.error_code, u.cost_usd) for u in usage] == [
             ("disconnect-1", "failed", "cancelled", "0.000000")
         ]
         assert (await stack.admin.reconcile()).ok

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import os
-import subprocess
-import sys
 import time
-from typing import Any
 
 import grpc
 import httpx
 import openai
 import pytest
-from imagegw.v1 import admin_pb2, images_pb2, images_pb2_grpc
+from imagegw.v1 import images_pb2, images_pb2_grpc
 
-from tests.stack import ProcessStack
+from tests.stack import ProcessStack, cli
 
 pytestmark = pytest.mark.e2e
 
@@ -40,12 +36,6 @@ async def post(stack: ProcessStack, key: str, body: dict[str, object], **headers
             json=body,
             headers={"Authorization": f"Bearer {key}", **headers},
         )
-
-
-async def set_limits(stack: ProcessStack, account_id: str, **limits: int) -> admin_pb2.RateLimits:
-    return await stack.admin.stub.SetRateLimits(
-        admin_pb2.SetRateLimitsRequest(account_id=account_id, **limits), metadata=stack.admin.auth
-    )
 
 
 def reset_seconds(text: str) -> int:
@@ -73,7 +63,7 @@ async def money(stack: ProcessStack, account_id: str) -> tuple[str, str, str]:
 
 async def test_200s_carry_the_limits_and_the_request_over_gets_429_with_retry_after(gateway: ProcessStack) -> None:
     account_id, key = await gateway.admin.funded_key("1.00")
-    await set_limits(gateway, account_id, requests_per_minute=3, images_per_minute=100)
+    await gateway.admin.set_limits(account_id, requests_per_minute=3, images_per_minute=100)
     await fresh_window()
     ok = [await post(gateway, key, {**SMALL, "n": 2}) for _ in range(3)]
     assert [r.status_code for r in ok] == [200, 200, 200]
@@ -119,7 +109,7 @@ async def test_200s_carry_the_limits_and_the_request_over_gets_429_with_retry_af
 
 async def test_the_images_limit_counts_n(gateway: ProcessStack) -> None:
     account_id, key = await gateway.admin.funded_key("1.00")
-    await set_limits(gateway, account_id, requests_per_minute=0, images_per_minute=5)
+    await gateway.admin.set_limits(account_id, requests_per_minute=0, images_per_minute=5)
     await fresh_window()
     first = await post(gateway, key, {**SMALL, "n": 4})
     assert first.status_code == 200
@@ -143,7 +133,7 @@ async def test_the_images_limit_counts_n(gateway: ProcessStack) -> None:
 
 async def test_the_openai_sdk_raises_rate_limit_error_with_the_headers(gateway: ProcessStack) -> None:
     account_id, key = await gateway.admin.funded_key("1.00")
-    await set_limits(gateway, account_id, requests_per_minute=1)
+    await gateway.admin.set_limits(account_id, requests_per_minute=1)
     await fresh_window()
     async with openai.AsyncOpenAI(api_key=key, base_url=gateway.api_base, max_retries=0, timeout=60) as sdk:
         raw = await sdk.images.with_raw_response.generate(model="local-1", prompt="p", size="256x256")
@@ -159,49 +149,38 @@ async def test_the_openai_sdk_raises_rate_limit_error_with_the_headers(gateway: 
     assert await money(gateway, account_id) == ("0.999000", "0.000000", "0.001000")
 
 
-def cli(stack: ProcessStack, *args: str) -> tuple[int, dict[str, Any]]:
-    import json
-
-    env = {
-        **os.environ,
-        "IMAGEGW_GRPC_PORT": str(stack.settings.grpc_port),
-        "IMAGEGW_VAR_DIR": stack.env["IMAGEGW_VAR_DIR"],
-        "IMAGEGW_ADMIN_TOKEN": stack.env["IMAGEGW_ADMIN_TOKEN"],
-    }
-    result = subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--json"], env=env, capture_output=True, text=True, timeout=60
-    )
-    return result.returncode, json.loads(result.stdout if result.returncode == 0 else result.stderr)
-
-
 async def test_operators_set_limits_with_the_cli(gateway: ProcessStack) -> None:
     account_id, key = await gateway.admin.funded_key("1.00")
-    code, shown = await asyncio.to_thread(cli, gateway, "accounts", "limits", "--account", account_id)
-    assert (code, shown) == (
+    code, shown = await cli(gateway, "accounts", "limits", "--account", account_id)
+    assert (code, shown) == (  # a read (GetRateLimits): no request id
         0,
         {
-            "account_id": account_id,
-            "requests_per_minute": 600,
-            "images_per_minute": 3000,
-            "requests_per_minute_is_default": True,
-            "images_per_minute_is_default": True,
+            "rate_limits": {
+                "account_id": account_id,
+                "requests_per_minute": 600,
+                "images_per_minute": 3000,
+                "requests_per_minute_is_default": True,
+                "images_per_minute_is_default": True,
+            }
         },
     )
-    code, changed = await asyncio.to_thread(
-        cli, gateway, "accounts", "limits", "--account", account_id, "--rpm", "1", "--ipm", "7"
-    )
-    assert (code, changed["requests_per_minute"], changed["images_per_minute"]) == (0, 1, 7)
-    assert (changed["requests_per_minute_is_default"], changed["images_per_minute_is_default"]) == (False, False)
+    code, changed = await cli(gateway, "accounts", "limits", "--account", account_id, "--rpm", "1", "--ipm", "7")
+    limits = changed["rate_limits"]
+    assert (code, limits["requests_per_minute"], limits["images_per_minute"]) == (0, 1, 7)
+    assert (limits["requests_per_minute_is_default"], limits["images_per_minute_is_default"]) == (False, False)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", changed["request_id"])
     await fresh_window()
     first = await post(gateway, key, SMALL)
     assert (first.status_code, first.headers["x-ratelimit-limit-images"]) == (200, "7")
     assert (await post(gateway, key, SMALL)).status_code == 429
-    code, error = await asyncio.to_thread(cli, gateway, "accounts", "limits", "--account", account_id, "--rpm", "-1")
+    code, error = await cli(gateway, "accounts", "limits", "--account", account_id, "--rpm", "-1")
     assert (code, error["error"]["param"]) == (1, "requests_per_minute")
-    code, error = await asyncio.to_thread(cli, gateway, "accounts", "limits", "--account", "acct_nope", "--rpm", "5")
+    code, error = await cli(gateway, "accounts", "limits", "--account", "acct_nope", "--rpm", "5")
     assert (code, error["error"]["code"]) == (1, "not_found")
-    code, back = await asyncio.to_thread(cli, gateway, "accounts", "limits", "--account", account_id, "--defaults")
-    assert (code, back["requests_per_minute"], back["requests_per_minute_is_default"]) == (0, 600, True)
+    code, back = await cli(gateway, "accounts", "limits", "--account", account_id, "--defaults")
+    assert (code, back["rate_limits"]["requests_per_minute"], back["rate_limits"]["requests_per_minute_is_default"]) == (
+        0, 600, True
+    )
     assert (await post(gateway, key, SMALL)).status_code == 200  # applies to the very next request
 
 
@@ -222,7 +201,7 @@ async def grpc_generate(target: str, key: str) -> grpc.StatusCode:
 
 async def test_the_limit_is_exact_across_two_replicas_sharing_postgresql(replicas: ProcessStack) -> None:
     account_id, key = await replicas.admin.funded_key("1.00")
-    await set_limits(replicas, account_id, requests_per_minute=5)
+    await replicas.admin.set_limits(account_id, requests_per_minute=5)
     await fresh_window()
     # Twelve through Envoy (which spreads them over the replicas) and, so that both replicas
     # surely take part, three straight to each replica's gRPC port: eighteen at once.

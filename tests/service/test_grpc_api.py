@@ -18,7 +18,7 @@ from imagegw.v1 import images_pb2
 from PIL import Image
 
 from server.providers.base import ImageRequest, Progress, ProviderResult
-from tests.stack import InProcessStack, in_process_stack
+from tests.stack import InProcessStack, in_process_stack, status_of
 
 
 def bearer(key: str) -> tuple[tuple[str, str]]:
@@ -134,7 +134,7 @@ async def test_unexpected_exception_is_a_generic_500_and_refunds(
         account = await stack.admin.get(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
-        assert [(u.status, u.error_code, u.cost_usd) for u in usage] == [("failed", "internal_error", "0.000000")]
+        assert [(status_of(u), u.error_code, u.cost_usd) for u in usage] == [("failed", "internal_error", "0.000000")]
 
 
 class SlowProvider:

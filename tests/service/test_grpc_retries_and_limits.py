@@ -25,7 +25,7 @@ from imagegw.v1 import admin_pb2, images_pb2
 
 from server.errors import UpstreamError
 from server.providers.base import GeneratedImage, ImageRequest, Progress, ProviderResult
-from tests.stack import InProcessStack, in_process_stack
+from tests.stack import InProcessStack, in_process_stack, status_of
 
 UNIT = 1000  # local-1's price per image (micro-dollars), server/catalog.toml
 
@@ -245,7 +245,7 @@ async def test_a_failed_first_attempt_is_refunded_and_the_retry_runs(tmp_path: P
         assert provider.calls == 2
         assert await money(stack, account_id) == ("0.998000", "0.000000", "0.002000")
         usage = await stack.admin.usage(account_id)
-        assert [(u.status, u.error_code, u.cost_usd) for u in usage] == [
+        assert [(status_of(u), u.error_code, u.cost_usd) for u in usage] == [
             ("succeeded", "", "0.002000"),
             ("failed", "upstream_error", "0.000000"),
         ]
@@ -255,15 +255,9 @@ async def test_a_failed_first_attempt_is_refunded_and_the_retry_runs(tmp_path: P
 # -- rate limits ------------------------------------------------------------------------------
 
 
-async def set_limits(stack: InProcessStack, account_id: str, **limits: int) -> admin_pb2.RateLimits:
-    return await stack.admin.stub.SetRateLimits(
-        admin_pb2.SetRateLimitsRequest(account_id=account_id, **limits), metadata=stack.admin.auth
-    )
-
-
 async def test_successes_carry_the_limits_and_the_first_request_over_is_429(service: InProcessStack) -> None:
     account_id, key = await service.admin.funded_key("1.00")
-    limits = await set_limits(service, account_id, requests_per_minute=2, images_per_minute=10)
+    limits = await service.admin.set_limits(account_id, requests_per_minute=2, images_per_minute=10)
     assert (limits.requests_per_minute, limits.images_per_minute) == (2, 10)
     await fresh_window()
     request = images_pb2.GenerateImagesRequest(prompt="p", n=3, size="256x256", response_format="b64_json")
@@ -300,7 +294,7 @@ async def test_successes_carry_the_limits_and_the_first_request_over_is_429(serv
 
 async def test_the_images_limit_counts_n(service: InProcessStack) -> None:
     account_id, key = await service.admin.funded_key("1.00")
-    await set_limits(service, account_id, requests_per_minute=0, images_per_minute=5)
+    await service.admin.set_limits(account_id, requests_per_minute=0, images_per_minute=5)
     await fresh_window()
     three = images_pb2.GenerateImagesRequest(prompt="p", n=3, size="256x256")
     _, headers = await generate(service, key, three)
@@ -321,7 +315,7 @@ async def test_the_images_limit_counts_n(service: InProcessStack) -> None:
 
 async def test_replays_count_as_requests(stack: InProcessStack, provider: ScriptedProvider) -> None:
     account_id, key = await stack.admin.funded_key("1.00")
-    await set_limits(stack, account_id, requests_per_minute=2)
+    await stack.admin.set_limits(account_id, requests_per_minute=2)
     await fresh_window()
     await generate(stack, key, B64, "counted")
     _, headers = await generate(stack, key, B64, "counted")
@@ -334,7 +328,7 @@ async def test_replays_count_as_requests(stack: InProcessStack, provider: Script
 async def test_defaults_come_from_settings(tmp_path: Path) -> None:
     async with in_process_stack(tmp_path / "var", rate_limit_rpm=1, rate_limit_ipm=0) as stack:
         account_id, key = await stack.admin.funded_key("1.00")
-        limits = await set_limits(stack, account_id)  # nothing set: a read
+        limits = await stack.admin.limits(account_id)
         assert (limits.requests_per_minute, limits.images_per_minute) == (1, 0)
         assert limits.requests_per_minute_is_default and limits.images_per_minute_is_default
         await fresh_window()
@@ -345,7 +339,7 @@ async def test_defaults_come_from_settings(tmp_path: Path) -> None:
         code, _, _ = await failure(stack, key, images_pb2.GenerateImagesRequest(prompt="p", size="256x256"))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         # An override lifts it at once.
-        await set_limits(stack, account_id, requests_per_minute=0)
+        await stack.admin.set_limits(account_id, requests_per_minute=0)
         _, headers = await generate(stack, key, images_pb2.GenerateImagesRequest(prompt="p", size="256x256"))
         assert not any(k.startswith("x-ratelimit-") for k in headers)
 
@@ -362,10 +356,10 @@ async def test_bad_limits_are_refused(
 ) -> None:
     account_id, _ = await service.admin.funded_key("1.00")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await set_limits(service, account_id, **limits)
+        await service.admin.set_limits(account_id, **limits)
     assert caught.value.code() == code
     assert json.loads(dict(caught.value.trailing_metadata())["x-openai-error"])["error"]["param"] == param
-    unchanged = await set_limits(service, account_id)
+    unchanged = await service.admin.limits(account_id)
     assert unchanged.requests_per_minute_is_default and unchanged.images_per_minute_is_default
 
 
@@ -377,5 +371,5 @@ async def test_set_rate_limits_needs_the_admin_token_and_a_real_account(service:
         )
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await set_limits(service, "acct_unknown", requests_per_minute=1)
+        await service.admin.set_limits("acct_unknown", requests_per_minute=1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

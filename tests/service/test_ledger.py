@@ -114,7 +114,7 @@ async def test_migrations_create_exactly_the_schema_the_code_uses(ledger_engine:
 
     async with ledger_engine.connect() as conn:
         assert await conn.run_sync(diff) == []
-    assert await rows(ledger_engine, "SELECT version_num FROM alembic_version") == [("0002",)]
+    assert await rows(ledger_engine, "SELECT version_num FROM alembic_version") == [("0003",)]
 
 
 async def test_migrate_twice_at_once_is_safe(database_url: str) -> None:
@@ -124,7 +124,7 @@ async def test_migrate_twice_at_once_is_safe(database_url: str) -> None:
         await asyncio.wait_for(asyncio.gather(*(migrate(engine) for engine in engines)), timeout=60)
         await asyncio.wait_for(asyncio.gather(*(migrate(engine) for engine in engines)), timeout=60)
         await migrate(database_url)  # by URL: its own engine, disposed
-        assert await rows(engines[0], "SELECT version_num FROM alembic_version") == [("0002",)]
+        assert await rows(engines[0], "SELECT version_num FROM alembic_version") == [("0003",)]
     finally:
         for engine in engines:
             await engine.dispose()
@@ -431,7 +431,7 @@ async def test_partial_capture_releases_the_rest(
         ("capture", 80_000, rsv.reservation_id),
         ("release", 40_000, rsv.reservation_id),
     ]
-    assert await ledger.usage(account.account_id) == [
+    assert (await ledger.usage(account.account_id)).records == [
         UsageView(T0 + 7, "req-1", "local-1", 3, 2, 80_000, "succeeded", "")
     ]
     closed = "SELECT status, captured_micros, closed_at FROM reservations WHERE id = :id"
@@ -457,7 +457,7 @@ async def test_settle_twice_is_a_no_op(ledger: Ledger, ledger_engine: AsyncEngin
     assert await ledger.settle(rsv.reservation_id, captured_micros=2 * USD, images_delivered=2, status="succeeded") == 0
     await ledger.release(rsv.reservation_id, error_code="cancelled")
     assert await money(ledger, account.account_id) == after_first
-    assert len(await ledger.usage(account.account_id)) == 1
+    assert len((await ledger.usage(account.account_id)).records) == 1
     assert len(await entries(ledger_engine, account.account_id)) == 4
     assert (await ledger.reconcile()).ok
 
@@ -476,7 +476,7 @@ async def test_concurrent_settles_close_a_reservation_once(ledger: Ledger) -> No
     balance, reserved, spent, credited = await money(ledger, account.account_id)
     assert len(winners) <= 1 and reserved == 0 and credited == 5 * USD
     assert spent == (winners[0] if winners else 0) and balance == 5 * USD - spent
-    assert len(await ledger.usage(account.account_id)) == 1
+    assert len((await ledger.usage(account.account_id)).records) == 1
     assert (await ledger.reconcile()).ok
 
 
@@ -486,7 +486,7 @@ async def test_release_refunds_everything(ledger: Ledger, ledger_engine: AsyncEn
     clock.advance(3)
     assert await ledger.release(rsv.reservation_id, error_code="upstream_error") is None
     assert await money(ledger, account.account_id) == (5 * USD, 0, 0, 5 * USD)
-    assert await ledger.usage(account.account_id) == [
+    assert (await ledger.usage(account.account_id)).records == [
         UsageView(T0 + 3, "req-9", "gpt-image-1", 4, 0, 0, "failed", "upstream_error")
     ]
     assert await entries(ledger_engine, account.account_id) == [
@@ -547,7 +547,7 @@ async def test_free_requests_reserve_zero(ledger: Ledger) -> None:
     rsv = await reserve(ledger, account.account_id, 0)
     assert await ledger.settle(rsv.reservation_id, captured_micros=0, images_delivered=1, status="succeeded") == 0
     assert await money(ledger, account.account_id) == (0, 0, 0, 0)
-    assert [(u.cost_micros, u.status) for u in await ledger.usage(account.account_id)] == [(0, "succeeded")]
+    assert [(u.cost_micros, u.status) for u in (await ledger.usage(account.account_id)).records] == [(0, "succeeded")]
     assert (await ledger.reconcile()).ok
 
 
@@ -566,7 +566,7 @@ async def test_long_request_ids_are_clipped(ledger: Ledger) -> None:
     rsv = await ledger.reserve(account.account_id, 1, request_id="r" * 1000, model="local-1", images=1)
     assert rsv.request_id == "r" * 255
     await ledger.settle(rsv.reservation_id, captured_micros=1, images_delivered=1, status="succeeded")
-    assert (await ledger.usage(account.account_id))[0].request_id == "r" * 255
+    assert (await ledger.usage(account.account_id)).records[0].request_id == "r" * 255
 
 
 # -- the sweeper ------------------------------------------------------------------------------
@@ -591,7 +591,7 @@ async def test_release_expired_after_the_ttl(ledger: Ledger, ledger_engine: Asyn
     assert await rows(
         ledger_engine, "SELECT status, captured_micros FROM reservations WHERE id = :id", id=orphan.reservation_id
     ) == [("expired", 0)]
-    assert (await ledger.usage(account.account_id))[0] == UsageView(
+    assert (await ledger.usage(account.account_id)).records[0] == UsageView(
         T0 + TTL, "crashed", "local-1", 2, 0, 0, "failed", "reservation_expired"
     )
     # The request came back after all: too late, it captures nothing.
@@ -602,7 +602,7 @@ async def test_release_expired_after_the_ttl(ledger: Ledger, ledger_engine: Asyn
     assert await ledger.release_expired() == 1  # the young one, in its turn
     assert await money(ledger, account.account_id) == (4 * USD, 0, USD, 5 * USD)
     assert young.expires_at == T0 + 120 + TTL
-    assert len(await ledger.usage(account.account_id)) == 3
+    assert len((await ledger.usage(account.account_id)).records) == 3
     assert (await ledger.reconcile()).ok
 
 
@@ -628,14 +628,14 @@ async def test_sweeper_racing_settles_closes_each_reservation_once(ledger: Ledge
     captured, swept = sum(results[:-2]), results[-2] + results[-1]
     assert captured % USD == 0 and captured // USD + swept == 30
     assert await money(ledger, account.account_id) == (100 * USD - captured, 0, captured, 100 * USD)
-    assert len(await ledger.usage(account.account_id, limit=1000)) == 30
+    assert len((await ledger.usage(account.account_id, page_size=1000)).records) == 30
     assert (await ledger.reconcile()).ok
 
 
 # -- usage and reconcile ------------------------------------------------------------------------
 
 
-async def test_usage_is_newest_first_and_limited(ledger: Ledger, clock: ManualClock) -> None:
+async def test_usage_is_newest_first_and_paged(ledger: Ledger, clock: ManualClock) -> None:
     account = await ledger.create_account("acme", 10 * USD)
     other = await ledger.create_account("other", 10 * USD)
     for i in range(5):
@@ -643,13 +643,25 @@ async def test_usage_is_newest_first_and_limited(ledger: Ledger, clock: ManualCl
         await ledger.settle(rsv.reservation_id, captured_micros=USD, images_delivered=1, status="succeeded")
     rsv = await reserve(ledger, other.account_id, USD, request_id="theirs")
     await ledger.release(rsv.reservation_id, error_code="timeout")
-    assert [u.request_id for u in await ledger.usage(account.account_id)] == [f"req-{i}" for i in reversed(range(5))]
-    assert [u.request_id for u in await ledger.usage(account.account_id, limit=2)] == ["req-4", "req-3"]
-    assert [u.request_id for u in await ledger.usage(other.account_id)] == ["theirs"]
-    for limit in (0, -1, 1001):
+    whole = await ledger.usage(account.account_id)
+    assert [u.request_id for u in whole.records] == [f"req-{i}" for i in reversed(range(5))]
+    assert whole.next_before_id is None
+    first = await ledger.usage(account.account_id, page_size=2)
+    assert ([u.request_id for u in first.records], first.next_before_id is not None) == (["req-4", "req-3"], True)
+    # A row added while paging comes before the first page, never inside a later one.
+    rsv = await reserve(ledger, account.account_id, USD, request_id="late")
+    await ledger.release(rsv.reservation_id, error_code="timeout")
+    second = await ledger.usage(account.account_id, page_size=2, before_id=first.next_before_id)
+    assert [u.request_id for u in second.records] == ["req-2", "req-1"]
+    last = await ledger.usage(account.account_id, page_size=2, before_id=second.next_before_id)
+    assert ([u.request_id for u in last.records], last.next_before_id) == (["req-0"], None)
+    exact = await ledger.usage(account.account_id, page_size=6)
+    assert (len(exact.records), exact.next_before_id) == (6, None)  # exactly full: no empty last page
+    assert [u.request_id for u in (await ledger.usage(other.account_id)).records] == ["theirs"]
+    for size in (0, -1, 1001):
         with pytest.raises(InvalidRequestError) as caught:
-            await ledger.usage(account.account_id, limit=limit)
-        assert caught.value.param == "limit"
+            await ledger.usage(account.account_id, page_size=size)
+        assert caught.value.param == "page_size"
 
 
 async def test_reconcile_on_an_empty_ledger(ledger: Ledger) -> None:
@@ -767,7 +779,7 @@ async def test_concurrent_reserves_never_overdraw(
         assert await money(ledger, account.account_id) == (0, 0, K * UNIT, K * UNIT)
         report = await ledger.reconcile()
         assert (report.ok, report.accounts_checked, report.mismatches) == (True, 1, [])
-        assert len(await ledger.usage(account.account_id, limit=1000)) == K
+        assert len((await ledger.usage(account.account_id, page_size=1000)).records) == K
         assert elapsed < 60
     finally:
         for db in extra_dbs:

@@ -173,8 +173,11 @@ async def test_overrides_defaults_and_unlimited(
     assert (changed.limits, changed.requests_is_default, changed.images_is_default) == (Limits(5, 3000), False, True)
     changed = await limiter.set_account_limits(who.account_id, images_per_minute=0)
     assert (changed.limits, changed.requests_is_default, changed.images_is_default) == (Limits(5, 0), False, False)
-    # Nothing to change: a read.
-    assert await limiter.set_account_limits(who.account_id) == changed
+    # Nothing to change is refused: reading is account_limits (GetRateLimits), not a set.
+    with pytest.raises(InvalidRequestError) as caught:
+        await limiter.set_account_limits(who.account_id)
+    assert (caught.value.code, caught.value.param) == ("missing_required_parameter", "requests_per_minute")
+    assert await limiter.account_limits(who.account_id) == changed
     # Back to the defaults, keeping one override given in the same call.
     changed = await limiter.set_account_limits(who.account_id, use_defaults=True, images_per_minute=9)
     assert (changed.limits, changed.requests_is_default, changed.images_is_default) == (Limits(600, 9), True, False)

@@ -22,45 +22,105 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16imagegw/v1/admin.proto\x12\nimagegw.v1\"9\n\x14\x43reateAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x02 \x01(\t\">\n\x14\x43reditAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x12\n\namount_usd\x18\x02 \x01(\t\"\'\n\x11GetAccountRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\"\x90\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\t\x12\x14\n\x0creserved_usd\x18\x04 \x01(\t\x12\x11\n\tspent_usd\x18\x05 \x01(\t\x12\x14\n\x0c\x63redited_usd\x18\x06 \x01(\t\x12\x0f\n\x07\x63reated\x18\x07 \x01(\r\"4\n\x10\x43reateKeyRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"g\n\x11\x43reateKeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x02 \x01(\t\x12\x12\n\naccount_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\r\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\\\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07\x63reated\x18\x04 \x01(\r\x12\x0f\n\x07revoked\x18\x05 \x01(\r\"5\n\x10ListUsageRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\":\n\x11ListUsageResponse\x12%\n\x04\x64\x61ta\x18\x01 \x03(\x0b\x32\x17.imagegw.v1.UsageRecord\"\xab\x01\n\x0bUsageRecord\x12\x0f\n\x07\x63reated\x18\x01 \x01(\r\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10images_requested\x18\x04 \x01(\x05\x12\x18\n\x10images_delivered\x18\x05 \x01(\x05\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\t\x12\x0e\n\x06status\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\t\"\x12\n\x10ReconcileRequest\"M\n\x11ReconcileResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x18\n\x10\x61\x63\x63ounts_checked\x18\x02 \x01(\x05\x12\x12\n\nmismatches\x18\x03 \x03(\t\"\xb0\x01\n\x14SetRateLimitsRequest\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12 \n\x13requests_per_minute\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x1e\n\x11images_per_minute\x18\x03 \x01(\x05H\x01\x88\x01\x01\x12\x14\n\x0cuse_defaults\x18\x04 \x01(\x08\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_images_per_minute\"\xa6\x01\n\nRateLimits\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11images_per_minute\x18\x03 \x01(\x05\x12&\n\x1erequests_per_minute_is_default\x18\x04 \x01(\x08\x12$\n\x1cimages_per_minute_is_default\x18\x05 \x01(\x08\x32\xc8\x04\n\x0c\x41\x64minService\x12\x46\n\rCreateAccount\x12 .imagegw.v1.CreateAccountRequest\x1a\x13.imagegw.v1.Account\x12\x46\n\rCreditAccount\x12 .imagegw.v1.CreditAccountRequest\x1a\x13.imagegw.v1.Account\x12@\n\nGetAccount\x12\x1d.imagegw.v1.GetAccountRequest\x1a\x13.imagegw.v1.Account\x12H\n\tCreateKey\x12\x1c.imagegw.v1.CreateKeyRequest\x1a\x1d.imagegw.v1.CreateKeyResponse\x12=\n\tRevokeKey\x12\x1c.imagegw.v1.RevokeKeyRequest\x1a\x12.imagegw.v1.ApiKey\x12H\n\tListUsage\x12\x1c.imagegw.v1.ListUsageRequest\x1a\x1d.imagegw.v1.ListUsageResponse\x12H\n\tReconcile\x12\x1c.imagegw.v1.ReconcileRequest\x1a\x1d.imagegw.v1.ReconcileResponse\x12I\n\rSetRateLimits\x12 .imagegw.v1.SetRateLimitsRequest\x1a\x16.imagegw.v1.RateLimitsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16imagegw/v1/admin.proto\x12\nimagegw.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x01\n\x07\x41\x63\x63ount\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x62\x61lance_usd\x18\x03 \x01(\t\x12\x14\n\x0creserved_usd\x18\x04 \x01(\t\x12\x11\n\tspent_usd\x18\x05 \x01(\t\x12\x14\n\x0c\x63redited_usd\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x06\x41piKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x12\n\naccount_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x14\x43reateAccountRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x19\n\x0b\x62\x61lance_usd\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"=\n\x15\x43reateAccountResponse\x12$\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x13.imagegw.v1.Account\"d\n\x14\x43reditAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\namount_usd\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"=\n\x15\x43reditAccountResponse\x12$\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x13.imagegw.v1.Account\"-\n\x11GetAccountRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\":\n\x12GetAccountResponse\x12$\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x13.imagegw.v1.Account\"]\n\x13\x43reateApiKeyRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x12\n\x04name\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"O\n\x14\x43reateApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.imagegw.v1.ApiKey\x12\x12\n\nkey_string\x18\x02 \x01(\t\"E\n\x13RevokeApiKeyRequest\x12\x14\n\x06key_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x18\n\nrequest_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x01\";\n\x14RevokeApiKeyResponse\x12#\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x12.imagegw.v1.ApiKey\"_\n\x10ListUsageRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\tpage_size\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01\x12\x18\n\npage_token\x18\x03 \x01(\tB\x04\xe2\x41\x01\x01\"\\\n\x11ListUsageResponse\x12.\n\rusage_records\x18\x01 \x03(\x0b\x32\x17.imagegw.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x02\n\x0bUsageRecord\x12/\n\x0b\x63reate_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x18\n\x10images_requested\x18\x04 \x01(\x05\x12\x18\n\x10images_delivered\x18\x05 \x01(\x05\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\t\x12.\n\x06status\x18\x07 \x01(\x0e\x32\x1e.imagegw.v1.UsageRecord.Status\x12\x12\n\nerror_code\x18\x08 \x01(\t\"I\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_SUCCEEDED\x10\x01\x12\x11\n\rSTATUS_FAILED\x10\x02\"\x12\n\x10ReconcileRequest\"M\n\x11ReconcileResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x18\n\x10\x61\x63\x63ounts_checked\x18\x02 \x01(\x05\x12\x12\n\nmismatches\x18\x03 \x03(\t\"\xa6\x01\n\nRateLimits\x12\x12\n\naccount_id\x18\x01 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x02 \x01(\x05\x12\x19\n\x11images_per_minute\x18\x03 \x01(\x05\x12&\n\x1erequests_per_minute_is_default\x18\x04 \x01(\x08\x12$\n\x1cimages_per_minute_is_default\x18\x05 \x01(\x08\"0\n\x14GetRateLimitsRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"D\n\x15GetRateLimitsResponse\x12+\n\x0brate_limits\x18\x01 \x01(\x0b\x32\x16.imagegw.v1.RateLimits\"\xe2\x01\n\x14SetRateLimitsRequest\x12\x18\n\naccount_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12&\n\x13requests_per_minute\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x00\x88\x01\x01\x12$\n\x11images_per_minute\x18\x03 \x01(\x05\x42\x04\xe2\x41\x01\x01H\x01\x88\x01\x01\x12\x1a\n\x0cuse_defaults\x18\x04 \x01(\x08\x42\x04\xe2\x41\x01\x01\x12\x18\n\nrequest_id\x18\x05 \x01(\tB\x04\xe2\x41\x01\x01\x42\x16\n\x14_requests_per_minuteB\x14\n\x12_images_per_minute\"D\n\x15SetRateLimitsResponse\x12+\n\x0brate_limits\x18\x01 \x01(\x0b\x32\x16.imagegw.v1.RateLimits2\xed\x05\n\x0c\x41\x64minService\x12T\n\rCreateAccount\x12 .imagegw.v1.CreateAccountRequest\x1a!.imagegw.v1.CreateAccountResponse\x12T\n\rCreditAccount\x12 .imagegw.v1.CreditAccountRequest\x1a!.imagegw.v1.CreditAccountResponse\x12K\n\nGetAccount\x12\x1d.imagegw.v1.GetAccountRequest\x1a\x1e.imagegw.v1.GetAccountResponse\x12Q\n\x0c\x43reateApiKey\x12\x1f.imagegw.v1.CreateApiKeyRequest\x1a .imagegw.v1.CreateApiKeyResponse\x12Q\n\x0cRevokeApiKey\x12\x1f.imagegw.v1.RevokeApiKeyRequest\x1a .imagegw.v1.RevokeApiKeyResponse\x12H\n\tListUsage\x12\x1c.imagegw.v1.ListUsageRequest\x1a\x1d.imagegw.v1.ListUsageResponse\x12H\n\tReconcile\x12\x1c.imagegw.v1.ReconcileRequest\x1a\x1d.imagegw.v1.ReconcileResponse\x12T\n\rGetRateLimits\x12 .imagegw.v1.GetRateLimitsRequest\x1a!.imagegw.v1.GetRateLimitsResponse\x12T\n\rSetRateLimits\x12 .imagegw.v1.SetRateLimitsRequest\x1a!.imagegw.v1.SetRateLimitsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegw.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=38
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=95
-  _globals['_CREDITACCOUNTREQUEST']._serialized_start=97
-  _globals['_CREDITACCOUNTREQUEST']._serialized_end=159
-  _globals['_GETACCOUNTREQUEST']._serialized_start=161
-  _globals['_GETACCOUNTREQUEST']._serialized_end=200
-  _globals['_ACCOUNT']._serialized_start=203
-  _globals['_ACCOUNT']._serialized_end=347
-  _globals['_CREATEKEYREQUEST']._serialized_start=349
-  _globals['_CREATEKEYREQUEST']._serialized_end=401
-  _globals['_CREATEKEYRESPONSE']._serialized_start=403
-  _globals['_CREATEKEYRESPONSE']._serialized_end=506
-  _globals['_REVOKEKEYREQUEST']._serialized_start=508
-  _globals['_REVOKEKEYREQUEST']._serialized_end=542
-  _globals['_APIKEY']._serialized_start=544
-  _globals['_APIKEY']._serialized_end=636
-  _globals['_LISTUSAGEREQUEST']._serialized_start=638
-  _globals['_LISTUSAGEREQUEST']._serialized_end=691
-  _globals['_LISTUSAGERESPONSE']._serialized_start=693
-  _globals['_LISTUSAGERESPONSE']._serialized_end=751
-  _globals['_USAGERECORD']._serialized_start=754
-  _globals['_USAGERECORD']._serialized_end=925
-  _globals['_RECONCILEREQUEST']._serialized_start=927
-  _globals['_RECONCILEREQUEST']._serialized_end=945
-  _globals['_RECONCILERESPONSE']._serialized_start=947
-  _globals['_RECONCILERESPONSE']._serialized_end=1024
-  _globals['_SETRATELIMITSREQUEST']._serialized_start=1027
-  _globals['_SETRATELIMITSREQUEST']._serialized_end=1203
-  _globals['_RATELIMITS']._serialized_start=1206
-  _globals['_RATELIMITS']._serialized_end=1372
-  _globals['_ADMINSERVICE']._serialized_start=1375
-  _globals['_ADMINSERVICE']._serialized_end=1959
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['balance_usd']._loaded_options = None
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['balance_usd']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEACCOUNTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['amount_usd']._loaded_options = None
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['amount_usd']._serialized_options = b'\342A\001\002'
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREDITACCOUNTREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_GETACCOUNTREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_GETACCOUNTREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\001'
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_CREATEAPIKEYREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['key_id']._loaded_options = None
+  _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['key_id']._serialized_options = b'\342A\001\002'
+  _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_REVOKEAPIKEYREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['page_size']._loaded_options = None
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['page_size']._serialized_options = b'\342A\001\001'
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['page_token']._loaded_options = None
+  _globals['_LISTUSAGEREQUEST'].fields_by_name['page_token']._serialized_options = b'\342A\001\001'
+  _globals['_GETRATELIMITSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_GETRATELIMITSREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['account_id']._loaded_options = None
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['account_id']._serialized_options = b'\342A\001\002'
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['requests_per_minute']._loaded_options = None
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['requests_per_minute']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['images_per_minute']._loaded_options = None
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['images_per_minute']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['use_defaults']._loaded_options = None
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['use_defaults']._serialized_options = b'\342A\001\001'
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_SETRATELIMITSREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\001'
+  _globals['_ACCOUNT']._serialized_start=105
+  _globals['_ACCOUNT']._serialized_end=281
+  _globals['_APIKEY']._serialized_start=284
+  _globals['_APIKEY']._serialized_end=440
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=442
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=537
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=539
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=600
+  _globals['_CREDITACCOUNTREQUEST']._serialized_start=602
+  _globals['_CREDITACCOUNTREQUEST']._serialized_end=702
+  _globals['_CREDITACCOUNTRESPONSE']._serialized_start=704
+  _globals['_CREDITACCOUNTRESPONSE']._serialized_end=765
+  _globals['_GETACCOUNTREQUEST']._serialized_start=767
+  _globals['_GETACCOUNTREQUEST']._serialized_end=812
+  _globals['_GETACCOUNTRESPONSE']._serialized_start=814
+  _globals['_GETACCOUNTRESPONSE']._serialized_end=872
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=874
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=967
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=969
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1048
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1050
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1119
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_start=1121
+  _globals['_REVOKEAPIKEYRESPONSE']._serialized_end=1180
+  _globals['_LISTUSAGEREQUEST']._serialized_start=1182
+  _globals['_LISTUSAGEREQUEST']._serialized_end=1277
+  _globals['_LISTUSAGERESPONSE']._serialized_start=1279
+  _globals['_LISTUSAGERESPONSE']._serialized_end=1371
+  _globals['_USAGERECORD']._serialized_start=1374
+  _globals['_USAGERECORD']._serialized_end=1684
+  _globals['_USAGERECORD_STATUS']._serialized_start=1611
+  _globals['_USAGERECORD_STATUS']._serialized_end=1684
+  _globals['_RECONCILEREQUEST']._serialized_start=1686
+  _globals['_RECONCILEREQUEST']._serialized_end=1704
+  _globals['_RECONCILERESPONSE']._serialized_start=1706
+  _globals['_RECONCILERESPONSE']._serialized_end=1783
+  _globals['_RATELIMITS']._serialized_start=1786
+  _globals['_RATELIMITS']._serialized_end=1952
+  _globals['_GETRATELIMITSREQUEST']._serialized_start=1954
+  _globals['_GETRATELIMITSREQUEST']._serialized_end=2002
+  _globals['_GETRATELIMITSRESPONSE']._serialized_start=2004
+  _globals['_GETRATELIMITSRESPONSE']._serialized_end=2072
+  _globals['_SETRATELIMITSREQUEST']._serialized_start=2075
+  _globals['_SETRATELIMITSREQUEST']._serialized_end=2301
+  _globals['_SETRATELIMITSRESPONSE']._serialized_start=2303
+  _globals['_SETRATELIMITSRESPONSE']._serialized_end=2371
+  _globals['_ADMINSERVICE']._serialized_start=2374
+  _globals['_ADMINSERVICE']._serialized_end=3123
 # @@protoc_insertion_point(module_scope)

@@ -26,8 +26,17 @@ if _version_not_supported:
 
 
 class AdminServiceStub:
-    """Manages accounts, keys and balances. Every call needs the metadata
-    `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+    """Manages accounts, keys, balances and rate limits. Every call needs the
+    metadata `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+
+    Request ids (AIP-155): a mutating call with a `request_id` is done at most
+    once. A repeat with the same id and the same request returns the first
+    call's response and changes nothing, on every replica, for as long as the
+    database keeps the record (the records are never deleted: they are also the
+    audit trail of operator changes); a repeat with the same id and a different
+    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
+    `request_id`). A call that failed leaves no record, so its retry runs
+    afresh. Without a `request_id` a call is not deduplicated.
     """
 
     def __init__(self, channel):
@@ -39,27 +48,27 @@ class AdminServiceStub:
         self.CreateAccount = channel.unary_unary(
                 '/imagegw.v1.AdminService/CreateAccount',
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.CreateAccountRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateAccountResponse.FromString,
                 _registered_method=True)
         self.CreditAccount = channel.unary_unary(
                 '/imagegw.v1.AdminService/CreditAccount',
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.CreditAccountRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.CreditAccountResponse.FromString,
                 _registered_method=True)
         self.GetAccount = channel.unary_unary(
                 '/imagegw.v1.AdminService/GetAccount',
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.GetAccountRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.GetAccountResponse.FromString,
                 _registered_method=True)
-        self.CreateKey = channel.unary_unary(
-                '/imagegw.v1.AdminService/CreateKey',
-                request_serializer=imagegw_dot_v1_dot_admin__pb2.CreateKeyRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateKeyResponse.FromString,
+        self.CreateApiKey = channel.unary_unary(
+                '/imagegw.v1.AdminService/CreateApiKey',
+                request_serializer=imagegw_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
-        self.RevokeKey = channel.unary_unary(
-                '/imagegw.v1.AdminService/RevokeKey',
-                request_serializer=imagegw_dot_v1_dot_admin__pb2.RevokeKeyRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.ApiKey.FromString,
+        self.RevokeApiKey = channel.unary_unary(
+                '/imagegw.v1.AdminService/RevokeApiKey',
+                request_serializer=imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
         self.ListUsage = channel.unary_unary(
                 '/imagegw.v1.AdminService/ListUsage',
@@ -71,16 +80,30 @@ class AdminServiceStub:
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=imagegw_dot_v1_dot_admin__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.GetRateLimits = channel.unary_unary(
+                '/imagegw.v1.AdminService/GetRateLimits',
+                request_serializer=imagegw_dot_v1_dot_admin__pb2.GetRateLimitsRequest.SerializeToString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.GetRateLimitsResponse.FromString,
+                _registered_method=True)
         self.SetRateLimits = channel.unary_unary(
                 '/imagegw.v1.AdminService/SetRateLimits',
                 request_serializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.SerializeToString,
-                response_deserializer=imagegw_dot_v1_dot_admin__pb2.RateLimits.FromString,
+                response_deserializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsResponse.FromString,
                 _registered_method=True)
 
 
 class AdminServiceServicer:
-    """Manages accounts, keys and balances. Every call needs the metadata
-    `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+    """Manages accounts, keys, balances and rate limits. Every call needs the
+    metadata `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+
+    Request ids (AIP-155): a mutating call with a `request_id` is done at most
+    once. A repeat with the same id and the same request returns the first
+    call's response and changes nothing, on every replica, for as long as the
+    database keeps the record (the records are never deleted: they are also the
+    audit trail of operator changes); a repeat with the same id and a different
+    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
+    `request_id`). A call that failed leaves no record, so its retry runs
+    afresh. Without a `request_id` a call is not deduplicated.
     """
 
     def CreateAccount(self, request, context):
@@ -104,14 +127,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def CreateKey(self, request, context):
-        """Issues a new API key for an account. The key is returned once, here only.
+    def CreateApiKey(self, request, context):
+        """Issues a new API key for an account. The key string is returned once,
+        here only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RevokeKey(self, request, context):
+    def RevokeApiKey(self, request, context):
         """Revokes an API key; the next request with it gets 401 on every replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -119,7 +143,7 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListUsage(self, request, context):
-        """Lists an account's usage records, newest first.
+        """Lists an account's usage records, newest first, one page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,11 +157,17 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRateLimits(self, request, context):
+        """Returns the rate limits in force for each of an account's API keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetRateLimits(self, request, context):
         """Sets the rate limits of each of an account's API keys, overriding the
-        server defaults, and returns the limits in force. With no limit set and
-        `use_defaults` false it changes nothing, so it also reads them. Applies to
-        the next request on every replica.
+        server defaults, and returns the limits in force. Applies to the next
+        request on every replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,27 +179,27 @@ def add_AdminServiceServicer_to_server(servicer, server):
             'CreateAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateAccount,
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateAccountRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.Account.SerializeToString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.CreateAccountResponse.SerializeToString,
             ),
             'CreditAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.CreditAccount,
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.CreditAccountRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.Account.SerializeToString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.CreditAccountResponse.SerializeToString,
             ),
             'GetAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccount,
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.GetAccountRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.Account.SerializeToString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.GetAccountResponse.SerializeToString,
             ),
-            'CreateKey': grpc.unary_unary_rpc_method_handler(
-                    servicer.CreateKey,
-                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateKeyRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.CreateKeyResponse.SerializeToString,
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.CreateApiKeyResponse.SerializeToString,
             ),
-            'RevokeKey': grpc.unary_unary_rpc_method_handler(
-                    servicer.RevokeKey,
-                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.RevokeKeyRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.ApiKey.SerializeToString,
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.SerializeToString,
             ),
             'ListUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsage,
@@ -181,10 +211,15 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.ReconcileRequest.FromString,
                     response_serializer=imagegw_dot_v1_dot_admin__pb2.ReconcileResponse.SerializeToString,
             ),
+            'GetRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimits,
+                    request_deserializer=imagegw_dot_v1_dot_admin__pb2.GetRateLimitsRequest.FromString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.GetRateLimitsResponse.SerializeToString,
+            ),
             'SetRateLimits': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRateLimits,
                     request_deserializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.FromString,
-                    response_serializer=imagegw_dot_v1_dot_admin__pb2.RateLimits.SerializeToString,
+                    response_serializer=imagegw_dot_v1_dot_admin__pb2.SetRateLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,8 +230,17 @@ def add_AdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AdminService:
-    """Manages accounts, keys and balances. Every call needs the metadata
-    `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+    """Manages accounts, keys, balances and rate limits. Every call needs the
+    metadata `authorization: Bearer <IMAGEGW_ADMIN_TOKEN>`.
+
+    Request ids (AIP-155): a mutating call with a `request_id` is done at most
+    once. A repeat with the same id and the same request returns the first
+    call's response and changes nothing, on every replica, for as long as the
+    database keeps the record (the records are never deleted: they are also the
+    audit trail of operator changes); a repeat with the same id and a different
+    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
+    `request_id`). A call that failed leaves no record, so its retry runs
+    afresh. Without a `request_id` a call is not deduplicated.
     """
 
     @staticmethod
@@ -215,7 +259,7 @@ class AdminService:
             target,
             '/imagegw.v1.AdminService/CreateAccount',
             imagegw_dot_v1_dot_admin__pb2.CreateAccountRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+            imagegw_dot_v1_dot_admin__pb2.CreateAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -242,7 +286,7 @@ class AdminService:
             target,
             '/imagegw.v1.AdminService/CreditAccount',
             imagegw_dot_v1_dot_admin__pb2.CreditAccountRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+            imagegw_dot_v1_dot_admin__pb2.CreditAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -269,7 +313,7 @@ class AdminService:
             target,
             '/imagegw.v1.AdminService/GetAccount',
             imagegw_dot_v1_dot_admin__pb2.GetAccountRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.Account.FromString,
+            imagegw_dot_v1_dot_admin__pb2.GetAccountResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,7 +325,7 @@ class AdminService:
             _registered_method=True)
 
     @staticmethod
-    def CreateKey(request,
+    def CreateApiKey(request,
             target,
             options=(),
             channel_credentials=None,
@@ -294,9 +338,9 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagegw.v1.AdminService/CreateKey',
-            imagegw_dot_v1_dot_admin__pb2.CreateKeyRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.CreateKeyResponse.FromString,
+            '/imagegw.v1.AdminService/CreateApiKey',
+            imagegw_dot_v1_dot_admin__pb2.CreateApiKeyRequest.SerializeToString,
+            imagegw_dot_v1_dot_admin__pb2.CreateApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -308,7 +352,7 @@ class AdminService:
             _registered_method=True)
 
     @staticmethod
-    def RevokeKey(request,
+    def RevokeApiKey(request,
             target,
             options=(),
             channel_credentials=None,
@@ -321,9 +365,9 @@ class AdminService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/imagegw.v1.AdminService/RevokeKey',
-            imagegw_dot_v1_dot_admin__pb2.RevokeKeyRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.ApiKey.FromString,
+            '/imagegw.v1.AdminService/RevokeApiKey',
+            imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyRequest.SerializeToString,
+            imagegw_dot_v1_dot_admin__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -389,6 +433,33 @@ class AdminService:
             _registered_method=True)
 
     @staticmethod
+    def GetRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegw.v1.AdminService/GetRateLimits',
+            imagegw_dot_v1_dot_admin__pb2.GetRateLimitsRequest.SerializeToString,
+            imagegw_dot_v1_dot_admin__pb2.GetRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def SetRateLimits(request,
             target,
             options=(),
@@ -404,7 +475,7 @@ class AdminService:
             target,
             '/imagegw.v1.AdminService/SetRateLimits',
             imagegw_dot_v1_dot_admin__pb2.SetRateLimitsRequest.SerializeToString,
-            imagegw_dot_v1_dot_admin__pb2.RateLimits.FromString,
+            imagegw_dot_v1_dot_admin__pb2.SetRateLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
