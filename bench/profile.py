@@ -133,7 +133,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("image store write (url)", ("FilesystemImageStore", "storage/filesystem.py")),
     ("upstream HTTP (httpx/httpcore/anyio)", ("httpx/", "httpcore/", "anyio/", "h11/")),
-    ("logging", ("logging/__init__.py", "JsonFormatter")),
+    ("logging", ("logging/__init__.py", "structlog/")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("gRPC (grpc.aio server, cygrpc)", ("grpc/", "cygrpc", "_cython")),
     ("protobuf answer (`_response`)", ("_response (server/api/images.py",)),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,38 +33,11 @@ from google.protobuf.message import Message
 from imagegw.v1 import admin_pb2, admin_pb2_grpc
 
 from server.config import Settings
+from server.logs import configure_logging
 
 __all__ = ["main"]
 
 Metadata = tuple[tuple[str, str], ...]
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line, so logs can be shipped and queried as data."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-        }
-        message = record.getMessage()
-        if record.name == "imagegw.access" and message.startswith("{"):
-            entry.update(json.loads(message))
-        else:
-            entry["message"] = message
-        for key in ("request_id", "method"):
-            if hasattr(record, key):
-                entry[key] = getattr(record, key)
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
-
-
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _admin_call(

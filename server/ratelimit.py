@@ -316,9 +316,17 @@ class RateLimiter:
             finish(conn, once, limits)
             return limits
 
-        limits = await self._db.write(change)
-        log.info("rate limits changed", extra={"account_id": account_id})
-        return limits
+        def changed(limits: AccountLimits) -> None:
+            log.info(
+                "rate limits changed",
+                extra={
+                    "account_id": account_id,
+                    "requests_per_minute": limits.limits.requests_per_minute,
+                    "images_per_minute": limits.limits.images_per_minute,
+                },
+            )
+
+        return await self._db.write_then(change, changed)
 
     async def _account_limits(self, account_id: str, *, require: bool = False) -> AccountLimits:
         row = await self._db.read(lambda conn: conn.execute(_ACCOUNT_LIMITS, {"a_id": account_id}).first())

@@ -11,7 +11,11 @@ in order:
    ``x-openai-error`` and ``x-should-retry`` trailing metadata that Envoy's Lua filter
    turns into the HTTP status and OpenAI body; anything else is a bug: logged with the
    request id and answered as a generic 500, with no class names or stack traces;
-4. one JSON log line records the outcome.
+4. one access log line records the outcome (``imagegw.access``, "request finished").
+
+``request_id`` and ``method`` are bound to the call's logging context
+(:func:`server.logs.bind_call`) for the whole call, so every line logged while handling
+it carries them, the access line included.
 
 A method without a policy is refused: ``check_policies`` at start-up for every method the
 server registers, and the interceptor again per call (UNIMPLEMENTED), so no RPC can run
@@ -27,7 +31,6 @@ import contextvars
 import enum
 import hmac
 import inspect
-import json
 import logging
 import time
 import uuid
@@ -48,6 +51,7 @@ from server.errors import (
     ServiceUnavailableError,
 )
 from server.ledger import Ledger, Principal
+from server.logs import bind_call
 from server.metrics import Metrics
 
 __all__ = ["CallInfo", "MethodPolicy", "ServerInterceptor", "check_policies", "current_call"]
@@ -209,6 +213,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         metadata = _metadata(context)
         call = CallInfo(request_id=metadata.get("x-request-id") or str(uuid.uuid4()), method=method)
         token = _CURRENT.set(call)
+        unbind = bind_call(request_id=call.request_id, method=method)
         started = time.perf_counter()
         outcome, status = "ok", 200
         short_method = method.rsplit("/", 1)[-1]
@@ -250,7 +255,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise
         except Exception:
             outcome, status = "internal_error", 500
-            log.exception("unhandled error", extra={"request_id": call.request_id, "method": method})
+            log.exception("unhandled error")
             code, message, trailers = error_trailers(
                 InternalError("The server had an error while processing your request."), call.request_id
             )
@@ -263,7 +268,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._idle.set()
             in_flight.dec()
             call.log_fields["status"] = status
-            self._log(call, outcome, elapsed)
+            self._log(outcome, elapsed, call.log_fields)
+            unbind()
             self._metrics.requests.labels(
                 short_method, call.log_fields.get("model", ""), call.log_fields.get("provider", ""), str(status)
             ).inc()
@@ -284,15 +290,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         call.principal = await self._ledger.authenticate(token)
         call.log_fields["account_id"] = call.principal.account_id
 
-    def _log(self, call: CallInfo, outcome: str, elapsed: float) -> None:
-        record = {
-            "request_id": call.request_id,
-            "method": call.method,
-            "outcome": outcome,
-            "latency_ms": round(elapsed * 1000, 1),
-            **call.log_fields,
-        }
-        log.info(json.dumps(record, separators=(",", ":")))
+    def _log(self, outcome: str, elapsed: float, fields: dict[str, Any]) -> None:
+        # request_id and method come from the call's logging context (bind_call).
+        log.info("request finished", extra={"outcome": outcome, "latency_ms": round(elapsed * 1000, 1), **fields})
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

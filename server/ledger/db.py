@@ -192,6 +192,22 @@ class Database:
                 return await conn.run_sync(work)
         return await self._writer.write(work)
 
+    async def write_then(self, work: Callable[[Connection], T], then: Callable[[T], None]) -> T:
+        """Like :meth:`write`, then calls ``then(result)`` once the transaction committed,
+        even if the caller was cancelled meanwhile: the transaction runs to its end either
+        way (on SQLite it would anyway), so an operator's change that committed is always
+        followed by its log line, never lost with a client that stopped waiting."""
+
+        async def write_and_then() -> T:
+            result = await self.write(work)
+            then(result)
+            return result
+
+        task = asyncio.ensure_future(write_and_then())
+        # Its outcome is the caller's; if the caller is gone, nobody else wants it.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return await asyncio.shield(task)
+
     async def read(self, work: Callable[[Connection], T], *, snapshot: bool = False) -> T:
         """Runs ``work`` in a read-only transaction (rolled back); ``snapshot`` makes every
         statement in it see the same snapshot (REPEATABLE READ on PostgreSQL)."""

@@ -360,12 +360,14 @@ class Ledger:
                 _entry(conn, account_id, "credit", balance_micros, None, now)
             finish(conn, once, view)
 
+        def log(_: None) -> None:
+            logger.info("account created", extra={"account_id": account_id, "amount_micros": balance_micros})
+
         try:
-            await self._db.write(create)
+            await self._db.write_then(create, log)
         except IntegrityError:
             # Another replica inserted the same name between our check and our insert.
             raise exists from None
-        logger.info("account created", extra={"account_id": account_id})
         return view
 
     async def credit(
@@ -413,9 +415,10 @@ class Ledger:
             finish(conn, once, view)
             return view
 
-        view = await self._db.write(credit)
-        logger.info("account credited", extra={"account_id": account_id, "amount_micros": amount_micros})
-        return view
+        def log(_: AccountView) -> None:
+            logger.info("account credited", extra={"account_id": account_id, "amount_micros": amount_micros})
+
+        return await self._db.write_then(credit, log)
 
     async def get_account(self, account_id: str) -> AccountView:
         """Returns an account. Raises NotFoundError when there is none with that id."""
@@ -461,8 +464,10 @@ class Ledger:
             )
             finish(conn, once, view)
 
-        await self._db.write(create)
-        logger.info("api key created", extra={"account_id": account_id, "key_id": key_id})
+        def log(_: None) -> None:
+            logger.info("api key created", extra={"account_id": account_id, "key_id": key_id})
+
+        await self._db.write_then(create, log)
         return view, api_key
 
     async def revoke_key(self, key_id: str, *, once: Once[KeyView] | None = None) -> KeyView:
@@ -489,9 +494,10 @@ class Ledger:
             finish(conn, once, view)
             return view
 
-        view = await self._db.write(revoke)
-        logger.info("api key revoked", extra={"key_id": key_id})
-        return view
+        def log(view: KeyView) -> None:
+            logger.info("api key revoked", extra={"account_id": view.account_id, "key_id": key_id})
+
+        return await self._db.write_then(revoke, log)
 
     async def authenticate(self, api_key: str | None) -> Principal:
         """Checks an API key against the database (on every call: revocation is immediate).
@@ -569,6 +575,7 @@ class Ledger:
             _entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
 
         await self._db.write(reserve)
+        _log_money("reserved", account_id, amount_micros, reservation_id, request_id)
         return Reservation(reservation_id, account_id, request_id, model, images, amount_micros, created, expires_at)
 
     async def settle(
@@ -669,7 +676,7 @@ class Ledger:
         closed_status: str,
     ) -> int | None:
         """Settles or expires one reservation; returns the captured amount, or None if it
-        was already closed."""
+        was already closed. Logs the money it moved (captured, released)."""
         now = self._now()
 
         def close(conn: Connection) -> Any:
@@ -723,7 +730,14 @@ class Ledger:
             return row
 
         row = await self._db.write(close)
-        return None if row is None else captured_micros
+        if row is None:
+            return None
+        if captured_micros:
+            _log_money("captured", row.account_id, captured_micros, reservation_id, row.request_id)
+        if released := row.amount_micros - captured_micros:
+            message = "released" if closed_status == "settled" else "expired reservation released"
+            _log_money(message, row.account_id, released, reservation_id, row.request_id, error_code=error_code)
+        return captured_micros
 
     async def usage(self, account_id: str, *, page_size: int = 100, before_id: int | None = None) -> UsagePage:
         """One page of an account's usage rows, newest first (by row id, so the order is
@@ -875,6 +889,22 @@ class Ledger:
         if mismatches:
             logger.error("ledger reconcile found mismatches", extra={"count": len(mismatches)})
         return ReconcileReport(ok=not mismatches, accounts_checked=len(account_rows), mismatches=mismatches)
+
+
+def _log_money(
+    message: str, account_id: str, amount_micros: int, reservation_id: str, request_id: str, **fields: str
+) -> None:
+    # request_id is the reservation's own: the sweeper runs outside any request.
+    logger.info(
+        message,
+        extra={
+            "account_id": account_id,
+            "amount_micros": amount_micros,
+            "reservation_id": reservation_id,
+            "request_id": request_id,
+            **fields,
+        },
+    )
 
 
 def _require_account(conn: Connection, account_id: str) -> Any:

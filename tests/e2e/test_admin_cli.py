@@ -4,6 +4,7 @@ that make a retried credit safe (SQLite and PostgreSQL replicas), and paging."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import sqlite3
@@ -120,6 +121,18 @@ async def test_usage_pages_through_everything(gateway: ProcessStack) -> None:
     assert [row["request_id"] for row in usage["usage_records"]] == list(reversed(ids))
 
 
+def credited_lines(stack: ProcessStack, request_id: str) -> list[dict[str, object]]:
+    """The server's "account credited" log lines of one request id, from every server log."""
+    lines = []
+    for log in stack.logs.glob("server-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if entry.get("message") == "account credited" and entry.get("request_id") == request_id:
+                    lines.append(entry)
+    return lines
+
+
 async def test_a_credit_retried_after_a_timeout_is_credited_once(tmp_path: Path) -> None:
     """The client's deadline expires while the server is still committing the credit (its
     SQLite write waits for a lock this test holds); the operator runs the printed command
@@ -153,6 +166,8 @@ async def test_a_credit_retried_after_a_timeout_is_credited_once(tmp_path: Path)
         assert (shown["account"]["balance_usd"], shown["account"]["credited_usd"]) == ("3.500000", "3.500000")
         code, report = await cli(stack, "reconcile")
         assert (code, report["ok"], report["mismatches"]) == (0, True, [])
+        [line] = credited_lines(stack, request_id)
+        assert (line["account_id"], line["amount_micros"]) == (account_id, 2_500_000)
 
 
 async def test_a_credit_retried_on_another_replica_after_a_timeout_is_credited_once(replicas: ProcessStack) -> None:
@@ -184,3 +199,4 @@ async def test_a_credit_retried_on_another_replica_after_a_timeout_is_credited_o
     account = await replicas.admin.get(account_id)
     assert (account.balance_usd, account.credited_usd) == ("3.500000", "3.500000")
     assert (await replicas.admin.reconcile()).ok
+    assert len(credited_lines(replicas, request_id)) == 1

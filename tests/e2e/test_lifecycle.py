@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 
@@ -92,7 +93,7 @@ async def test_sigkill_mid_request_leaves_a_reservation_the_next_start_releases(
                 client.post(
                     f"{stack.api_base}/images/generations",
                     json={**HEAVY, "n": 10},
-                    headers={"Authorization": f"Bearer {key}", "grpc-timeout": "3S"},
+                    headers={"Authorization": f"Bearer {key}", "grpc-timeout": "3S", "x-request-id": "crashed-1"},
                 )
             )
             for _ in range(100):
@@ -115,3 +116,12 @@ async def test_sigkill_mid_request_leaves_a_reservation_the_next_start_releases(
         assert [(status_of(u), u.error_code, u.cost_usd) for u in usage] == [("failed", "reservation_expired", "0.000000")]
         assert (await stack.admin.reconcile()).ok
         stop_process(restarted)
+        # The sweep's money event names the account, the amount and the crashed request's id.
+        swept = [
+            json.loads(line) for line in (stack.logs / "server-restarted.log").read_text().splitlines()
+            if '"expired reservation released"' in line
+        ]
+        assert [(line["account_id"], line["amount_micros"], line["request_id"]) for line in swept] == [
+            (account_id, 20_000, usage[0].request_id)
+        ]
+        assert usage[0].request_id == "crashed-1"

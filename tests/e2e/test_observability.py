@@ -1,14 +1,16 @@
-"""Metrics, server log lines and Envoy's access log tell the same story of a request."""
+"""Metrics, server log lines and Envoy's access log tell the same story of a request; every
+money event's log line names its account, amount and request id, and no key."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 
 import httpx
 import pytest
 
-from tests.stack import ProcessStack, metric_sample
+from tests.stack import ProcessStack, cli, metric_sample
 
 pytestmark = pytest.mark.e2e
 
@@ -56,3 +58,58 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
     assert (by_id["obs-ok-1"]["status"], by_id["obs-ok-1"]["path"]) == (200, "/v1/images/generations")
     assert by_id["obs-ok-1"]["grpc_path"] == "/imagegw.v1.ImageService/GenerateImagesHttp"
     assert by_id["obs-bad-1"]["status"] == 400
+
+
+def server_lines(stack: ProcessStack) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stack.server_log().splitlines() if line.startswith("{")]
+
+
+def money_lines(stack: ProcessStack, request_id: str) -> list[tuple[object, ...]]:
+    """(message, account, amount) of the money events logged for one request id, in order."""
+    return [
+        (line["message"], line["account_id"], line["amount_micros"])
+        for line in server_lines(stack)
+        if line.get("request_id") == request_id and "amount_micros" in line
+    ]
+
+
+async def test_money_events_log_account_amount_and_request_id_and_never_a_key(gateway: ProcessStack) -> None:
+    # Through the CLI (its printed request id is the call's x-request-id) and Envoy, as in use.
+    code, created = await cli(gateway, "accounts", "create", "--name", f"logs-{secrets.token_hex(4)}", "--balance", "1")
+    account_id = created["account"]["account_id"]
+    code, credited = await cli(gateway, "accounts", "credit", "--account", account_id, "--amount", "0.5")
+    code, key = await cli(gateway, "keys", "create", "--account", account_id)
+    api_key = key["key_string"]
+    heavy = {"model": "local-1", "prompt": "a storm", "n": 10, "size": "1792x1024", "quality": "high"}
+    async with httpx.AsyncClient(timeout=60) as client:
+        ok = await client.post(
+            f"{gateway.api_base}/images/generations",
+            json={"model": "local-1", "prompt": "a ledger", "n": 2, "size": "256x256"},
+            headers={"Authorization": f"Bearer {api_key}", "x-request-id": f"money-ok-{account_id}"},
+        )
+        late = await client.post(
+            f"{gateway.api_base}/images/generations",
+            json=heavy,  # ten large images cannot be ready in 0.3 s: 504, everything released
+            headers={"Authorization": f"Bearer {api_key}", "x-request-id": f"money-late-{account_id}",
+                     "grpc-timeout": "300m"},
+        )
+    assert (ok.status_code, late.status_code) == (200, 504)
+    await gateway.admin.settled(account_id)
+    assert money_lines(gateway, created["request_id"]) == [("account created", account_id, 1_000_000)]
+    assert money_lines(gateway, credited["request_id"]) == [("account credited", account_id, 500_000)]
+    assert money_lines(gateway, f"money-ok-{account_id}") == [
+        ("reserved", account_id, 2_000), ("captured", account_id, 2_000)
+    ]
+    assert money_lines(gateway, f"money-late-{account_id}") == [
+        ("reserved", account_id, 20_000), ("released", account_id, 20_000)
+    ]
+    [released] = [
+        line for line in server_lines(gateway)
+        if line["message"] == "released" and line.get("request_id") == f"money-late-{account_id}"
+    ]
+    assert (released["error_code"], released["logger"], str(released["reservation_id"])[:4]) == (
+        "timeout", "server.ledger.store", "rsv_"
+    )
+    log = gateway.server_log()
+    assert api_key not in log and api_key[len("sk-igw-"):] not in log
+    assert gateway.env["IMAGEGW_ADMIN_TOKEN"] not in log
