@@ -8,7 +8,9 @@ instantiated at import time; ``server.cli`` builds one ``Settings`` and passes i
 from __future__ import annotations
 
 import functools
+import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -184,20 +186,44 @@ class Settings(BaseSettings):
         return self.image_dir or self.var_dir / "images"
 
     def secret(self, name: str) -> str:
-        """Returns the named secret, generating and persisting it under var/ when unset."""
+        """Returns the named secret, generating and persisting it under var/ when unset.
+
+        Created atomically: the value is written whole to a temporary file, which is then
+        linked into place. ``link`` fails when the name exists, so of processes starting
+        together (workers, replicas on one var/) exactly one creates it and the others
+        read it, and no reader ever sees an empty or partial file.
+
+        Raises:
+            RuntimeError: the secret's file exists but is empty (left by an older version
+                that could crash between creating and writing it); delete it.
+        """
         configured: SecretStr | None = getattr(self, name)
         if configured is not None and configured.get_secret_value():
             return configured.get_secret_value()
         path = self.var_dir / "secrets" / name
-        if path.exists():
-            return path.read_text().strip()
+        try:
+            return _read_secret(path)
+        except FileNotFoundError:
+            pass
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         value = secrets.token_urlsafe(32)
-        # O_EXCL: two processes starting at once must not write different secrets.
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.")  # mode 0600
         try:
-            with path.open("x") as handle:
-                path.chmod(0o600)
+            with os.fdopen(fd, "w") as handle:
                 handle.write(value)
-        except FileExistsError:
-            return path.read_text().strip()
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                return _read_secret(path)
+        finally:
+            os.unlink(temporary)
         return value
+
+
+def _read_secret(path: Path) -> str:
+    value = path.read_text().strip()
+    if not value:
+        raise RuntimeError(f"the secret file {path} is empty; delete it and a new secret is generated")
+    return value
