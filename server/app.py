@@ -120,13 +120,15 @@ async def build_app(
     """Builds every component from ``settings``; ``providers`` (by model id) override the
     configured adapters, which is how tests put a fake in front of a model."""
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_database_url)
+    tuning = settings.tuning
+    db = Database(settings.resolved_database_url, tuning=tuning)
     stack.push_async_callback(db.close)
     await migrate(db.engine)
     ledger = Ledger(
         db,
         key_hash_secret=settings.secret("key_hash_secret").encode(),
         reservation_ttl_seconds=settings.reservation_ttl_seconds,
+        sweep_batch=tuning.sweep_batch,
     )
     specs = load_catalog(settings.catalog_file)
     _check_timeouts(specs, settings)
@@ -171,6 +173,7 @@ async def build_app(
         max_lease_seconds=settings.reservation_ttl_seconds,
         lease_grace_seconds=settings.reservation_grace_seconds,
         max_wait_seconds=settings.request_timeout_seconds,
+        sweep_batch=tuning.sweep_batch,
     )
     # Image URLs of JSON edits: their own client (no pooling needs, no provider's headers).
     fetch_client = httpx.AsyncClient(follow_redirects=False, timeout=settings.image_url_timeout_seconds)
@@ -249,7 +252,9 @@ async def _new_provider(
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         provider: ImageProvider = LocalRenderer(executor)
     else:
-        http = create_http_client()
+        http = create_http_client(
+            max_connections=settings.tuning.upstream_max_connections, shards=settings.tuning.upstream_pools
+        )
         stack.push_async_callback(http.aclose)
         provider = build_provider(
             spec.provider,

@@ -1,8 +1,10 @@
 """Settings, read once from ``IMAGEGW_*`` environment variables at start-up.
 
 Every value has an embedded default so that ``make run`` works on a fresh machine: state
-lives under ``var/`` (SQLite database, image folder, generated secrets). Nothing here is
-instantiated at import time; ``server.cli`` builds one ``Settings`` and passes it down.
+lives under ``var/`` (SQLite database, image folder, generated secrets). ``server.cli``
+builds one ``Settings`` and passes it down; the only module-level value is
+``DEFAULT_TUNING``, the immutable defaults of :class:`Tuning`, which components use when
+built without settings (tools, tests).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
@@ -20,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from server.providers import PROVIDERS, ProviderEntry
 
-__all__ = ["MIB", "ProviderSettings", "Settings"]
+__all__ = ["DEFAULT_TUNING", "MIB", "ProviderSettings", "Settings", "Tuning"]
 
 MIB = 1024 * 1024
 
@@ -55,10 +57,40 @@ class ProviderVariables(PydanticBaseSettingsSource):
         return {"providers": {name: dict(_variables_of(entry)()) for name, entry in PROVIDERS.items()}}
 
 
+class Tuning(BaseModel):
+    """Sizes of pools and batches, in one place (``IMAGEGW_TUNING__<FIELD>``, for example
+    ``IMAGEGW_TUNING__FAN_OUT_WIDTH=8``). The defaults are the values measured in
+    ``bench/README.md``; change one against a benchmark, not by feel."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # PostgreSQL connections each server process keeps, and how many more it may open
+    # under load (server.ledger.db). Every replica and worker has its own pool.
+    database_pool_size: int = Field(default=10, ge=1, le=1000)
+    database_max_overflow: int = Field(default=20, ge=0, le=1000)
+    # SQLite: reader threads (each with its connection), and how many queued write
+    # transactions the writer thread commits together at most (group commit).
+    sqlite_readers: int = Field(default=4, ge=1, le=64)
+    sqlite_writer_batch: int = Field(default=64, ge=1, le=10_000)
+    # Each provider's HTTP client: connections at most, split over this many pools
+    # (httpcore's pool walk grows with the square of a pool's size).
+    upstream_max_connections: int = Field(default=512, ge=1, le=100_000)
+    upstream_pools: int = Field(default=32, ge=1, le=1024)
+    # Upstream calls one request makes at once where a provider makes one image per call
+    # (Gemini, Stability, BFL fan out n).
+    fan_out_width: int = Field(default=4, ge=1, le=10)
+    # Rows per sweeper transaction: expired reservations released, idempotency keys deleted.
+    sweep_batch: int = Field(default=500, ge=1, le=100_000)
+
+
+DEFAULT_TUNING: Final = Tuning()
+
+
 class Settings(BaseSettings):
     """All configuration of one imagegw process. See the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="IMAGEGW_", extra="ignore")
+    # "__" reaches into the one nested group: IMAGEGW_TUNING__SWEEP_BATCH.
+    model_config = SettingsConfigDict(env_prefix="IMAGEGW_", env_nested_delimiter="__", extra="ignore")
 
     # Network. Every listener binds to loopback unless the operator says otherwise.
     grpc_host: str = "127.0.0.1"
@@ -138,6 +170,9 @@ class Settings(BaseSettings):
     # How many upstream answers above 256 KiB are read, parsed and decoded at once; the
     # others wait their turn (server.providers.gate). Peak memory follows this number.
     max_large_upstream_answers: int = Field(default=8, ge=1, le=4096)
+
+    # Pool and batch sizes (the Tuning group above).
+    tuning: Tuning = DEFAULT_TUNING
 
     # Processes started by `imagegw dev`.
     envoy_bin: str = ""

@@ -61,6 +61,7 @@ from sqlalchemy import and_, delete, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from server.config import DEFAULT_TUNING
 from server.errors import ConflictError, IdempotencyKeyReusedError, InvalidRequestError
 from server.ledger.db import Database
 from server.ledger.schema import idempotency_keys
@@ -91,8 +92,6 @@ _PARAM: Final = "Idempotency-Key"
 # Waiting for an in-progress attempt: reads with exponential back-off between these.
 _POLL_FIRST_SECONDS: Final = 0.05
 _POLL_MAX_SECONDS: Final = 1.0
-# The sweeper deletes in batches of this many rows, one transaction each.
-_SWEEP_BATCH: Final = 500
 
 Headers = tuple[tuple[str, str], ...]
 M = TypeVar("M", bound=Message)
@@ -178,6 +177,7 @@ class IdempotencyStore:
         lease_grace_seconds: how long after its deadline an attempt still holds its key.
         max_wait_seconds: how long a replay waits for a running attempt when the caller
             set no deadline.
+        sweep_batch: the sweeper deletes this many rows per transaction.
         clock: unix time in seconds; injectable for tests.
     """
 
@@ -189,6 +189,7 @@ class IdempotencyStore:
         max_lease_seconds: int,
         lease_grace_seconds: float,
         max_wait_seconds: float,
+        sweep_batch: int = DEFAULT_TUNING.sweep_batch,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if ttl_seconds <= 0 or max_lease_seconds <= 0:
@@ -198,6 +199,7 @@ class IdempotencyStore:
         self._max_lease = max_lease_seconds
         self._grace = lease_grace_seconds
         self._max_wait = max_wait_seconds
+        self._sweep_batch = sweep_batch
         self._clock = clock
         self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
 
@@ -395,7 +397,7 @@ class IdempotencyStore:
         now = self._now()
         row = idempotency_keys.c
         expired = and_(row.expires_at <= now, or_(row.state == "completed", row.locked_until <= now))
-        batch = select(row.account_id, row.idempotency_key).where(expired).limit(_SWEEP_BATCH)
+        batch = select(row.account_id, row.idempotency_key).where(expired).limit(self._sweep_batch)
 
         def delete_batch(conn: Connection) -> tuple[int, int]:
             """(rows found, rows deleted): one batch, one short transaction."""
@@ -411,7 +413,7 @@ class IdempotencyStore:
         while True:
             found, gone = await self._db.write(delete_batch)
             deleted += gone
-            if found < _SWEEP_BATCH:
+            if found < self._sweep_batch:
                 break
         return deleted
 

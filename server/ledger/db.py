@@ -20,8 +20,8 @@ One schema, two engines:
 * **PostgreSQL** (``postgresql+asyncpg://...``). READ COMMITTED, the default, is what
   the ledger's conditional updates need: ``UPDATE ... WHERE balance_micros >= :x`` waits
   for a concurrent writer's row lock and re-checks its WHERE clause on the new row
-  version, so it can never overdraw. The pool is sized for a replica (10 + 20 overflow)
-  and pings connections, because replicas outlive database restarts.
+  version, so it can never overdraw. The pool is sized for a replica (``Tuning``: 10 + 20
+  overflow by default) and pings connections, because replicas outlive database restarts.
 
 :func:`migrate` upgrades the schema to the newest Alembic revision, from inside the
 server (on start) or the CLI, and is safe when several processes start at once.
@@ -47,6 +47,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from server.config import DEFAULT_TUNING, Tuning
 from server.ledger.sqlite_writer import SqliteWriter
 
 __all__ = [
@@ -94,8 +95,14 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """Builds the async engine for ``url`` with the ledger's per-engine settings.
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = DEFAULT_TUNING.database_pool_size,
+    max_overflow: int = DEFAULT_TUNING.database_max_overflow,
+) -> AsyncEngine:
+    """Builds the async engine for ``url`` with the ledger's per-engine settings
+    (``pool_size`` and ``max_overflow``: PostgreSQL's connection pool).
 
     For an SQLite file, its parent directory is created when missing (the embedded
     default lives under ``var/``). The caller owns the engine and must ``dispose()`` it.
@@ -104,8 +111,8 @@ def create_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "postgresql":
         return create_async_engine(
             parsed,
-            pool_size=10,
-            max_overflow=20,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
             pool_pre_ping=True,
             # Recycle before typical server/proxy idle timeouts cut connections.
             pool_recycle=1800,
@@ -163,11 +170,14 @@ class Database:
       (``AsyncConnection.run_sync``); no process-wide lock, concurrent transactions.
 
     ``engine`` (async) is there for migrations and tools; the caller closes the database
-    with :meth:`close`.
+    with :meth:`close`. ``tuning`` sizes the pools, reader threads and writer batches.
     """
 
-    def __init__(self, url: str, *, readers: int = 4) -> None:
-        self.engine = create_engine(url)
+    def __init__(self, url: str, *, tuning: Tuning = DEFAULT_TUNING) -> None:
+        self.engine = create_engine(
+            url, pool_size=tuning.database_pool_size, max_overflow=tuning.database_max_overflow
+        )
+        readers = tuning.sqlite_readers
         self.dialect: str = self.engine.dialect.name
         self._reader = self.engine.execution_options(**READ_ONLY)
         # reconcile() reads aggregates that must agree with each other: on PostgreSQL that
@@ -181,7 +191,7 @@ class Database:
         if self.dialect == "sqlite":
             self._sqlite = create_sqlite_engine(url, pool_size=readers + 1)
             self._sqlite_reader = self._sqlite.execution_options(**READ_ONLY)
-            self._writer = SqliteWriter(self._sqlite)
+            self._writer = SqliteWriter(self._sqlite, max_batch=tuning.sqlite_writer_batch)
             self._readers = ThreadPoolExecutor(readers, thread_name_prefix="imagegw-db-reader")
 
     async def write(self, work: Callable[[Connection], T]) -> T:

@@ -35,6 +35,8 @@ from typing import Any, Final, Generic, TypeVar
 
 from sqlalchemy.engine import Connection, Engine
 
+from server.config import DEFAULT_TUNING
+
 __all__ = ["SqliteWriter"]
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ class SqliteWriter:
         max_batch: at most this many units per COMMIT.
     """
 
-    def __init__(self, engine: Engine, *, max_batch: int = 64, name: str = "imagegw-db-writer") -> None:
+    def __init__(
+        self, engine: Engine, *, max_batch: int = DEFAULT_TUNING.sqlite_writer_batch, name: str = "imagegw-db-writer"
+    ) -> None:
         self._engine = engine
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -63,6 +63,7 @@ from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from server.config import DEFAULT_TUNING
 from server.errors import (
     AuthenticationError,
     InsufficientBalanceError,
@@ -104,8 +105,6 @@ MAX_NAME_LENGTH = 100
 MAX_USAGE_PAGE_SIZE = 1000
 # Error code written on usage rows of reservations released by the sweeper.
 EXPIRED_ERROR_CODE = "reservation_expired"
-# The sweeper closes expired reservations in batches of this many, one transaction each.
-_SWEEP_BATCH = 500
 
 # The statements of the hot path (every generation reserves and settles), built once with
 # bind parameters: building them per call (coercions, labels, cache keys) was most of the
@@ -292,6 +291,7 @@ class Ledger:
             must use the same one.
         reservation_ttl_seconds: how long a reservation stays open before the sweeper
             may release it; longer than any request deadline.
+        sweep_batch: the sweeper reads expired reservations this many at a time.
         clock: unix time in seconds; injectable for tests.
     """
 
@@ -301,6 +301,7 @@ class Ledger:
         *,
         key_hash_secret: bytes,
         reservation_ttl_seconds: int,
+        sweep_batch: int = DEFAULT_TUNING.sweep_batch,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not key_hash_secret:
@@ -310,6 +311,7 @@ class Ledger:
         self._db = db
         self._key_hash_secret = key_hash_secret
         self._ttl = reservation_ttl_seconds
+        self._sweep_batch = sweep_batch
         self._clock = clock
 
     def _now(self) -> int:
@@ -645,7 +647,7 @@ class Ledger:
                         select(reservations.c.id)
                         .where(reservations.c.status == "open", reservations.c.expires_at <= now)
                         .order_by(reservations.c.expires_at, reservations.c.id)
-                        .limit(_SWEEP_BATCH)
+                        .limit(self._sweep_batch)
                     )
                 )
             )

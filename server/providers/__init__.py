@@ -204,6 +204,7 @@ def build_provider(
         key_setting=provider_key_setting(provider, spec),
         on_retry=on_retry,
         gate=gate,
+        fan_out_width=settings.tuning.fan_out_width,
     )
     if compatible:
         assert spec is not None and spec.base_url is not None

@@ -111,7 +111,6 @@ class BflImageProvider:
         *,
         api_key: str,
         base_url: str,
-        fan_out_concurrency: int = 4,
         poll_interval: float = 0.5,
         max_poll_interval: float = 2.0,
         safety_tolerance: int = 2,
@@ -119,7 +118,6 @@ class BflImageProvider:
         self.name = http.provider
         self._base = httpx.URL(base_url.rstrip("/") + "/")
         self._headers = {"x-key": api_key, "accept": "application/json"}
-        self._concurrency = fan_out_concurrency
         self._poll_interval = poll_interval
         self._max_poll_interval = max_poll_interval
         self._safety_tolerance = safety_tolerance
@@ -160,7 +158,7 @@ class BflImageProvider:
         return await fan_out(
             request.n,
             lambda _index: self._once(request, body, deadline),
-            concurrency=self._concurrency,
+            concurrency=self._http.fan_out_width,
             provider=self.name,
             progress=progress,
         )

@@ -232,12 +232,10 @@ class GoogleImageProvider:
         api_key: str,
         base_url: str,
         api_version: str = "v1beta",
-        fan_out_concurrency: int = 4,
     ) -> None:
         self.name = http.provider
         self._base = f"{base_url.rstrip('/')}/{api_version}/models"
         self._headers = {"x-goog-api-key": api_key}
-        self._concurrency = fan_out_concurrency
         self._http = http
 
     @staticmethod
@@ -294,7 +292,7 @@ class GoogleImageProvider:
         result = await fan_out(
             request.n,
             lambda _index: self._gemini_once(request, body, deadline),
-            concurrency=self._concurrency,
+            concurrency=self._http.fan_out_width,
             provider=self.name,
             progress=progress,
         )

@@ -69,6 +69,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.config import DEFAULT_TUNING
 from server.errors import (
     ApiError,
     ContentPolicyError,
@@ -402,7 +403,9 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             await pool.aclose()
 
 
-def create_http_client(*, max_connections: int = 512, shards: int = 32) -> httpx.AsyncClient:
+def create_http_client(
+    *, max_connections: int = DEFAULT_TUNING.upstream_max_connections, shards: int = DEFAULT_TUNING.upstream_pools
+) -> httpx.AsyncClient:
     """A pooled client fit for one provider; the composition root owns and closes it.
 
     There is no read timeout: each call is bounded by its request's deadline (a
@@ -501,9 +504,13 @@ class UpstreamHttp:
         on_retry: Callable[[], None] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         gate: AnswerGate | None = None,
+        fan_out_width: int = DEFAULT_TUNING.fan_out_width,
     ) -> None:
         self.client = client
         self.gate = gate
+        # How many calls one request makes at once where this provider makes one image per
+        # call (the adapter's fan_out).
+        self.fan_out_width = fan_out_width
         # Told of every retry (the composition root counts them in a metric).
         self.on_retry = on_retry
         # Every wait before a retry; tests pass one that records the waits instead of sleeping.

@@ -100,14 +100,12 @@ class StabilityImageProvider:
         api_key: str,
         base_url: str,
         accept: str = "image/*",
-        fan_out_concurrency: int = 4,
     ) -> None:
         if accept not in ACCEPTS:
             raise ValueError(f"accept must be one of {ACCEPTS}")
         self.name = http.provider
         self._base = base_url.rstrip("/") + "/v2beta/stable-image/generate"
         self._headers = {"authorization": f"Bearer {api_key}", "accept": accept}
-        self._concurrency = fan_out_concurrency
         self._http = http
 
     def form(self, request: ImageRequest) -> tuple[str, list[tuple[str, tuple[None, str]]]]:
@@ -142,7 +140,7 @@ class StabilityImageProvider:
         return await fan_out(
             request.n,
             lambda _index: self._once(url, fields, deadline),
-            concurrency=self._concurrency,
+            concurrency=self._http.fan_out_width,
             provider=self.name,
             progress=progress,
         )

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import server.ledger
+from server.config import Tuning
 from server.errors import AuthenticationError, InsufficientBalanceError, InvalidRequestError, NotFoundError
 from server.ledger import AccountView, Ledger, Principal, Reservation, UsageView
 from server.ledger.db import Database, create_engine, migrate
@@ -604,6 +605,30 @@ async def test_release_expired_after_the_ttl(ledger: Ledger, ledger_engine: Asyn
     assert young.expires_at == T0 + 120 + TTL
     assert len((await ledger.usage(account.account_id)).records) == 3
     assert (await ledger.reconcile()).ok
+
+
+async def test_the_sweeper_works_through_batches_smaller_than_the_backlog(
+    database: Database, clock: ManualClock
+) -> None:
+    ledger = Ledger(database, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, sweep_batch=2, clock=clock)
+    account = await ledger.create_account("acme", 5 * USD)
+    for i in range(5):
+        await reserve(ledger, account.account_id, USD, request_id=f"crashed-{i}")
+    clock.advance(TTL)
+    assert await ledger.release_expired() == 5
+    assert await money(ledger, account.account_id) == (5 * USD, 0, 0, 5 * USD)
+
+
+async def test_the_database_pool_is_sized_by_tuning(database_url: str) -> None:
+    db = Database(database_url, tuning=Tuning(database_pool_size=3, sqlite_readers=2))
+    try:
+        if db.dialect == "postgresql":
+            assert db.engine.pool.size() == 3  # type: ignore[attr-defined]
+        else:
+            # The SQLite pool holds the readers and the writer.
+            assert db._sqlite is not None and db._sqlite.pool.size() == 3  # type: ignore[attr-defined]
+    finally:
+        await db.close()
 
 
 async def test_expires_at_rounds_up_so_the_whole_ttl_is_granted(ledger: Ledger, clock: ManualClock) -> None:
