@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
-__all__ = ["bind_call", "configure_logging"]
+__all__ = ["bind_call", "configure_logging", "json_formatter"]
 
 # The keys every line starts with, in this order; the fields follow.
 _FIRST = ("time", "level", "logger", "message")
@@ -47,7 +47,14 @@ def _json(event: Any, **_kwargs: Any) -> str:
 def configure_logging(level: str, stream: TextIO | None = None) -> None:
     """Sends every log record, as one JSON line, to ``stream`` (stderr by default),
     replacing any handler configured before."""
-    formatter = structlog.stdlib.ProcessorFormatter(
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(json_formatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def json_formatter() -> logging.Formatter:
+    """The formatter of :func:`configure_logging`: one JSON object per record."""
+    return structlog.stdlib.ProcessorFormatter(
         # Run on each record: its extra fields first (so they win), then the call's.
         foreign_pre_chain=[
             structlog.stdlib.ExtraAdder(),
@@ -64,9 +71,6 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(serializer=_json),
         ],
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(formatter)
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def bind_call(**fields: Any) -> Callable[[], None]:

@@ -17,6 +17,7 @@ from grpc_status import rpc_status
 from imagegw.v1 import images_pb2
 from PIL import Image
 
+from server.logs import json_formatter
 from server.providers.base import ImageRequest, Progress, ProviderResult
 from tests.stack import InProcessStack, in_process_stack, status_of
 
@@ -114,23 +115,30 @@ class CrashingProvider:
         return None
 
 
-async def test_unexpected_exception_is_a_generic_500_and_refunds(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_unexpected_exception_is_a_generic_500_and_refunds(tmp_path: Path) -> None:
+    # The server's own JSON formatter on the access logger: the traceback's line carries the request id.
+    logged, access = io.StringIO(), logging.getLogger("imagegw.access")
+    handler = logging.StreamHandler(logged)
+    handler.setFormatter(json_formatter())
     async with in_process_stack(tmp_path / "var", providers={"local-1": CrashingProvider()}) as stack:
         account_id, key = await stack.admin.funded_key("1.00")
-        with caplog.at_level(logging.ERROR, logger="imagegw.access"):
+        access.addHandler(handler)
+        try:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await stack.images.GenerateImages(
                     images_pb2.GenerateImagesRequest(prompt="p"),
                     metadata=(*bearer(key), ("x-request-id", "req-crash-1")),
                 )
+        finally:
+            access.removeHandler(handler)
         assert caught.value.code() == grpc.StatusCode.INTERNAL
         assert caught.value.details() == "The server had an error while processing your request."
         trailers = dict(caught.value.trailing_metadata())
         assert trailers["x-http-status"] == "500"
         assert "RuntimeError" not in trailers["x-openai-error"] and "passwd" not in trailers["x-openai-error"]
-        assert any(getattr(r, "request_id", None) == "req-crash-1" for r in caplog.records)
+        [crash] = [line for line in map(json.loads, logged.getvalue().splitlines()) if line["level"] == "error"]
+        assert (crash["message"], crash["request_id"]) == ("unhandled error", "req-crash-1")
+        assert "RuntimeError: secret internal detail" in crash["exception"]
         account = await stack.admin.get(account_id)
         assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("1.000000", "0.000000", "0.000000")
         usage = await stack.admin.usage(account_id)
