@@ -31,12 +31,12 @@ class AdminServiceStub:
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     def __init__(self, channel):
@@ -98,12 +98,12 @@ class AdminServiceServicer:
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     def CreateAccount(self, request, context):
@@ -235,12 +235,12 @@ class AdminService:
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     @staticmethod

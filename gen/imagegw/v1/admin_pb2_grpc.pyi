@@ -46,12 +46,12 @@ class AdminServiceStub:
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     @_typing.overload
@@ -91,12 +91,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -132,12 +132,12 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Request ids (AIP-155): a mutating call with a `request_id` is done at most
     once. A repeat with the same id and the same request returns the first
-    call's response and changes nothing, on every replica, for as long as the
-    database keeps the record (the records are never deleted: they are also the
-    audit trail of operator changes); a repeat with the same id and a different
-    request is refused (FAILED_PRECONDITION, code `request_id_reused`, param
-    `request_id`). A call that failed leaves no record, so its retry runs
-    afresh. Without a `request_id` a call is not deduplicated.
+    call's response and changes nothing, on every replica, however late (the
+    records are kept); a repeat with the same id and a different request is
+    refused (FAILED_PRECONDITION, HTTP-style status 400, code
+    `request_id_reused`, param `request_id`). A call that failed leaves no
+    record, so its retry runs afresh. Without a `request_id` a call is not
+    deduplicated.
     """
 
     @_abc_1.abstractmethod
