@@ -88,14 +88,10 @@ class StabilityFake(FakeProvider):
     @endpoint("POST", r"/v2beta/stable-image/generate/(?P<family>ultra|core|sd3)")
     async def generate(self, request: RecordedRequest, family: str) -> FakeResponse:
         """Text to image on one of the three model families."""
-        scenario = self.scenarios.pick(self.prompt_of(request))
-        refused = self._refuse(request, scenario)
-        if refused is not None:
-            return refused
-        parts = request.multipart()
-        assert parts is not None  # _refuse checked it
-        fields = {p.name: p.data.decode() for p in parts if p.filename is None}
-        accept = request.headers.get("accept", "image/*")
+        opened = self._open(request)
+        if isinstance(opened, FakeResponse):
+            return opened
+        scenario, parts, fields, accept = opened
         problem = self._validate(family, fields, parts)
         if problem is not None:
             return problem
@@ -106,15 +102,11 @@ class StabilityFake(FakeProvider):
     @endpoint("POST", r"/v2beta/stable-image/edit/inpaint")
     async def inpaint(self, request: RecordedRequest) -> FakeResponse:
         """Inpainting: ``image`` repainted where ``mask`` is white, at the image's size."""
-        scenario = self.scenarios.pick(self.prompt_of(request))
-        refused = self._refuse(request, scenario)
-        if refused is not None:
-            return refused
-        parts = request.multipart()
-        assert parts is not None  # _refuse checked it
-        fields = {p.name: p.data.decode() for p in parts if p.filename is None}
+        opened = self._open(request)
+        if isinstance(opened, FakeResponse):
+            return opened
+        scenario, parts, fields, accept = opened
         files = {p.name: p.data for p in parts if p.filename is not None}
-        accept = request.headers.get("accept", "image/*")
         for name in fields:
             if name not in ("prompt", "negative_prompt", "seed", "output_format", "grow_mask", "style_preset"):
                 return stability_error(400, "bad_request", f"{name}: not accepted by this endpoint")
@@ -142,17 +134,24 @@ class StabilityFake(FakeProvider):
             return stability_error(400, "bad_request", "output_format: must be one of png, jpeg, webp")
         return self._answer(scenario, accept, fmt, width, height)
 
-    def _refuse(self, request: RecordedRequest, scenario: Scenario) -> FakeResponse | None:
+    def _open(
+        self, request: RecordedRequest
+    ) -> FakeResponse | tuple[Scenario, list[MultipartPart], dict[str, str], str]:
+        """What every endpoint checks first (the key, the size, multipart, ``accept``), then
+        the request's scenario, parts, text fields and ``accept``."""
+        scenario = self.scenarios.pick(self.prompt_of(request))
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") != self.api_key or scenario.name == REVOKED_KEY:
             return stability_error(401, "unauthorized", "authorization: invalid or missing API key")
         if len(request.body) > MAX_BODY:
             return stability_error(413, "payload_too_large", "body: payloads cannot be larger than 10MiB in size")
-        if request.multipart() is None:
+        parts = request.multipart()
+        if parts is None:
             return stability_error(400, "bad_request", "content-type: must be multipart/form-data")
-        if request.headers.get("accept", "image/*") not in ("image/*", "application/json"):
+        accept = request.headers.get("accept", "image/*")
+        if accept not in ("image/*", "application/json"):
             return stability_error(400, "bad_request", "accept: must be either image/* or application/json")
-        return None
+        return scenario, parts, {p.name: p.data.decode() for p in parts if p.filename is None}, accept
 
     def _answer(self, scenario: Scenario, accept: str, fmt: str, width: int, height: int) -> FakeResponse:
         match scenario.name:
