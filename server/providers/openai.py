@@ -27,7 +27,8 @@ it; numbers and booleans go as their JSON text. Files: GPT image models get ever
 ``image``), another compatible host ``image`` for one file and ``image[]`` for several,
 exactly as the SDK would; the mask goes as ``mask``. Files carry neutral names
 (``image-1.png``, ``mask.png``: never the caller's file names) with their real content
-type. A GPT image model's answer reports ``usage.input_tokens_details.image_tokens``: the
+type, and are streamed from where the upload put them (``InputImage.reader``), again
+whole on a retry, never copied into memory together. A GPT image model's answer reports ``usage.input_tokens_details.image_tokens``: the
 input images' tokens, which the catalog's ``input_token_price`` turns into the input charge.
 xAI's and Together's edits are other formats (JSON with image URLs) and are not spoken here.
 
@@ -49,7 +50,7 @@ other. An ``error`` event maps through ``ERRORS`` like an error answer; a host t
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from pydantic import Strict
 
@@ -74,7 +75,6 @@ from server.providers.http import (
     UpstreamModel,
     UpstreamResponse,
     image_from_base64,
-    input_bytes,
     lookup_kind,
     malformed,
     parse_json,
@@ -91,7 +91,7 @@ DIALECTS = ("openai", "compatible", "xai", "together")
 PARTIAL_EVENTS = frozenset({"image_generation.partial_image", "image_edit.partial_image"})
 COMPLETED_EVENTS = frozenset({"image_generation.completed", "image_edit.completed"})
 # httpx multipart parts: (field, (filename or None, content, content type)).
-Part = tuple[str, tuple[str | None, bytes | str] | tuple[str | None, bytes | str, str]]
+Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
 
 # The one table: (HTTP status, error.code or error.type) -> what it means for us.
 ERRORS: ErrorTable = {
@@ -313,7 +313,7 @@ class OpenAIImageProvider:
                 body["input_fidelity"] = request.input_fidelity
         return {name: _form_value(value) for name, value in body.items()}
 
-    async def edit_parts(self, request: ImageRequest, *, stream: bool = False) -> list[Part]:
+    def edit_parts(self, request: ImageRequest, *, stream: bool = False) -> list[Part]:
         """The whole multipart form of an edit or variation: text fields, then the files."""
         fields = self.edit_fields(request)
         if stream:
@@ -325,10 +325,12 @@ class OpenAIImageProvider:
             name = "image"
         else:
             name = "image[]"
+        # Each file is streamed from where the upload put it (up to 16 x 50 MB), not copied.
         for index, image in enumerate(request.images, start=1):
-            parts.append((name, (f"image-{index}.{image.format}", await input_bytes(image), image.content_type)))
+            parts.append((name, (f"image-{index}.{image.format}", image.reader(), image.content_type)))
         if request.mask is not None:
-            parts.append(("mask", (f"mask.{request.mask.format}", await input_bytes(request.mask), request.mask.content_type)))
+            mask = request.mask
+            parts.append(("mask", (f"mask.{mask.format}", mask.reader(), mask.content_type)))
         return parts
 
     async def generate(
@@ -339,7 +341,7 @@ class OpenAIImageProvider:
         if request.operation != "generate":
             operation = "images/variations" if request.operation == "variation" else "images/edits"
             streams = streams and request.operation == "edit"
-            url, body, parts = f"{self._base}/{operation}", None, await self.edit_parts(request, stream=streams)
+            url, body, parts = f"{self._base}/{operation}", None, self.edit_parts(request, stream=streams)
         else:
             operation, url, parts = "images/generations", self._url, None
             body = self.request_body(request)

@@ -901,6 +901,10 @@ OPENAI_EDIT_ROWS = [
         sent=gpt_edit_body("gpt-image-1", [sent_file("image[]", "image-1.png", RED), sent_file("image[]", "image-2.png", WIDE),
                                            sent_file("image[]", "image-3.jpeg", BLUE_JPEG, "image/jpeg")],
                            input_fidelity="high")),
+    # A retried edit sends every file again, whole (they are streamed from the upload each time).
+    Row("openai", "transient", "gpt-image-1", "503x1", operation="edit", files=[image(RED), mask()], calls=2,
+        images=[("PNG", 1024, 1024)], cost=42_000 + 2_550, answer=GPT_ANSWER, usage=edit_usage(LOW_64),
+        sent=lambda prompt: gpt_edit_body("gpt-image-1", GPT_EDIT_FILES)(prompt) * 2),
     # gpt-image-1.5's $8/M, two low-quality landscape outputs.
     Row("openai", "success", "gpt-image-1.5", operation="edit", label="n2-high", files=[image(RED)], body={
         "n": 2, "size": "1536x1024", "quality": "low", "input_fidelity": "high", "response_format": "b64_json"},

@@ -124,7 +124,7 @@ async def test_a_compatible_host_gets_files_as_the_sdk_sends_them(count, field, 
     provider = OpenAIImageProvider(upstream(http, "openai"), api_key="", base_url="https://relay.test/v1", dialect="compatible")
     request = ImageRequest(model_id="m", upstream_model="flux-dev", prompt="p", n=1, width=1024, height=1024,
                            quality="standard", operation="edit", images=await _inputs(*[(64, 64)] * count))
-    parts = await provider.edit_parts(request)
+    parts = provider.edit_parts(request)
     assert [(name, value[0]) for name, value in parts] == [
         ("model", None), ("prompt", None), ("n", None), ("size", None), ("quality", None), ("response_format", None),
         *[(field, f"image-{i}.png") for i in range(1, count + 1)],
@@ -137,4 +137,22 @@ async def test_hosts_whose_edit_format_is_another_refuse_edits(dialect, http):
     request = ImageRequest(model_id="m", upstream_model="grok-2-image", prompt="p", n=1, width=1024, height=1024,
                            quality="standard", operation="edit", images=await _inputs((64, 64)))
     with pytest.raises(ModelNotSupportedError):
-        await provider.edit_parts(request)
+        provider.edit_parts(request)
+
+
+def test_an_input_image_is_read_piece_by_piece_with_its_length_known(tmp_path):
+    # What httpx does with a multipart file: the length from seek/tell, then 64 KiB reads,
+    # again from the start for a retry. The upload may sit in a temporary file.
+    data = bytes(range(256)) * 1024  # 256 KiB
+    with open(tmp_path / "upload", "w+b") as source:
+        source.write(data)
+        image = InputImage(source, size=len(data), format="png", width=1, height=1, has_alpha=False)
+        reader = image.reader()
+        assert (reader.seek(0, io.SEEK_END), reader.seek(0)) == (len(data), 0)
+        for _ in range(2):
+            pieces = list(iter(lambda: reader.read(64 * 1024), b""))
+            assert b"".join(pieces) == data and {len(p) for p in pieces} == {64 * 1024}
+            reader.seek(0)
+        # Another reader of the same image has its own position.
+        other = image.reader()
+        assert other.read(4) == data[:4] and reader.read(8) == data[:8]
