@@ -36,6 +36,8 @@ RESPONSE_FORMATS = ("url", "b64_json")
 # generated picture stay well below it, so an answer estimated with it always fits.
 MAX_BYTES_PER_PIXEL = 3
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# DALL·E 2's limit for an edit's image and mask.
+SQUARE_PNG_MAX_BYTES = 4 * 1024 * 1024
 WILDCARD = "*"
 
 
@@ -94,8 +96,17 @@ class ModelSpec(BaseModel):
     # Micro-dollars per million input image tokens, for upstreams that report them
     # (OpenAI): the input part of the charge follows that usage, never above the reserve.
     input_token_price: int = Field(default=0, ge=0)
+    # What an edit's images must be: "any" PNG, JPEG or WebP, or (DALL·E 2) one square PNG
+    # under 4 MiB, with an alpha channel when no mask is given (its transparency is the mask).
+    edit_input: Literal["any", "square-png"] = "any"
+    # Whether the upstream makes one image per call and reads (and bills) the inputs on every
+    # call (Gemini's fan-out): the inputs are then priced per output image.
+    inputs_per_output: bool = False
     # Variations (`POST /v1/images/variations`): one square PNG in, `n` variations out.
     variations: bool = False
+    # Whether `/v1/images/generations` serves the model; false for an edit-only service
+    # (Stability's inpainting), which then needs `edits`.
+    generations: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -107,9 +118,11 @@ class ModelSpec(BaseModel):
             if size != "auto" and not SIZE_RE.match(size):
                 raise ValueError(f"size {size!r} is not WIDTHxHEIGHT or auto")
         concrete_sizes = [s for s in self.sizes if s != "auto"]
-        if not concrete_sizes and not self.default_size:
-            raise ValueError("needs a concrete size or a default_size")
-        if "auto" in self.sizes and self.default_size not in concrete_sizes:
+        if not concrete_sizes and not SIZE_RE.match(self.default_size):
+            # Only `auto` (an edit that keeps its input's size): the default is what it is
+            # priced and estimated at.
+            raise ValueError("needs a concrete size or a default_size WIDTHxHEIGHT")
+        if "auto" in self.sizes and concrete_sizes and self.default_size not in concrete_sizes:
             raise ValueError(f"default_size {self.default_size!r} must be one of the concrete sizes")
         if self.default_quality == "auto" or self.default_quality not in self.qualities:
             # `auto` must resolve to a concrete quality before pricing (never an unpriced request).
@@ -120,13 +133,16 @@ class ModelSpec(BaseModel):
             if fmt not in OUTPUT_FORMATS:
                 raise ValueError(f"output format {fmt!r} is not one of {OUTPUT_FORMATS}")
         for quality in self.billable_qualities:
-            for size in concrete_sizes:
+            for size in concrete_sizes or [self.default_size]:
                 if self.unit_price(quality, size) is None:
                     raise ValueError(f"no price for quality {quality!r} at size {size!r}")
         if self.edits:
-            for fidelity in self.input_fidelities or [WILDCARD]:
+            # None: the caller sent no input_fidelity (the "*" price).
+            for fidelity in [*self.input_fidelities, None]:
                 if self.input_image_price(fidelity) is None:
-                    raise ValueError(f"an editing model needs input_image_prices for fidelity {fidelity!r} (or '*')")
+                    raise ValueError(f"an editing model needs input_image_prices for fidelity {fidelity or '*'!r}")
+        if not self.generations and not self.edits:
+            raise ValueError("a model that does not generate must edit (generations = false needs edits = true)")
         return self
 
     def input_image_price(self, fidelity: str | None) -> int | None:
@@ -135,7 +151,7 @@ class ModelSpec(BaseModel):
         return prices.get(fidelity or WILDCARD, prices.get(WILDCARD))
 
     def supports(self, operation: Operation) -> bool:
-        return operation == "generate" or (operation == "edit" and self.edits) or (
+        return (operation == "generate" and self.generations) or (operation == "edit" and self.edits) or (
             operation == "variation" and self.variations
         )
 
@@ -200,6 +216,9 @@ class Quote:
     # image tokens for an upstream that reports them (0: charge the whole input price).
     inputs_micros: int = 0
     input_token_price: int = 0
+    # The inputs were priced once per output image (a fan-out upstream reads them on
+    # every call): each delivered image carries its share.
+    inputs_per_output: bool = False
 
     @property
     def amount_micros(self) -> int:
@@ -214,7 +233,7 @@ class Quote:
         nothing charged (inputs included)."""
         cost = images * self.unit_price_micros + partials * self.partial_price_micros
         if images or partials:
-            inputs = self.inputs_micros
+            inputs = self.inputs_micros * images // self.request.n if self.inputs_per_output else self.inputs_micros
             if self.input_token_price and usage is not None and usage.input_image_tokens:
                 # Round up: a fraction of a micro-dollar is still owed to the upstream.
                 inputs = min(inputs, -(-usage.input_image_tokens * self.input_token_price // 1_000_000))
@@ -397,8 +416,9 @@ class ModelCatalog:
             stream=stream,
             partial_price_micros=spec.partial_image_price,
             raw=raw,
-            inputs_micros=inputs_micros,
+            inputs_micros=inputs_micros * n if spec.inputs_per_output else inputs_micros,
             input_token_price=spec.input_token_price if raw.operation == "edit" else 0,
+            inputs_per_output=spec.inputs_per_output,
         )
 
 
@@ -448,11 +468,35 @@ def _check_inputs(spec: ModelSpec, raw: RawImageRequest) -> int:
                 param="mask",
                 code="invalid_mask",
             )
+    if spec.edit_input == "square-png":
+        _check_square_png(spec, raw.images[0], raw.mask)
     fidelity = _optional_choice(spec, "input_fidelity", raw.input_fidelity, spec.input_fidelities)
     price = spec.input_image_price(fidelity)
     if price is None:  # pragma: no cover - the spec validator guarantees a price
         raise CatalogError(f"model {spec.id!r} has no input image price for fidelity {fidelity!r}")
     return price * len(raw.images)
+
+
+def _check_square_png(spec: ModelSpec, image: InputImage, mask: InputImage | None) -> None:
+    """DALL·E 2's edit input: one square PNG under 4 MB whose transparency is the mask
+    when none is given (OpenAI's ``CreateImageEditRequest``)."""
+    if image.format != "png" or image.width != image.height or image.size > SQUARE_PNG_MAX_BYTES:
+        raise InvalidRequestError(
+            f"Invalid 'image': model '{spec.id}' edits one square PNG image of at most 4 MB.",
+            param="image",
+            code="invalid_image",
+        )
+    if mask is None and not image.has_alpha:
+        raise InvalidRequestError(
+            f"Invalid 'image': without a 'mask', model '{spec.id}' edits where the image is transparent, "
+            "but it has no alpha channel.",
+            param="image",
+            code="invalid_image",
+        )
+    if mask is not None and mask.size > SQUARE_PNG_MAX_BYTES:
+        raise InvalidRequestError(
+            f"Invalid 'mask': model '{spec.id}' takes a mask of at most 4 MB.", param="mask", code="invalid_mask"
+        )
 
 
 def _resolve_size(spec: ModelSpec, size: str | None) -> tuple[int, int, bool]:

@@ -17,9 +17,10 @@ one completed event per image at the end.
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
 
 if TYPE_CHECKING:
     from server.providers.http import UpstreamHttp
@@ -70,6 +71,18 @@ class InputImage:
             self._source.seek(0)
             return self._source.read()
 
+    def read_range(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the encoded image from ``offset`` (fewer at its end)."""
+        with self._lock:
+            self._source.seek(offset)
+            return self._source.read(size)
+
+    def reader(self) -> BinaryIO:
+        """A file object over the encoded image with its own position, read piece by piece:
+        an upstream request streams the file from it (httpx reads 64 KiB at a time, from
+        memory or the page cache) instead of holding a copy of every image at once."""
+        return io.BufferedReader(_ImageReader(self), buffer_size=64 * 1024)
+
     def sha256(self) -> str:
         """SHA-256 of the encoded image, read in chunks (never whole in memory)."""
         digest = hashlib.sha256()
@@ -81,6 +94,36 @@ class InputImage:
 
     def __repr__(self) -> str:
         return f"InputImage({self.format} {self.width}x{self.height}, {self.size} bytes)"
+
+
+class _ImageReader(io.RawIOBase):
+    """The raw side of ``InputImage.reader``: seekable, with its size known (so httpx can
+    send a Content-Length), and no file descriptor."""
+
+    def __init__(self, image: InputImage) -> None:
+        self._image = image
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._image.size}[whence]
+        self._position = max(0, start + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        # Never past the size announced as the part's length.
+        data = self._image.read_range(self._position, max(0, min(len(buffer), self._image.size - self._position)))
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,18 @@ A 5xx or 429 on a poll is retried as a poll and never resubmits (that would pay 
 Size: width/height, multiples of 32 within 256..1440 (``server.providers.sizing``).
 One image per task, so ``n`` fans out with bounded concurrency. HTTP errors map by
 status in ``ERRORS`` (BFL's bodies carry only FastAPI ``detail`` text).
+
+FLUX.1 Kontext (``flux-kontext-*``, BFL's API reference "Edit or create an image with
+FLUX.1 Kontext [pro]", ``POST /v1/flux-kontext-pro``, and its schema as relayed by
+docs.comfy.org's "FLUX.1 Kontext" router page): ``prompt``, ``aspect_ratio`` (any ratio
+from 21:9 to 9:21; there is no width/height), ``output_format``, ``safety_tolerance``,
+``prompt_upsampling``, and for an edit the first image as ``input_image`` (base64) and the
+others as ``input_image_2`` .. ``input_image_4`` (BFL's experimental multi-reference). An
+edit with ``size: auto`` sends no ratio: Kontext keeps its input's. No mask (the catalog
+refuses one). Then polling exactly as for generations; a task moderated while polling
+(``Request Moderated`` / ``Content Moderated``) is the caller's content-policy refusal.
+Kontext bills per output image, input images included. The body, with the base64 inputs,
+is encoded once off the loop and sent by every task of the fan-out.
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from collections.abc import Mapping
 
 import httpx
 
-from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
+from server.errors import ContentPolicyError, InvalidRequestError, ModelNotSupportedError, UpstreamError
 from server.providers.base import GeneratedImage, ImageRequest, Progress, ProviderResult
 from server.providers.http import (
     ErrorBody,
@@ -34,10 +46,12 @@ from server.providers.http import (
     UpstreamModel,
     UpstreamResponse,
     fan_out,
+    input_base64,
+    json_content,
     lookup_kind,
     malformed,
 )
-from server.providers.sizing import bfl_dimensions
+from server.providers.sizing import bfl_dimensions, exact_aspect_ratio
 
 __all__ = ["ERRORS", "STATES", "BflImageProvider"]
 
@@ -53,6 +67,9 @@ ERRORS: ErrorTable = {
     (422, None): Kind.REJECTED,  # FastAPI validation (width not a multiple of 32, ...)
     (429, None): Kind.RATE_LIMITED,  # more than 24 active tasks
 }
+
+KONTEXT = "flux-kontext"
+MAX_KONTEXT_IMAGES = 4  # input_image, input_image_2 .. input_image_4
 
 # Poll `status` -> what to do. Anything else is a malformed answer.
 STATES: Mapping[str, str] = {
@@ -123,15 +140,23 @@ class BflImageProvider:
         self._safety_tolerance = safety_tolerance
         self._http = http
 
-    def submit_body(self, request: ImageRequest) -> dict[str, object]:
-        """The submit body for one image of ``request``."""
+    async def submit_body(self, request: ImageRequest) -> dict[str, object]:
+        """The submit body for one image of ``request`` (a Kontext edit's images in base64)."""
         if request.output_format not in OUTPUT_FORMATS:  # pragma: no cover - the catalog lists only these
             raise InvalidRequestError(f"Invalid value for 'output_format': {request.output_format!r}.", param="output_format")
-        width, height = bfl_dimensions(request.width, request.height)
-        return {
-            "prompt": request.prompt,
-            "width": width,
-            "height": height,
+        body: dict[str, object] = {"prompt": request.prompt}
+        if request.upstream_model.startswith(KONTEXT):
+            if len(request.images) > MAX_KONTEXT_IMAGES:  # pragma: no cover - the catalog's edit_max_images
+                raise InvalidRequestError(f"Kontext edits at most {MAX_KONTEXT_IMAGES} images.", param="image")
+            for index, image in enumerate(request.images, start=1):
+                body["input_image" if index == 1 else f"input_image_{index}"] = await input_base64(image)
+            if not (request.operation == "edit" and request.size_is_auto):
+                body["aspect_ratio"] = exact_aspect_ratio(request.width, request.height)
+        elif request.operation != "generate":
+            raise ModelNotSupportedError(f"The model '{request.model_id}' cannot edit images.", param="model")
+        else:
+            body["width"], body["height"] = bfl_dimensions(request.width, request.height)
+        return body | {
             "output_format": request.output_format,
             "safety_tolerance": self._safety_tolerance,
             "prompt_upsampling": False,
@@ -154,7 +179,7 @@ class BflImageProvider:
         self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
     ) -> ProviderResult:
         """``request.n`` tasks of one image each; moderated ones are dropped."""
-        body = self.submit_body(request)
+        body = await json_content(await self.submit_body(request), size=sum(image.size for image in request.images) * 2)
         return await fan_out(
             request.n,
             lambda _index: self._once(request, body, deadline),
@@ -163,14 +188,14 @@ class BflImageProvider:
             progress=progress,
         )
 
-    async def _once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:
+    async def _once(self, request: ImageRequest, body: bytes, deadline: float) -> ProviderResult:
         submitted = await self._http.send(
             "POST",
             str(self._base.join(f"v1/{request.upstream_model}")),
             deadline=deadline,
             classify=classify,
-            headers=self._headers,
-            json_body=body,
+            headers=self._headers | {"content-type": "application/json"},
+            content=body,
             operation="submit",
         )
         task = await submitted.parse(Submitted)

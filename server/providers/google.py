@@ -11,7 +11,13 @@ other model ``:generateContent`` (LiteLLM #17923: sending Gemini to ``:predict``
   visible. Fewer predictions than asked is a partial success; none is the caller's
   ``content_policy_violation``.
 * Gemini: one image per call, so ``n`` fans out with bounded concurrency; size ->
-  ``imageConfig.aspectRatio``. ``promptFeedback.blockReason`` and the image finish reasons
+  ``imageConfig.aspectRatio``. An edit sends the prompt's text part, then each input image
+  as an ``inlineData`` part (``{mimeType, data}``, base64; python-genai ``_Part_to_mldev``,
+  the Gemini API's "Image generation" guide, text-and-image-to-image; Vertex AI's "Edit
+  images with Gemini"), on every call of the fan-out (each call bills them as input
+  tokens, ``usageMetadata.promptTokensDetails`` IMAGE, which the catalog prices); with
+  ``size: auto`` no aspect ratio, so the output keeps the input's. Gemini takes no mask
+  (the catalog refuses one). The body, megabytes of base64, is encoded off the loop once. ``promptFeedback.blockReason`` and the image finish reasons
   in ``FINISH_REASONS`` are moderation; an answer with no image part is never a success.
   ``usageMetadata`` becomes ``TokenUsage`` (1290 output image tokens per 1024² image).
 
@@ -31,7 +37,7 @@ from collections.abc import Mapping
 from pydantic import ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
+from server.errors import ContentPolicyError, InvalidRequestError, ModelNotSupportedError, UpstreamError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
@@ -52,6 +58,8 @@ from server.providers.http import (
     UpstreamResponse,
     fan_out,
     image_from_base64,
+    input_base64,
+    json_content,
     lookup_kind,
     malformed,
     parse_duration,
@@ -264,31 +272,36 @@ class GoogleImageProvider:
             },
         }
 
-    def gemini_body(self, request: ImageRequest) -> dict[str, object]:
-        """The ``:generateContent`` body for one image of ``request``."""
+    async def gemini_body(self, request: ImageRequest) -> dict[str, object]:
+        """The ``:generateContent`` body for one image of ``request`` (an edit's images inline)."""
         if request.output_format != "png":
             # The Gemini API has no output MIME type option (Vertex only); it answers PNG.
             raise InvalidRequestError(
                 f"Invalid value for 'output_format': model '{request.model_id}' supports 'png' only.",
                 param="output_format",
             )
-        return {
-            "contents": [{"role": "user", "parts": [{"text": request.prompt}]}],
-            "generationConfig": {
-                "responseModalities": ["IMAGE"],
-                "imageConfig": {
-                    "aspectRatio": nearest_aspect_ratio(request.width, request.height, GEMINI_ASPECT_RATIOS)
-                },
-            },
-        }
+        parts: list[dict[str, object]] = [{"text": request.prompt}]
+        for image in request.images:
+            parts.append({"inlineData": {"mimeType": image.content_type, "data": await input_base64(image)}})
+        config: dict[str, object] = {"responseModalities": ["IMAGE"]}
+        if not (request.operation == "edit" and request.size_is_auto):
+            # An edit without a size keeps its input's shape (Gemini's default for edits).
+            ratio = nearest_aspect_ratio(request.width, request.height, GEMINI_ASPECT_RATIOS)
+            config["imageConfig"] = {"aspectRatio": ratio}
+        return {"contents": [{"role": "user", "parts": parts}], "generationConfig": config}
 
     async def generate(
         self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
     ) -> ProviderResult:
         """Up to ``request.n`` images; partial when the safety filter dropped some."""
         if self.method(request.upstream_model) == "predict":
+            if request.operation != "generate":
+                raise ModelNotSupportedError(
+                    f"The model '{request.model_id}' cannot edit images (Imagen's :predict takes a prompt only).",
+                    param="model",
+                )
             return await self._imagen(request, deadline)
-        body = self.gemini_body(request)
+        body = await json_content(await self.gemini_body(request), size=sum(image.size for image in request.images) * 2)
         result = await fan_out(
             request.n,
             lambda _index: self._gemini_once(request, body, deadline),
@@ -302,15 +315,17 @@ class GoogleImageProvider:
         return result
 
     async def _post(
-        self, request: ImageRequest, method: str, body: dict[str, object], deadline: float, scope: AnswerScope
+        self, request: ImageRequest, method: str, body: dict[str, object] | bytes, deadline: float, scope: AnswerScope
     ) -> UpstreamResponse:
+        encoded = isinstance(body, bytes)
         return await self._http.send(
             "POST",
             f"{self._base}/{request.upstream_model}:{method}",
             deadline=deadline,
             classify=lambda response: classify(method, response),
-            headers=self._headers,
-            json_body=body,
+            headers=self._headers | {"content-type": "application/json"} if encoded else self._headers,
+            json_body=None if encoded else body,
+            content=body if isinstance(body, bytes) else None,
             operation=method,
             scope=scope,
         )
@@ -342,13 +357,11 @@ class GoogleImageProvider:
         # All filtered: only the reason entry, or `{}` when reasons are off (python-genai guards the same).
         raise ContentPolicyError("The upstream provider's safety system rejected the request.")
 
-    async def _gemini_once(self, request: ImageRequest, body: dict[str, object], deadline: float) -> ProviderResult:
+    async def _gemini_once(self, request: ImageRequest, body: bytes, deadline: float) -> ProviderResult:
         async with self._http.answer() as scope:
             return await self._gemini_answer(request, body, deadline, scope)
 
-    async def _gemini_answer(
-        self, request: ImageRequest, body: dict[str, object], deadline: float, scope: AnswerScope
-    ) -> ProviderResult:
+    async def _gemini_answer(self, request: ImageRequest, body: bytes, deadline: float, scope: AnswerScope) -> ProviderResult:
         response = await self._post(request, "generateContent", body, deadline, scope)
         answer = await response.parse(GeminiAnswer)
         del response

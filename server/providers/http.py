@@ -46,6 +46,7 @@ import email.utils
 import enum
 import io
 import itertools
+import json
 import logging
 import math
 import random
@@ -77,7 +78,7 @@ from server.errors import (
     UpstreamError,
 )
 from server.offload import OFFLOAD_BYTES, run_sized
-from server.providers.base import GeneratedImage, Progress, ProviderResult, TokenUsage
+from server.providers.base import GeneratedImage, InputImage, Progress, ProviderResult, TokenUsage
 from server.providers.gate import AnswerGate, AnswerScope
 
 __all__ = [
@@ -101,6 +102,9 @@ __all__ = [
     "fan_out",
     "image_from_base64",
     "image_from_bytes",
+    "input_base64",
+    "input_bytes",
+    "json_content",
     "lookup_kind",
     "parse_duration",
     "parse_json",
@@ -249,6 +253,22 @@ async def parse_json(data: bytes, model: type[M], *, invalid: str) -> M:
             raise malformed(invalid) from exc
         where = ".".join(str(part) for part in first["loc"]) or "the top level"
         raise malformed(f"an answer of unexpected shape ({where}: {first['msg']})") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class _Body:
+    """What a request sends: at most one of JSON, multipart parts or encoded bytes."""
+
+    json: Any = None
+    files: Any = None
+    content: bytes | None = None
+
+
+async def json_content(body: object, *, size: int) -> bytes:
+    """``body`` as JSON bytes (for ``send(content=...)`` with a JSON content type), encoded
+    off the loop when ``size`` (its approximate length: the base64 images it carries) is
+    large: an edit's input images make bodies of many megabytes."""
+    return await run_sized(size, lambda: json.dumps(body, separators=(",", ":")).encode())
 
 
 class _BodyError(Exception):
@@ -537,11 +557,14 @@ class UpstreamHttp:
         headers: Mapping[str, str] | None = None,
         json_body: Any = None,
         files: Any = None,
+        content: bytes | None = None,
         operation: str = "request",
         scope: AnswerScope | None = None,
     ) -> UpstreamResponse:
         """Sends one logical request and returns its 2xx answer, retrying what is transient.
 
+        The body is ``json_body``, or multipart ``files`` (httpx's list of parts), or
+        ``content`` already encoded (a large JSON body made off the loop: ``json_content``).
         ``classify`` turns a non-2xx answer into a ``Failure`` using the adapter's table.
         Raises the mapped ``ApiError``; ``DeadlineExceededError`` when ``deadline`` passes
         while waiting for the upstream (or for the gate). Without ``scope``, a large body
@@ -551,12 +574,11 @@ class UpstreamHttp:
             async with self.answer() as own:
                 return await self.send(
                     method, url, deadline=deadline, classify=classify, headers=headers, json_body=json_body,
-                    files=files, operation=operation, scope=own,
+                    files=files, content=content, operation=operation, scope=own,
                 )
+        body = _Body(json_body, files, content)
         answer = await self._retrying(
-            lambda: self._attempt(
-                method, url, deadline=deadline, headers=headers, json_body=json_body, files=files, scope=scope
-            ),
+            lambda: self._attempt(method, url, deadline=deadline, headers=headers, payload=body, scope=scope),
             deadline=deadline,
             classify=classify,
             operation=operation,
@@ -575,6 +597,7 @@ class UpstreamHttp:
         classify: Callable[[UpstreamResponse], Failure],
         headers: Mapping[str, str] | None = None,
         json_body: Any = None,
+        files: Any = None,
         operation: str = "request",
         scope: AnswerScope | None = None,
     ) -> AsyncIterator[UpstreamEvents | UpstreamResponse]:
@@ -586,12 +609,13 @@ class UpstreamHttp:
         if scope is None:
             async with self.answer() as own, self.stream(
                 method, url, deadline=deadline, classify=classify, headers=headers, json_body=json_body,
-                operation=operation, scope=own,
+                files=files, operation=operation, scope=own,
             ) as opened:
                 yield opened
             return
+        body = _Body(json_body, files, None)
         opened = await self._retrying(
-            lambda: self._open_events(method, url, deadline=deadline, headers=headers, json_body=json_body, scope=scope),
+            lambda: self._open_events(method, url, deadline=deadline, headers=headers, payload=body, scope=scope),
             deadline=deadline,
             classify=classify,
             operation=operation,
@@ -676,8 +700,7 @@ class UpstreamHttp:
         *,
         deadline: float,
         headers: Mapping[str, str] | None,
-        json_body: Any,
-        files: Any,
+        payload: _Body,
         scope: AnswerScope,
     ) -> UpstreamResponse:
         # The exchange runs in its own task, cancelled at most once however often we are:
@@ -685,7 +708,7 @@ class UpstreamHttp:
         # (a fan-out's own deadline and its parent's, at the same instant) would interrupt,
         # leaving the connection open and counted in the pool forever.
         exchange = asyncio.create_task(
-            self._exchange(method, url, headers=headers, json_body=json_body, files=files, scope=scope)
+            self._exchange(method, url, headers=headers, payload=payload, scope=scope)
         )
         try:
             async with asyncio.timeout_at(deadline):
@@ -699,9 +722,11 @@ class UpstreamHttp:
         return UpstreamResponse(status=status, headers=response_headers, body=body, url=url)
 
     async def _exchange(
-        self, method: str, url: str, *, headers: Mapping[str, str] | None, json_body: Any, files: Any, scope: AnswerScope
+        self, method: str, url: str, *, headers: Mapping[str, str] | None, payload: _Body, scope: AnswerScope
     ) -> tuple[int, httpx.Headers, bytes]:
-        async with self.client.stream(method, url, headers=headers, json=json_body, files=files) as response:
+        async with self.client.stream(
+            method, url, headers=headers, json=payload.json, files=payload.files, content=payload.content
+        ) as response:
             body = await self._read_bounded(response, scope)
         return response.status_code, response.headers, body
 
@@ -741,7 +766,7 @@ class UpstreamHttp:
         *,
         deadline: float,
         headers: Mapping[str, str] | None,
-        json_body: Any,
+        payload: _Body,
         scope: AnswerScope,
     ) -> UpstreamResponse | UpstreamEvents:
         # As in _attempt, the exchange runs in its own task, cancelled at most once; it
@@ -749,7 +774,7 @@ class UpstreamHttp:
         # upstream is read only as fast as the caller takes the events).
         head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]] = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue[SseEvent | BaseException | None] = asyncio.Queue(maxsize=2)
-        exchange = asyncio.create_task(self._event_exchange(method, url, headers, json_body, head, queue, scope))
+        exchange = asyncio.create_task(self._event_exchange(method, url, headers, payload, head, queue, scope))
         opened = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -771,13 +796,15 @@ class UpstreamHttp:
         method: str,
         url: str,
         headers: Mapping[str, str] | None,
-        json_body: Any,
+        payload: _Body,
         head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]],
         queue: asyncio.Queue[SseEvent | BaseException | None],
         scope: AnswerScope,
     ) -> None:
         try:
-            async with self.client.stream(method, url, headers=headers, json=json_body) as response:
+            async with self.client.stream(
+                method, url, headers=headers, json=payload.json, files=payload.files, content=payload.content
+            ) as response:
                 content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
                     body = await self._read_bounded(response, scope)
@@ -932,6 +959,16 @@ async def image_from_base64(value: object, *, revised_prompt: str | None = None)
     else:
         data = decode_base64(value)
     return await image_from_bytes(data, revised_prompt=revised_prompt)
+
+
+async def input_bytes(image: InputImage) -> bytes:
+    """A caller's image as sent (read from its temporary file off the loop when large)."""
+    return await run_sized(image.size, image.read)
+
+
+async def input_base64(image: InputImage) -> str:
+    """A caller's image as standard base64, for upstreams that take images inside JSON."""
+    return await run_sized(image.size * 4 // 3, lambda: pybase64.b64encode(image.read()).decode("ascii"))
 
 
 def sum_usage(usages: Sequence[TokenUsage]) -> TokenUsage:

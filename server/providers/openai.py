@@ -15,14 +15,33 @@ One adapter, several dialects (``reference/providers.md`` §1 and §5):
     together     width/height instead of size, response_format=base64,          data[{index,type,b64_json|url}]
                  output_format png|jpeg.
 
+Edits and variations (``request.operation``): ``POST {base}/images/edits`` and
+``{base}/images/variations``, ``multipart/form-data`` as the official SDK sends them
+(openai-python ``resources/images.py``: ``extract_files`` paths ``image``, ``image[]``,
+``mask``; fields typed by ``types/image_edit_params.py`` and
+``image_create_variation_params.py``; ``reference/openai-images-openapi.yaml``
+``CreateImageEditRequest``). The text fields are the generation body's (``style`` and
+``moderation`` excepted: edits have neither) plus ``input_fidelity`` when the caller set
+it; numbers and booleans go as their JSON text. Files: GPT image models get every image as
+``image[]`` (up to 16), DALL·E 2 its one square PNG as ``image`` (and variations always
+``image``), another compatible host ``image`` for one file and ``image[]`` for several,
+exactly as the SDK would; the mask goes as ``mask``. Files carry neutral names
+(``image-1.png``, ``mask.png``: never the caller's file names) with their real content
+type, and are streamed from where the upload put them (``InputImage.reader``), again
+whole on a retry, never copied into memory together. A GPT image model's answer reports ``usage.input_tokens_details.image_tokens``: the
+input images' tokens, which the catalog's ``input_token_price`` turns into the input charge.
+xAI's and Together's edits are other formats (JSON with image URLs) and are not spoken here.
+
 ``url`` answers are downloaded at once (DALL·E links live 60 minutes, others less) and
 never passed on. Errors map by status and ``error.code`` (then ``error.type``) in
 ``ERRORS``; xAI's ``{"code", "error"}`` body is read the same way.
 
 Streaming: when the caller streams (a ``Progress`` is given) a GPT image model is asked
-for OpenAI's own stream (``stream: true``, ``partial_images``), and each
-``image_generation.partial_image`` and ``image_generation.completed`` event is validated
-and passed on as it arrives. OpenAI's events carry no image index, so with ``n`` > 1 the
+for OpenAI's own stream (``stream: true``, ``partial_images``; for an edit as form fields),
+and each ``image_generation.partial_image`` / ``image_generation.completed`` event (an
+edit's: ``image_edit.partial_image`` / ``image_edit.completed``, openai-python
+``types/image_edit_partial_image_event.py``, ``image_edit_completed_event.py``) is
+validated and passed on as it arrives. OpenAI's events carry no image index, so with ``n`` > 1 the
 partials are taken to belong to the image being made, the images coming one after the
 other. An ``error`` event maps through ``ERRORS`` like an error answer; a host that ignores
 ``stream`` and answers JSON is read as a plain answer.
@@ -31,11 +50,11 @@ other. An ``error`` event maps through ``ERRORS`` like an error answer; a host t
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from pydantic import Strict
 
-from server.errors import ApiError, ContentPolicyError, InvalidRequestError, UpstreamError
+from server.errors import ApiError, ContentPolicyError, InvalidRequestError, ModelNotSupportedError, UpstreamError
 from server.providers.base import (
     GeneratedImage,
     ImageRequest,
@@ -68,6 +87,11 @@ __all__ = ["DIALECTS", "ERRORS", "OpenAIImageProvider"]
 logger = logging.getLogger(__name__)
 
 DIALECTS = ("openai", "compatible", "xai", "together")
+# Stream event types, a generation's and an edit's.
+PARTIAL_EVENTS = frozenset({"image_generation.partial_image", "image_edit.partial_image"})
+COMPLETED_EVENTS = frozenset({"image_generation.completed", "image_edit.completed"})
+# httpx multipart parts: (field, (filename or None, content, content type)).
+Part = tuple[str, tuple[str | None, str] | tuple[str, BinaryIO, str]]
 
 # The one table: (HTTP status, error.code or error.type) -> what it means for us.
 ERRORS: ErrorTable = {
@@ -153,7 +177,8 @@ class _ErrorDetail(UpstreamModel):
 
 class StreamEvent(_Reported, _ErrorDetail):
     """One event of OpenAI's image stream: ``image_generation.partial_image``,
-    ``image_generation.completed`` or ``error`` (its fields nested or at the top)."""
+    ``image_generation.completed`` (an edit's ``image_edit.*``) or ``error`` (its fields
+    nested or at the top)."""
 
     b64_json: str | None = None
     partial_image_index: Informational[Annotated[int, Strict()]] = None
@@ -164,6 +189,13 @@ class _ErrorBody(ErrorBody):
     # OpenAI, Together and Azure: {"error": {...}}; xAI: {"code": "...", "error": "..."}.
     error: Informational[_ErrorDetail | str] = None
     code: Informational[str] = None
+
+
+def _form_value(value: object) -> str:
+    """A JSON value as a form field's text, as the SDK sends it (``true``, ``2``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 async def _event(sse: SseEvent) -> StreamEvent:
@@ -194,7 +226,8 @@ class OpenAIImageProvider:
         self.name = http.provider
         self.dialect = dialect
         # The SDK's convention: the base URL includes the version ("https://api.openai.com/v1").
-        self._url = base_url.rstrip("/") + "/images/generations"
+        self._base = base_url.rstrip("/")
+        self._url = self._base + "/images/generations"
         self._headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = http
 
@@ -257,40 +290,103 @@ class OpenAIImageProvider:
         if request.moderation is not None:
             body["moderation"] = request.moderation
 
+    def edit_fields(self, request: ImageRequest) -> dict[str, str]:
+        """The text fields of an edit or variation form (concrete size and quality)."""
+        family = self.family(request.upstream_model)
+        if family in ("xai", "together"):
+            raise ModelNotSupportedError(
+                f"The model '{request.model_id}' cannot edit images: its host's edit format is not supported.",
+                param="model",
+            )
+        if request.operation == "variation":
+            body: dict[str, object] = {
+                "model": request.upstream_model,
+                "n": request.n,
+                "size": request.size,
+                "response_format": "b64_json",
+            }
+            if request.user is not None:
+                body["user"] = request.user
+        else:
+            body = {name: value for name, value in self.request_body(request).items() if name != "style"}
+            if request.input_fidelity is not None:
+                body["input_fidelity"] = request.input_fidelity
+        return {name: _form_value(value) for name, value in body.items()}
+
+    def edit_parts(self, request: ImageRequest, *, stream: bool = False) -> list[Part]:
+        """The whole multipart form of an edit or variation: text fields, then the files."""
+        fields = self.edit_fields(request)
+        if stream:
+            fields |= {"stream": "true", "partial_images": str(request.partial_images)}
+        parts: list[Part] = [(name, (None, value)) for name, value in fields.items()]
+        family = self.family(request.upstream_model)
+        several = len(request.images) > 1
+        if request.operation == "variation" or family == "dall-e" or (family == "compatible" and not several):
+            name = "image"
+        else:
+            name = "image[]"
+        # Each file is streamed from where the upload put it (up to 16 x 50 MB), not copied.
+        for index, image in enumerate(request.images, start=1):
+            parts.append((name, (f"image-{index}.{image.format}", image.reader(), image.content_type)))
+        if request.mask is not None:
+            mask = request.mask
+            parts.append(("mask", (f"mask.{mask.format}", mask.reader(), mask.content_type)))
+        return parts
+
     async def generate(
         self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
     ) -> ProviderResult:
         """One upstream call returning up to ``request.n`` images; see ``ERRORS`` for failures."""
-        if progress is not None and self.family(request.upstream_model) == "gpt-image":
-            return await self._generate_streamed(request, deadline, progress)
+        streams = progress is not None and self.family(request.upstream_model) == "gpt-image"
+        if request.operation != "generate":
+            operation = "images/variations" if request.operation == "variation" else "images/edits"
+            streams = streams and request.operation == "edit"
+            url, body, parts = f"{self._base}/{operation}", None, self.edit_parts(request, stream=streams)
+        else:
+            operation, url, parts = "images/generations", self._url, None
+            body = self.request_body(request)
+            if streams:
+                body |= {"stream": True, "partial_images": request.partial_images}
+        if streams:
+            assert progress is not None
+            return await self._streamed(url, body, parts, operation, deadline, progress)
         # A large answer keeps its gate slot until its images are decoded and checked. The
         # answer goes straight into _answer (no name here), which drops the raw body once parsed.
         async with self._http.answer() as scope:
             return await self._answer(
                 await self._http.send(
                     "POST",
-                    self._url,
+                    url,
                     deadline=deadline,
                     classify=classify,
                     headers=self._headers,
-                    json_body=self.request_body(request),
-                    operation="images/generations",
+                    json_body=body,
+                    files=parts,
+                    operation=operation,
                     scope=scope,
                 ),
                 deadline,
                 scope,
             )
 
-    async def _generate_streamed(self, request: ImageRequest, deadline: float, progress: Progress) -> ProviderResult:
-        body = self.request_body(request) | {"stream": True, "partial_images": request.partial_images}
+    async def _streamed(
+        self,
+        url: str,
+        body: dict[str, object] | None,
+        parts: list[Part] | None,
+        operation: str,
+        deadline: float,
+        progress: Progress,
+    ) -> ProviderResult:
         async with self._http.answer() as scope, self._http.stream(
             "POST",
-            self._url,
+            url,
             deadline=deadline,
             classify=classify,
             headers=self._headers,
             json_body=body,
-            operation="images/generations (stream)",
+            files=parts,
+            operation=f"{operation} (stream)",
             scope=scope,
         ) as opened:
             if isinstance(opened, UpstreamResponse):
@@ -304,13 +400,13 @@ class OpenAIImageProvider:
                 kind = event.type or sse.event
                 if kind == "error" or "error" in event.model_fields_set:
                     raise self._stream_error(event)
-                if kind == "image_generation.partial_image":
+                if kind in PARTIAL_EVENTS:
                     image = await image_from_base64(event.b64_json)
                     index = event.partial_image_index
                     reported = event.result([image], TokenUsage())
                     await progress.partial(len(images), index if index is not None else partials, image, reported)
                     partials += 1
-                elif kind == "image_generation.completed":
+                elif kind in COMPLETED_EVENTS:
                     image = await image_from_base64(event.b64_json)
                     event.b64_json = None
                     images.append(image)

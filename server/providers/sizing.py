@@ -6,14 +6,17 @@ Stability, xAI) or width/height under their own rules (BFL: multiples of 32 with
 one on a log scale (so 3:2 and 2:3 are equally far from 1:1), the first listed on a tie.
 For the sizes the catalog offers, that gives this table:
 
-    OpenAI size   Imagen   Gemini   Stability   xAI    BFL (width x height)
-    256x256       1:1      1:1      1:1         1:1    256x256
-    512x512       1:1      1:1      1:1         1:1    512x512
-    1024x1024     1:1      1:1      1:1         1:1    1024x1024
-    1536x1024     4:3      3:2      3:2         3:2    1440x960
-    1024x1536     3:4      2:3      2:3         2:3    960x1440
-    1792x1024     16:9     16:9     16:9        16:9   1440x832
-    1024x1792     9:16     9:16     9:16        9:16   832x1440
+    OpenAI size   Imagen   Gemini   Stability   xAI    BFL (width x height)   BFL Kontext
+    256x256       1:1      1:1      1:1         1:1    256x256                1:1
+    512x512       1:1      1:1      1:1         1:1    512x512                1:1
+    1024x1024     1:1      1:1      1:1         1:1    1024x1024              1:1
+    1536x1024     4:3      3:2      3:2         3:2    1440x960               3:2
+    1024x1536     3:4      2:3      2:3         2:3    960x1440               2:3
+    1792x1024     16:9     16:9     16:9        16:9   1440x832               7:4
+    1024x1792     9:16     9:16     9:16        9:16   832x1440               4:7
+
+FLUX.1 Kontext takes any ratio from 21:9 to 9:21 (BFL's API reference), so it gets the
+exact one, reduced.
 
 Providers choose the pixel count themselves (Imagen and Gemini about 1 MP, Stability
 Core about 1.5 MP), so the image delivered has the requested *shape*, not always the
@@ -30,6 +33,7 @@ __all__ = [
     "STABILITY_ASPECT_RATIOS",
     "XAI_ASPECT_RATIOS",
     "bfl_dimensions",
+    "exact_aspect_ratio",
     "nearest_aspect_ratio",
 ]
 
@@ -64,3 +68,14 @@ def bfl_dimensions(width: int, height: int) -> tuple[int, int]:
         return max(BFL_MIN_SIDE, min(BFL_MAX_SIDE, stepped))
 
     return snap(width), snap(height)
+
+
+def exact_aspect_ratio(width: int, height: int, *, widest: float = 21 / 9) -> str:
+    """``width`` x ``height`` as a reduced "W:H", for providers that take any ratio up to
+    ``widest`` (and its inverse); a shape beyond that is clamped to it."""
+    if width / height > widest:
+        return "21:9"
+    if height / width > widest:
+        return "9:21"
+    divisor = math.gcd(width, height)
+    return f"{width // divisor}:{height // divisor}"

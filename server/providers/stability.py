@@ -16,14 +16,30 @@ forms, both the caller's ``content_policy_violation`` when nothing survives: 403
 ``{id, name, errors[]}``; ``ERRORS`` keys on the status and ``name``. A 429 carries no
 ``Retry-After``: Stability times the key out for 60 s, which its registry entry's
 ``rate_limit_delay`` encodes, so a request with less time left fails fast and retryable.
+
+Edits: ``POST {base}/v2beta/stable-image/edit/inpaint`` (the upstream model ``inpaint``),
+multipart with the files ``image`` and ``mask`` and the fields ``prompt`` and
+``output_format`` (Stability's API reference "Inpaint", as generated from its OpenAPI in
+aj-foster/open-api-generator ``stability-ai/edit.ex``: required ``image`` and ``prompt``,
+optional ``mask``, ``negative_prompt``, ``seed``, ``output_format``; 3 credits per
+success; the same answers and errors as the generate endpoints). No size or aspect ratio:
+the picture keeps the image's. Stability's mask is a grayscale strength map (black:
+keep, white: repaint), OpenAI's a PNG whose fully transparent pixels mark where to edit,
+so the mask is converted (transparent -> white, anything else -> black) before it goes.
+The catalog requires a mask for these rows (``edit_mask = "required"``): an edit without
+one is a 400 before anything is reserved.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 
-from server.errors import ContentPolicyError, InvalidRequestError
-from server.providers.base import ImageRequest, Progress, ProviderResult
+from PIL import Image
+
+from server.errors import ContentPolicyError, InvalidRequestError, ModelNotSupportedError
+from server.offload import run_sized
+from server.providers.base import ImageRequest, InputImage, Progress, ProviderResult
 from server.providers.gate import AnswerScope
 from server.providers.http import (
     ErrorBody,
@@ -37,22 +53,27 @@ from server.providers.http import (
     fan_out,
     image_from_base64,
     image_from_bytes,
+    input_bytes,
     lookup_kind,
     malformed,
 )
 from server.providers.sizing import STABILITY_ASPECT_RATIOS, nearest_aspect_ratio
 
-__all__ = ["ENDPOINTS", "ERRORS", "StabilityImageProvider"]
+__all__ = ["ENDPOINTS", "ERRORS", "StabilityImageProvider", "strength_mask"]
 
-# Upstream model -> (endpoint, whether the `model` form field names it).
+# Upstream model -> (endpoint under /v2beta/stable-image, whether the `model` form field names it).
 ENDPOINTS: Mapping[str, tuple[str, bool]] = {
-    "stable-image-ultra": ("ultra", False),
-    "stable-image-core": ("core", False),
-    "sd3.5-large": ("sd3", True),
-    "sd3.5-large-turbo": ("sd3", True),
-    "sd3.5-medium": ("sd3", True),
+    "stable-image-ultra": ("generate/ultra", False),
+    "stable-image-core": ("generate/core", False),
+    "sd3.5-large": ("generate/sd3", True),
+    "sd3.5-large-turbo": ("generate/sd3", True),
+    "sd3.5-medium": ("generate/sd3", True),
+    "inpaint": ("edit/inpaint", False),
 }
-OUTPUT_FORMATS: Mapping[str, tuple[str, ...]] = {"ultra": ("png", "jpeg", "webp"), "core": ("png", "jpeg", "webp"), "sd3": ("png", "jpeg")}
+EDIT_ENDPOINTS = frozenset({"edit/inpaint"})
+ALL_FORMATS = ("png", "jpeg", "webp")
+OUTPUT_FORMATS: Mapping[str, tuple[str, ...]] = {"generate/sd3": ("png", "jpeg")}
+Field = tuple[str, tuple[str | None, str | bytes] | tuple[str | None, str | bytes, str]]
 ACCEPTS = ("image/*", "application/json")
 FILTERED = "CONTENT_FILTERED"
 
@@ -90,6 +111,23 @@ def classify(response: UpstreamResponse) -> Failure:
     return Failure(lookup_kind(ERRORS, response.status, [name]), detail=detail, status=response.status, code=name)
 
 
+def _strength_mask(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as opened:
+        alpha = opened.convert("RGBA").getchannel("A")
+    # Fully transparent (OpenAI: edit here) -> white (Stability: full strength); else black.
+    strength = alpha.point(lambda value: 255 if value == 0 else 0)
+    out = io.BytesIO()
+    strength.save(out, format="PNG")
+    return out.getvalue()
+
+
+async def strength_mask(mask: InputImage) -> bytes:
+    """OpenAI's mask (a PNG, transparent where to edit) as Stability's: a grayscale PNG,
+    white where to repaint and black elsewhere. Decoded off the loop when large."""
+    data = await input_bytes(mask)
+    return await run_sized(mask.width * mask.height, _strength_mask, data)
+
+
 class StabilityImageProvider:
     """Stable Image Ultra, Core and SD3.5 (see the module docstring)."""
 
@@ -104,39 +142,50 @@ class StabilityImageProvider:
         if accept not in ACCEPTS:
             raise ValueError(f"accept must be one of {ACCEPTS}")
         self.name = http.provider
-        self._base = base_url.rstrip("/") + "/v2beta/stable-image/generate"
+        self._base = base_url.rstrip("/") + "/v2beta/stable-image"
         self._headers = {"authorization": f"Bearer {api_key}", "accept": accept}
         self._http = http
 
-    def form(self, request: ImageRequest) -> tuple[str, list[tuple[str, tuple[None, str]]]]:
-        """The endpoint URL and the multipart fields (no filenames) for one image."""
+    async def form(self, request: ImageRequest) -> tuple[str, list[Field]]:
+        """The endpoint URL and the multipart parts for one image: text fields (no
+        filenames), then an edit's image and converted mask."""
         endpoint = ENDPOINTS.get(request.upstream_model)
         if endpoint is None:
             raise InvalidRequestError(
                 f"Model '{request.model_id}' names an unknown Stability model '{request.upstream_model}'.", param="model"
             )
         path, names_model = endpoint
-        if request.output_format not in OUTPUT_FORMATS[path]:
+        if (path in EDIT_ENDPOINTS) != (request.operation == "edit"):
+            what = "edit images" if request.operation != "generate" else "generate images"
+            raise ModelNotSupportedError(f"The model '{request.model_id}' cannot {what}.", param="model")
+        formats = OUTPUT_FORMATS.get(path, ALL_FORMATS)
+        if request.output_format not in formats:
             raise InvalidRequestError(
                 f"Invalid value for 'output_format': model '{request.model_id}' supports "
-                f"{', '.join(repr(f) for f in OUTPUT_FORMATS[path])}.",
+                f"{', '.join(repr(f) for f in formats)}.",
                 param="output_format",
             )
-        fields = {
-            "prompt": request.prompt,
-            "aspect_ratio": nearest_aspect_ratio(request.width, request.height, STABILITY_ASPECT_RATIOS),
-            "output_format": request.output_format,
-        }
+        fields = {"prompt": request.prompt}
+        if path not in EDIT_ENDPOINTS:
+            fields["aspect_ratio"] = nearest_aspect_ratio(request.width, request.height, STABILITY_ASPECT_RATIOS)
+        fields["output_format"] = request.output_format
         if names_model:
             fields["model"] = request.upstream_model
         # (None, value) parts make httpx send multipart/form-data without a dummy file.
-        return f"{self._base}/{path}", [(key, (None, value)) for key, value in fields.items()]
+        parts: list[Field] = [(key, (None, value)) for key, value in fields.items()]
+        if path in EDIT_ENDPOINTS:
+            if request.mask is None:  # pragma: no cover - the catalog requires a mask (edit_mask)
+                raise InvalidRequestError(f"Model '{request.model_id}' edits only under a mask.", param="mask")
+            image = request.images[0]
+            parts.append(("image", (f"image.{image.format}", await input_bytes(image), image.content_type)))
+            parts.append(("mask", ("mask.png", await strength_mask(request.mask), "image/png")))
+        return f"{self._base}/{path}", parts
 
     async def generate(
         self, request: ImageRequest, *, deadline: float, progress: Progress | None = None
     ) -> ProviderResult:
         """``request.n`` calls of one image each; filtered ones are dropped."""
-        url, fields = self.form(request)
+        url, fields = await self.form(request)
         return await fan_out(
             request.n,
             lambda _index: self._once(url, fields, deadline),
@@ -145,14 +194,12 @@ class StabilityImageProvider:
             progress=progress,
         )
 
-    async def _once(self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float) -> ProviderResult:
+    async def _once(self, url: str, fields: list[Field], deadline: float) -> ProviderResult:
         # A large answer keeps its gate slot until its image is decoded and checked.
         async with self._http.answer() as scope:
             return await self._answer(url, fields, deadline, scope)
 
-    async def _answer(
-        self, url: str, fields: list[tuple[str, tuple[None, str]]], deadline: float, scope: AnswerScope
-    ) -> ProviderResult:
+    async def _answer(self, url: str, fields: list[Field], deadline: float, scope: AnswerScope) -> ProviderResult:
         response = await self._http.send(
             "POST", url, deadline=deadline, classify=classify, headers=self._headers, files=fields,
             operation="generate", scope=scope,

@@ -1,7 +1,8 @@
 """The provider test matrix: rows, what each row checks, and the run that checks them.
 
-A ``Row`` is one scenario of one provider: a request (model, a fake's scenario token in
-the prompt, fields, a caller deadline) and everything that must follow, exactly: the
+A ``Row`` is one scenario of one provider: a request (a generation, or an edit or a
+variation with its ``files``; model, a fake's scenario token in the prompt, fields, a
+caller deadline) and everything that must follow, exactly: the
 status, the OpenAI error body or the images (decoded, at their size), the headers, the
 money to the micro-dollar (balance, reservation, spend, the usage row, reconciliation),
 the requests the fake received (how many, their payloads, with our credentials), the
@@ -46,12 +47,15 @@ __all__ = [
     "LogWatch",
     "MatrixRun",
     "Row",
+    "Upload",
     "catalog_with",
     "expect_error",
     "expect_money",
     "fetch_images",
     "generate",
     "list_models",
+    "mask_png",
+    "png",
     "unique",
     "usage",
     "usd",
@@ -137,6 +141,56 @@ async def generate(stack: ProcessStack, key: str, body: Mapping[str, Any], **hea
         )
         finished = time.monotonic()
         return Reply(response, finished - started, finished)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file of an edit or variation: its form field, name, content type and bytes."""
+
+    field: str  # image, image[] or mask
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def form_value(value: object) -> str:
+    """A JSON value as the SDKs put it in a form field."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+async def upload(
+    stack: ProcessStack, key: str, path: str, fields: Mapping[str, Any], files: Sequence[Upload], **headers: str
+) -> Reply:
+    """``POST /v1/images/{edits,variations}`` through Envoy, multipart as the SDKs send it."""
+    parts: list[tuple[str, tuple[str | None, bytes | str] | tuple[str, bytes, str]]] = [
+        (name, (None, form_value(value))) for name, value in fields.items()
+    ]
+    parts += [(f.field, (f.filename, f.data, f.content_type)) for f in files]
+    async with httpx.AsyncClient(timeout=60) as client:
+        started = time.monotonic()
+        response = await client.post(
+            f"{stack.api_base}/images/{path}", files=parts, headers={"Authorization": f"Bearer {key}", **headers}
+        )
+        finished = time.monotonic()
+        return Reply(response, finished - started, finished)
+
+
+def png(width: int, height: int, color: tuple[int, ...] = (200, 40, 40), mode: str = "RGB") -> bytes:
+    """A solid ``width`` x ``height`` PNG (``mode`` RGBA for one with an alpha channel)."""
+    out = io.BytesIO()
+    Image.new(mode, (width, height), color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def mask_png(width: int, height: int) -> bytes:
+    """An OpenAI mask: opaque on top, fully transparent (edit here) on the bottom half."""
+    mask = Image.new("RGBA", (width, height), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, height // 2, width, height))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    return out.getvalue()
 
 
 async def list_models(stack: ProcessStack, key: str) -> list[str]:
@@ -297,6 +351,8 @@ class Row:
     outcome: str  # success, partial, refused, moderation, credentials, rate-limited, ... (the id)
     model: str
     scenario: str = ""  # the fake's behaviour: "[[fake:SCENARIO]]" goes into the prompt
+    operation: str = "generate"  # or edit (POST /v1/images/edits), variation (/v1/images/variations)
+    files: Sequence[Upload] = ()  # an edit's or variation's images and mask
     body: Mapping[str, Any] = field(default_factory=dict)  # request fields besides model and prompt
     deadline: str | None = None  # the caller's grpc-timeout header, e.g. "2S"
     label: str = ""  # distinguishes rows of one provider, outcome and model in the test id
@@ -320,7 +376,8 @@ class Row:
 
     @property
     def id(self) -> str:
-        parts = [self.provider, self.outcome, self.model, self.scenario, self.label]
+        operation = "" if self.operation == "generate" else self.operation
+        parts = [self.provider, operation, self.outcome, self.model, self.scenario, self.label]
         return "-".join(part for part in parts if part)
 
     @property
@@ -352,8 +409,14 @@ async def check(env: Env, row: Row) -> None:
     logs = LogWatch(env.stack) if row.log is not None else None
     retries_before = await _retries(env, row)
     headers = {"grpc-timeout": row.deadline} if row.deadline else {}
-    request = {"model": row.model, **row.body, "prompt": prompt}
-    reply = await generate(env.stack, key, request, **headers)
+    if row.operation == "variation":
+        # A variation has no prompt: its `user` carries the row's tag and scenario token.
+        reply = await upload(env.stack, key, "variations", {"model": row.model, **row.body, "user": prompt}, row.files, **headers)
+    elif row.operation == "edit":
+        request = {"model": row.model, **row.body, "prompt": prompt}
+        reply = await upload(env.stack, key, "edits", request, row.files, **headers)
+    else:
+        reply = await generate(env.stack, key, {"model": row.model, **row.body, "prompt": prompt}, **headers)
 
     if row.error is None:
         assert reply.status == row.status == 200, reply.response.text

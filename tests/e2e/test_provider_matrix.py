@@ -8,17 +8,25 @@ relay), fallbacks and per-model timeouts on copies of the shipped rows. Each ``R
 call, moderation, our credentials refused, rate limited, transient and persistent
 failures, malformed answers, deadlines, plus each provider's own cases; every one checks
 the status, the exact body and headers, the images, what the fake received and the money
-to the micro-dollar. A new provider or operation joins by adding its fake to ``env`` and
-its rows to ``ROWS``.
+to the micro-dollar. Edits and variations are rows too (``operation``, ``files``): each
+provider's edit endpoint gets exactly the fields and files its API takes, and the money
+includes the inputs (OpenAI's and Gemini's from the input image tokens they report). The
+official SDK's ``images.edit``, streamed or not, with one file or several, runs last, against
+the same stack. A new provider or operation joins by adding its fake to ``env`` and its rows
+to ``ROWS``.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import openai
 import pytest
+from PIL import Image
 
 from server.catalog import load_catalog
 from server.providers import PROVIDERS
@@ -34,19 +42,25 @@ from tests.e2e.matrix import (
     MatrixRun,
     Reply,
     Row,
+    Upload,
     catalog_with,
     clone_row,
     expect_money,
     generate,
     list_models,
+    mask_png,
+    png,
     unique,
     usage,
+    usd,
 )
+from tests.e2e.test_streaming import sse
 from tests.fakes.bfl_fake import BflFake
 from tests.fakes.google_fake import GoogleFake
 from tests.fakes.openai_fake import OpenAIFake
 from tests.fakes.server import RecordedRequest
 from tests.fakes.stability_fake import StabilityFake
+from tests.openai_schema import validator
 from tests.stack import process_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -174,7 +188,7 @@ async def env(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Env]:
                     r.headers.get("authorization") == f"Bearer {stability_fake.api_key}"
                     and r.content_type == "multipart/form-data"
                     and r.headers.get("accept") == "image/*"
-                    and all(part.filename is None for part in r.multipart() or [])
+                    and (r.path.endswith("/edit/inpaint") or all(part.filename is None for part in r.multipart() or []))
                 ),
                 "bfl": lambda r: r.headers.get("x-key") == bfl_fake.api_key,
             }
@@ -806,7 +820,279 @@ COMPATIBLE = [
         sent=dalle_body("dall-e-2", size="256x256")),
 ]
 
-ROWS = [*OPENAI_ROWS, *GOOGLE_ROWS, *STABILITY_ROWS, *BFL_ROWS, *FALLBACK_ROWS, *COMPATIBLE]
+# Edits and variations --------------------------------------------------------------------------------
+# Small inputs keep the matrix fast; every adapter forwards them exactly (or, Stability's mask,
+# converted), and every fake checks them as its API does.
+
+RED = png(64, 64)
+WIDE = png(96, 64, (40, 160, 40))
+JPEG = Image.new("RGB", (64, 64), (40, 40, 200))
+JPEG_BYTES = io.BytesIO()
+JPEG.save(JPEG_BYTES, format="JPEG")
+BLUE_JPEG = JPEG_BYTES.getvalue()
+MASK = mask_png(64, 64)
+WIDE_MASK = mask_png(96, 64)
+CUTOUT = mask_png(64, 64)  # a square RGBA PNG: DALL·E 2 edits where it is transparent
+# The OpenAI fake's input image tokens (tests/fakes/openai_fake.py): 64x64 at low and high
+# fidelity, 96x64 at high.
+LOW_64, HIGH_64, HIGH_96 = 255, 4415, 6495
+GEMINI_IMAGE_TOKENS = 258  # each input up to 384 pixels a side
+KONTEXT = "flux-kontext-pro"
+INPAINT = "stable-image-inpaint"
+
+
+def image(data: bytes, field: str = "image", name: str = "a.png", content_type: str = "image/png") -> Upload:
+    return Upload(field, name, content_type, data)
+
+
+def mask(data: bytes = MASK) -> Upload:
+    return Upload("mask", "mask.png", "image/png", data)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def sent_file(field: str, name: str, data: bytes, content_type: str = "image/png") -> tuple[str, str, str, bytes]:
+    return (field, name, content_type, data)
+
+
+def edit_usage(image_tokens: int, images: int = 1, per_image: int = MEDIUM_1024_TOKENS) -> Callable[[str], dict[str, Any]]:
+    return lambda prompt: usage(input_text=len(prompt.split()), input_image=image_tokens, output_image=per_image * images)
+
+
+def gpt_edit_body(model: str, files: list[Any], **fields: str) -> Callable[[str], list[dict[str, Any]]]:
+    """What goes upstream for a GPT image edit: the generation's fields as form text, every
+    image as image[] under a neutral name, the mask as mask."""
+    base = {"n": "1", "size": "1024x1024", "quality": "medium", "output_format": "png"}
+    return lambda prompt: [{"model": model, "prompt": prompt, **base, **fields, "files": files}]
+
+
+def dalle_edit_body(model: str = "dall-e-2", **fields: str) -> Callable[[str], list[dict[str, Any]]]:
+    base = {"n": "1", "size": "256x256", "quality": "standard", "response_format": "b64_json"}
+    return lambda prompt: [{"model": model, "prompt": prompt, **base, **fields,
+                            "files": [sent_file("image", "image-1.png", CUTOUT)]}]
+
+
+def variation_body(model: str = "dall-e-2", **fields: str) -> Callable[[str], list[dict[str, Any]]]:
+    base = {"n": "1", "size": "1024x1024", "response_format": "b64_json"}
+    return lambda user: [{"model": model, "user": user, **base, **fields, "files": [sent_file("image", "image-1.png", RED)]}]
+
+
+def refused_edit(provider: str, model: str, files: list[Upload], body: dict[str, Any], param: str, code: str,
+                 label: str = "", operation: str = "edit") -> Row:
+    """An edit the model cannot take: 400 naming the param, nothing sent, nothing reserved."""
+    return Row(provider, "refused", model, operation=operation, files=files, body=body, label=label or param,
+               status=400, calls=0, error=Err(code, param=param))
+
+
+GPT_EDIT_FILES = [sent_file("image[]", "image-1.png", RED), sent_file("mask", "mask.png", MASK)]
+OPENAI_EDIT_ROWS = [
+    # One file sent as `image` reaches OpenAI as image[]; the input's 255 tokens at $10/M: 2_550.
+    *(Row("openai", "success", "gpt-image-1", operation="edit", files=[image(RED), mask()], label=rf,
+          body={"response_format": rf}, images=[("PNG", 1024, 1024)], cost=42_000 + 2_550, answer=GPT_ANSWER,
+          usage=edit_usage(LOW_64), sent=gpt_edit_body("gpt-image-1", GPT_EDIT_FILES)) for rf in BOTH_FORMATS),
+    # Several files (PNG, PNG, JPEG) at high fidelity: reserved 3 x 75_000, charged by usage.
+    Row("openai", "success", "gpt-image-1", operation="edit", label="several-high", body={
+        "input_fidelity": "high", "response_format": "b64_json"},
+        files=[image(RED, "image[]"), image(WIDE, "image[]", "b.png"), image(BLUE_JPEG, "image[]", "c.jpg", "image/jpeg")],
+        images=[("PNG", 1024, 1024)], cost=42_000 + (HIGH_64 + HIGH_96 + HIGH_64) * 10, answer=GPT_ANSWER,
+        usage=edit_usage(HIGH_64 + HIGH_96 + HIGH_64),
+        sent=gpt_edit_body("gpt-image-1", [sent_file("image[]", "image-1.png", RED), sent_file("image[]", "image-2.png", WIDE),
+                                           sent_file("image[]", "image-3.jpeg", BLUE_JPEG, "image/jpeg")],
+                           input_fidelity="high")),
+    # A retried edit sends every file again, whole (they are streamed from the upload each time).
+    Row("openai", "transient", "gpt-image-1", "503x1", operation="edit", files=[image(RED), mask()], calls=2,
+        images=[("PNG", 1024, 1024)], cost=42_000 + 2_550, answer=GPT_ANSWER, usage=edit_usage(LOW_64),
+        sent=lambda prompt: gpt_edit_body("gpt-image-1", GPT_EDIT_FILES)(prompt) * 2),
+    # gpt-image-1.5's $8/M, two low-quality landscape outputs.
+    Row("openai", "success", "gpt-image-1.5", operation="edit", label="n2-high", files=[image(RED)], body={
+        "n": 2, "size": "1536x1024", "quality": "low", "input_fidelity": "high", "response_format": "b64_json"},
+        images=[("PNG", 1536, 1024)] * 2, cost=2 * 13_000 + HIGH_64 * 8,
+        answer={"size": "1536x1024", "quality": "low", "output_format": "png", "background": "opaque"},
+        usage=edit_usage(HIGH_64, 2, 400),
+        sent=gpt_edit_body("gpt-image-1.5", [sent_file("image[]", "image-1.png", RED)], n="2", size="1536x1024",
+                           quality="low", input_fidelity="high")),
+    # gpt-image-2 always reads inputs at high fidelity.
+    Row("openai", "success", "gpt-image-2", operation="edit", files=[image(WIDE)], images=[("PNG", 1024, 1024)],
+        cost=42_000 + HIGH_96 * 10, answer=GPT_ANSWER, usage=edit_usage(HIGH_96),
+        sent=gpt_edit_body("gpt-image-2", [sent_file("image[]", "image-1.png", WIDE)])),
+    # DALL·E 2: one square PNG as `image`, edited where it is transparent; priced as a generation.
+    Row("openai", "success", "dall-e-2", operation="edit", files=[image(CUTOUT)], body={"size": "256x256"},
+        images=[("PNG", 256, 256)], cost=16_000, sent=dalle_edit_body()),
+    Row("relay", "success", "relay-dall-e-2", operation="edit", files=[image(CUTOUT)], body={"size": "256x256"},
+        images=[("PNG", 256, 256)], cost=16_000, sent=dalle_edit_body()),
+    *(Row(provider, "success", model, operation="variation", files=[image(RED)], body={"n": 2, "size": "512x512"},
+          images=[("PNG", 512, 512)] * 2, cost=36_000, sent=variation_body(n="2", size="512x512"))
+      for provider, model in [("openai", "dall-e-2"), ("relay", "relay-dall-e-2")]),
+    refused_edit("openai", "gpt-image-2", [image(RED)], {"input_fidelity": "high"}, "input_fidelity",
+                 "unsupported_parameter"),
+    refused_edit("openai", "gpt-image-1", [image(RED)] * 17, {}, "image", "too_many_images"),
+    refused_edit("openai", "gpt-image-1", [image(RED), mask(WIDE_MASK)], {}, "mask", "invalid_mask"),
+    refused_edit("openai", "gpt-image-1", [image(RED)], {"input_fidelity": "max"}, "input_fidelity", "invalid_value"),
+    refused_edit("openai", "dall-e-2", [image(CUTOUT), image(CUTOUT)], {}, "image", "too_many_images"),
+    refused_edit("openai", "dall-e-2", [image(png(96, 64, (0, 0, 0, 0), "RGBA"))], {}, "image", "invalid_image",
+                 label="not-square"),
+    refused_edit("openai", "dall-e-2", [image(RED)], {}, "image", "invalid_image", label="no-alpha-no-mask"),
+    refused_edit("openai", "dall-e-3", [image(RED)], {}, "model", "model_not_supported"),
+    refused_edit("openai", "gpt-image-1", [image(RED)], {}, "model", "model_not_supported", operation="variation"),
+    Row("openai", "moderation", "gpt-image-1", "moderated", operation="edit", files=[image(RED)], status=400,
+        error=MODERATION),
+    Row("openai", "moderation", "dall-e-2", "moderated", operation="variation", files=[image(RED)], status=400,
+        error=MODERATION),
+    Row("openai", "credentials", "gpt-image-1", "revoked-key", operation="edit", files=[image(RED)], status=502,
+        error=CREDENTIALS, log=["openai rejected the gateway's credentials (HTTP 401, code invalid_api_key); "
+                                "check IMAGEGW_OPENAI_API_KEY"]),
+    Row("openai", "rate-limited", "gpt-image-1", "429-huge", operation="edit", files=[image(RED)], status=502,
+        seconds=(0, 5), error=rate_limited("retry after 600 s", retry_after="600")),
+    Row("openai", "rate-limited", "dall-e-2", "429-none", operation="variation", files=[image(RED)], status=502,
+        calls=3, error=rate_limited("gave up after 3 attempts")),
+    Row("openai", "malformed", "gpt-image-1", "invalid-json", operation="edit", files=[image(RED)], status=502,
+        error=malformed("invalid JSON from 127.0.0.1 (HTTP 200).")),
+    Row("openai", "malformed", "dall-e-2", "missing-image", operation="variation", files=[image(RED)], status=502,
+        error=malformed("a data entry without b64_json or url.")),
+    Row("openai", "deadline", "gpt-image-1", "slow=8", operation="edit", files=[image(RED)], deadline="2S",
+        status=504, error=TIMEOUT, seconds=AT_THE_DEADLINE, disconnects=1),
+]
+
+
+def gemini_edit_body(*inputs: bytes, calls: int = 1, ratio: str | None = None) -> Callable[[str], list[Any]]:
+    """The prompt's text part, then each input as inlineData; no aspect ratio for size auto."""
+    config: dict[str, Any] = {"responseModalities": ["IMAGE"]}
+    if ratio is not None:
+        config["imageConfig"] = {"aspectRatio": ratio}
+    parts = [{"inlineData": {"mimeType": "image/png", "data": b64(data)}} for data in inputs]
+    return lambda prompt: [{"contents": [{"role": "user", "parts": [{"text": prompt}, *parts]}],
+                            "generationConfig": config}] * calls
+
+
+def gemini_edit_usage(inputs: int, calls: int = 1) -> dict[str, Any]:
+    return usage(input_text=12 * calls, input_image=GEMINI_IMAGE_TOKENS * inputs * calls, output_image=1290 * calls)
+
+
+def gemini_inputs(tokens: int) -> int:
+    """Input image tokens at $0.30 per million, rounded up to the micro-dollar."""
+    return -(-tokens * 300_000 // 1_000_000)
+
+
+GOOGLE_EDIT_ROWS = [
+    # Two inputs on each of two calls (the fan-out reads them twice): 4 x 258 tokens, reserved at
+    # 2 x 2 x 1_000. Without a size the output keeps the first input's shape (3:2).
+    Row("google", "success", GEMINI, operation="edit", files=[image(WIDE, "image[]"), image(RED, "image[]", "b.png")],
+        body={"n": 2}, calls=2, images=[("PNG", 1248, 832)] * 2,
+        cost=2 * 39_000 + gemini_inputs(4 * GEMINI_IMAGE_TOKENS), usage=gemini_edit_usage(2, 2),
+        sent=gemini_edit_body(WIDE, RED, calls=2), extra=at(f"/v1beta/models/{GEMINI}:generateContent")),
+    Row("google", "success", GEMINI, operation="edit", label="portrait", files=[image(RED)],
+        body={"size": "1024x1536", "response_format": "b64_json"}, images=[("PNG", 832, 1248)],
+        cost=39_000 + gemini_inputs(GEMINI_IMAGE_TOKENS), usage=gemini_edit_usage(1),
+        sent=gemini_edit_body(RED, ratio="2:3")),
+    # One call of two moderated: its inputs are not charged (a share of the reservation, then usage).
+    Row("google", "partial", GEMINI, "image-safetyx1", operation="edit", files=[image(RED)], body={"n": 2}, calls=2,
+        images=[("PNG", 1024, 1024)], cost=39_000 + gemini_inputs(GEMINI_IMAGE_TOKENS), usage=gemini_edit_usage(1)),
+    refused_edit("google", GEMINI, [image(RED), mask()], {}, "mask", "unsupported_parameter"),
+    refused_edit("google", GEMINI, [image(RED, "image[]")] * 4, {}, "image", "too_many_images"),
+    refused_edit("google", "imagen-4", [image(RED)], {}, "model", "model_not_supported"),
+    Row("google", "moderation", GEMINI, "blocked", operation="edit", files=[image(RED)], status=400, error=MODERATION),
+    Row("google", "credentials", GEMINI, "revoked-key", operation="edit", files=[image(RED)], status=502,
+        error=CREDENTIALS, log=["google rejected the gateway's credentials (HTTP 400, code API_KEY_INVALID); "
+                                "check IMAGEGW_GOOGLE_API_KEY"]),
+    Row("google", "rate-limited", GEMINI, "429=26", operation="edit", files=[image(RED)], deadline="5S", status=502,
+        seconds=AT_ONCE, error=rate_limited("retry after 26 s", retry_after="26")),
+    Row("google", "malformed", GEMINI, "bad-base64", operation="edit", files=[image(RED)], status=502,
+        error=malformed("image data that is not valid base64.")),
+    Row("google", "deadline", GEMINI, "slow=8", operation="edit", files=[image(RED)], deadline="2S", status=504,
+        error=TIMEOUT, seconds=AT_THE_DEADLINE, disconnects=1),
+]
+
+
+def kontext_body(*inputs: bytes, ratio: str | None = None, fmt: str = "png", calls: int = 1) -> Callable[[str], list[Any]]:
+    references = {("input_image" if i == 0 else f"input_image_{i + 1}"): b64(data) for i, data in enumerate(inputs)}
+    shape = {"aspect_ratio": ratio} if ratio is not None else {}
+    return lambda prompt: [{"prompt": prompt, **references, **shape, "output_format": fmt, "safety_tolerance": 2,
+                            "prompt_upsampling": False}] * calls
+
+
+BFL_EDIT_ROWS = [
+    # input_image and input_image_2; 1792x1024 is exactly 7:4 (Kontext takes any ratio), about
+    # 1 MP: 1344x768, rendered by the fake at 1/16.
+    Row("bfl", "success", KONTEXT, operation="edit", files=[image(WIDE, "image[]"), image(RED, "image[]", "b.png")],
+        body={"size": "1792x1024"}, images=[("PNG", 84, 48)], cost=40_000, sent=kontext_body(WIDE, RED, ratio="7:4")),
+    # Without a size Kontext keeps the input's 3:2 (1248x832); n fans out, one task each.
+    Row("bfl", "success", KONTEXT, operation="edit", label="keeps-shape", files=[image(WIDE)],
+        body={"n": 2, "output_format": "webp", "response_format": "b64_json"}, calls=2, images=[("WEBP", 78, 52)] * 2,
+        cost=80_000, sent=kontext_body(WIDE, fmt="webp", calls=2)),
+    # Kontext also generates, from an aspect ratio.
+    Row("bfl", "success", KONTEXT, body={"size": "1536x1024"}, images=[("PNG", 78, 52)], cost=40_000,
+        sent=kontext_body(ratio="3:2")),
+    # Moderated while polling: the task was accepted, then its poll said so.
+    *(Row("bfl", "moderation", KONTEXT, scenario, operation="edit", files=[image(RED)], status=400, error=MODERATION,
+          extra=bfl_polls(lambda fake, polls, reply: len(polls) == 2))
+      for scenario in ("request-moderated", "content-moderated")),
+    refused_edit("bfl", KONTEXT, [image(RED), mask()], {}, "mask", "unsupported_parameter"),
+    refused_edit("bfl", KONTEXT, [image(RED, "image[]")] * 5, {}, "image", "too_many_images"),
+    refused_edit("bfl", FLUX, [image(RED)], {}, "model", "model_not_supported"),
+    Row("bfl", "credentials", KONTEXT, "revoked-key", operation="edit", files=[image(RED)], status=502,
+        error=CREDENTIALS, log=["bfl rejected the gateway's credentials (HTTP 403, code None); check IMAGEGW_BFL_API_KEY"]),
+    Row("bfl", "rate-limited", KONTEXT, "429", operation="edit", files=[image(RED)], status=502, calls=3,
+        error=rate_limited("gave up after 3 attempts")),  # BFL names no wait
+    Row("bfl", "malformed", KONTEXT, "garbage-sample", operation="edit", files=[image(RED)], status=502,
+        error=malformed("bytes that are not a PNG, JPEG or WebP image.")),
+    Row("bfl", "deadline", KONTEXT, "pending=1000", operation="edit", files=[image(RED)], deadline="2S", status=504,
+        error=TIMEOUT, seconds=AT_THE_DEADLINE),
+]
+
+
+async def inpainted(env: Env, row: Row, prompt: str, reply: Reply) -> None:
+    """Each call sent the image as it came and the mask as Stability's: white (repaint) where
+    the caller's was transparent, black elsewhere; no size or aspect ratio."""
+    fake = env.fakes["stability"]
+    for request in fake.sent(prompt):
+        assert request.path == "/v2beta/stable-image/edit/inpaint"
+        payload = fake.payload(request)
+        files = payload.pop("files")
+        assert payload == {"prompt": prompt, "output_format": row.body.get("output_format", "png")}
+        assert files[0] == sent_file("image", "image.png", WIDE)
+        assert files[1][:3] == ("mask", "mask.png", "image/png")
+        strength = Image.open(io.BytesIO(files[1][3]))
+        assert (strength.format, strength.mode, strength.size) == ("PNG", "L", (96, 64))
+        assert strength.crop((0, 0, 96, 32)).getextrema() == (0, 0)
+        assert strength.crop((0, 32, 96, 64)).getextrema() == (255, 255)
+
+
+INPAINT_FILES = [image(WIDE), mask(WIDE_MASK)]
+STABILITY_EDIT_ROWS = [
+    # The picture keeps the image's size; 3 credits per success.
+    Row("stability", "success", INPAINT, operation="edit", files=INPAINT_FILES, body={"output_format": "webp"},
+        images=[("WEBP", 96, 64)], cost=30_000, extra=inpainted),
+    Row("stability", "success", INPAINT, operation="edit", label="fan-out", files=INPAINT_FILES,
+        body={"n": 2, "response_format": "b64_json"}, calls=2, images=[("PNG", 96, 64)] * 2, cost=60_000, extra=inpainted),
+    # Without a mask: 400 before any upstream call.
+    Row("stability", "refused", INPAINT, operation="edit", files=[image(WIDE)], label="no-mask", status=400, calls=0,
+        error=Err("missing_required_parameter", "Missing required parameter: 'mask'. Model 'stable-image-inpaint' "
+                  "edits only under a mask.", param="mask")),
+    refused_edit("stability", INPAINT, INPAINT_FILES, {"size": "1024x1024"}, "size", "invalid_size"),
+    refused_edit("stability", INPAINT, [image(WIDE, "image[]"), image(WIDE, "image[]"), mask(WIDE_MASK)], {}, "image",
+                 "too_many_images"),
+    refused_edit("stability", "stable-image-core", INPAINT_FILES, {}, "model", "model_not_supported"),
+    # An edit-only model does not generate.
+    Row("stability", "refused", INPAINT, label="generation", status=400, calls=0, error=Err("model_not_supported",
+        "The model 'stable-image-inpaint' cannot generate images on this server; use a model whose catalog entry "
+        "allows it.", param="model")),
+    *(Row("stability", "moderation", INPAINT, scenario, operation="edit", files=INPAINT_FILES, status=400,
+          error=MODERATION) for scenario in ("moderated", "filtered")),
+    Row("stability", "credentials", INPAINT, "revoked-key", operation="edit", files=INPAINT_FILES, status=502,
+        error=CREDENTIALS, log=["stability rejected the gateway's credentials (HTTP 401, code unauthorized); "
+                                "check IMAGEGW_STABILITY_API_KEY"]),
+    Row("stability", "rate-limited", INPAINT, "429", operation="edit", files=INPAINT_FILES, deadline="10S",
+        status=502, seconds=AT_ONCE, error=rate_limited("retry after 60 s", retry_after="60")),
+    Row("stability", "malformed", INPAINT, "garbage-image", operation="edit", files=INPAINT_FILES, status=502,
+        error=malformed("bytes that are not a PNG, JPEG or WebP image.")),
+    Row("stability", "deadline", INPAINT, "slow=8", operation="edit", files=INPAINT_FILES, deadline="2S", status=504,
+        error=TIMEOUT, seconds=AT_THE_DEADLINE, disconnects=1),
+]
+
+ROWS = [*OPENAI_ROWS, *GOOGLE_ROWS, *STABILITY_ROWS, *BFL_ROWS, *FALLBACK_ROWS, *COMPATIBLE, *OPENAI_EDIT_ROWS,
+        *GOOGLE_EDIT_ROWS, *BFL_EDIT_ROWS, *STABILITY_EDIT_ROWS]
 assert len({row.id for row in ROWS}) == len(ROWS), "two rows with one id"
 # Rows that run alone come last, so that their tests start once the shared ones are done.
 ORDERED = sorted(ROWS, key=lambda row: row.alone)
@@ -887,6 +1173,87 @@ async def test_sdk_sees_moderation_as_bad_request_and_our_credentials_as_a_serve
     # Usage is listed newest first.
     await expect_money(idle.stack, account_id, spent=0, usage_rows=[
         ("failed", "upstream_error", 1, 0, 0), ("failed", "content_policy_violation", 1, 0, 0)])
+
+
+# -- OpenAI's own edit calls, through the official SDK ------------------------------------------------
+
+EDIT_PARTIAL = validator("ImageEditPartialImageEvent")
+EDIT_COMPLETED = validator("ImageEditCompletedEvent")
+
+
+def edit_requests(env: Env, prompt: str) -> list[Any]:
+    fake = env.fakes["openai"]
+    return [fake.payload(request) for request in fake.sent(prompt)]
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one-file", "several-files"])
+async def test_sdk_edits_with_one_or_several_files_and_a_mask(idle: Env, several: bool) -> None:
+    account_id, key = await idle.stack.admin.funded_key(FUNDED)
+    prompt = unique("put the lamp on the table")
+    files = [("room.png", RED), ("lamp.png", WIDE)] if several else ("room.png", RED)
+    async with sdk(idle, key) as client:
+        raw = await client.images.with_raw_response.edit(
+            model="gpt-image-1", image=files, mask=("mask.png", MASK), prompt=prompt, response_format="b64_json"
+        )
+    result = raw.parse()
+    assert result.data is not None and len(result.data) == 1
+    picture = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json or "", validate=True)))
+    assert (picture.format, picture.size) == ("PNG", (1024, 1024))
+    tokens = LOW_64 + (85 + 170 if several else 0)  # 96x64 at low fidelity is one tile too
+    assert result.usage is not None and result.usage.input_tokens_details.image_tokens == tokens
+    sent = [sent_file("image[]", "image-1.png", RED), *([sent_file("image[]", "image-2.png", WIDE)] if several else []),
+            sent_file("mask", "mask.png", MASK)]
+    assert edit_requests(idle, prompt) == gpt_edit_body("gpt-image-1", sent)(prompt)
+    cost = 42_000 + tokens * 10
+    assert raw.headers["x-imagegw-cost-usd"] == usd(cost)
+    await expect_money(idle.stack, account_id, spent=cost, usage_rows=[("succeeded", "", 1, 1, cost)])
+
+
+@pytest.mark.parametrize("several", [False, True], ids=["one-file", "several-files"])
+async def test_sdk_streams_an_edit_relaying_openais_image_edit_events(idle: Env, several: bool) -> None:
+    account_id, key = await idle.stack.admin.funded_key(FUNDED)
+    prompt = unique("the room at night")
+    files = [("room.png", RED), ("lamp.png", RED)] if several else ("room.png", RED)
+    async with sdk(idle, key) as client:
+        stream = await client.images.edit(model="gpt-image-1", image=files, prompt=prompt, stream=True, partial_images=2)
+        events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    for event in events:
+        (EDIT_PARTIAL if event.type.endswith("partial_image") else EDIT_COMPLETED).validate(
+            event.model_dump(exclude_none=True))
+    pictures = [Image.open(io.BytesIO(base64.b64decode(e.b64_json))) for e in events]
+    assert {p.size for p in pictures} == {(1024, 1024)} and len({p.tobytes() for p in pictures}) == 3
+    tokens = LOW_64 * (2 if several else 1)
+    assert events[-1].usage.input_tokens_details.image_tokens == tokens
+    # OpenAI was asked for its own stream, as form fields.
+    sent = [sent_file("image[]", f"image-{i}.png", RED) for i in range(1, 3 if several else 2)]
+    assert edit_requests(idle, prompt) == gpt_edit_body("gpt-image-1", sent, stream="true", partial_images="2")(prompt)
+    # The image, two partial images at 100 output tokens ($0.004), and the inputs by usage.
+    cost = 42_000 + 2 * 4_000 + tokens * 10
+    await expect_money(idle.stack, account_id, spent=cost, usage_rows=[("succeeded", "", 1, 1, cost)])
+
+
+async def test_a_streamed_edit_is_relayed_event_by_event(idle: Env) -> None:
+    _, key = await idle.stack.admin.funded_key(FUNDED)
+    fake = idle.fakes["openai"]
+    assert isinstance(fake, OpenAIFake)
+    fake._released.clear()
+    seen: list[str] = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream(
+            "POST", f"{idle.stack.api_base}/images/edits", headers={"authorization": f"Bearer {key}"},
+            files=[("model", (None, "gpt-image-1")), ("prompt", (None, unique("a fox [[fake:stream-hold]]"))),
+                   ("stream", (None, "true")), ("partial_images", (None, "1")), ("image", ("a.png", RED, "image/png"))],
+        ) as response:
+            assert response.status_code == 200
+            async for name, _ in sse(response):
+                if name is None:
+                    continue
+                seen.append(name)
+                # The fake holds its second event until now: a buffer anywhere on the way
+                # (the adapter, the server, Envoy) would keep this loop waiting forever.
+                fake.release_stream()
+    assert seen == ["image_edit.partial_image", "image_edit.completed"]
 
 
 # -- a built-in provider without its key (the session's gateway enables none) --------------------------

@@ -11,6 +11,12 @@ Submit validation follows FastAPI: 422 ``{"detail": [{loc, msg, type}]}`` for wi
 not a multiple of 32 or outside 256..1440 and ``safety_tolerance`` above 6; a missing or
 wrong key is 403; more than ``max_active`` unfinished tasks is 429.
 
+FLUX.1 Kontext (``flux-kontext-pro``, ``-max``): the body takes ``aspect_ratio`` (21:9 to
+9:21) instead of width/height (422 for those), ``input_image`` and ``input_image_2..4`` as
+base64 images (422 if one does not decode, or a reference comes without ``input_image``),
+``output_format`` defaulting to png; the result is about one megapixel at the ratio asked
+for, else the input image's, else square (rendered at 1/16, like every sample here).
+
 Endpoints (``tests.fakes.provider``): ``submit`` and ``global_poll`` on the global host;
 ``poll`` and ``sample`` on the regional one. Scenarios (prompt token or ``fake.enqueue``,
 both read at submit):
@@ -27,13 +33,15 @@ both read at submit):
 
 from __future__ import annotations
 
+import base64
+import math
 import secrets
 import uuid
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
-from tests.fakes.images import GARBAGE, MIME_TYPES
+from tests.fakes.images import GARBAGE, MIME_TYPES, describe
 from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
 from tests.fakes.scenarios import Scenario, transport_variant
 from tests.fakes.server import FakeResponse, RecordedRequest, SignedBlobs
@@ -138,9 +146,13 @@ class BflFake(FakeProvider):
             body = request.json()
         except ValueError:
             return FakeResponse.json_body({"detail": [{"loc": ["body"], "msg": "JSON decode error", "type": "json_invalid"}]}, 422)
-        problems = self._validate(body)
+        problems = self._validate_kontext(body) if model.startswith("flux-kontext") else self._validate(body)
         if problems:
             return FakeResponse.json_body({"detail": problems}, 422)
+        if model.startswith("flux-kontext"):
+            # About one megapixel at the ratio asked for, else the input's, else square.
+            width, height = _kontext_size(body)
+            body = body | {"width": width, "height": height}
         match scenario.name:
             case "payment":
                 return FakeResponse.json_body({"detail": "Insufficient credits"}, 402)
@@ -160,7 +172,7 @@ class BflFake(FakeProvider):
             prompt=body["prompt"],
             width=body.get("width", 1024),
             height=body.get("height", 768),
-            fmt=body.get("output_format", "jpeg"),
+            fmt=body.get("output_format", "png" if model.startswith("flux-kontext") else "jpeg"),
             scenario=scenario,
             pending=int(scenario.arg_or(self.pending)) if scenario.name == "pending" else self.pending,
             poll_failures=int(scenario.arg_or(2)) if scenario.name == "poll-5xx" else 0,
@@ -197,6 +209,36 @@ class BflFake(FakeProvider):
             problems.append({"loc": ["body", "output_format"], "msg": "Input should be 'jpeg', 'png' or 'webp'", "type": "enum"})
         return problems
 
+    @staticmethod
+    def _validate_kontext(body: Any) -> list[dict[str, Any]]:
+        if not isinstance(body, dict):
+            return [{"loc": ["body"], "msg": "Input should be a valid dictionary", "type": "dict_type"}]
+        problems = []
+        if not isinstance(body.get("prompt"), str):
+            problems.append({"loc": ["body", "prompt"], "msg": "Field required", "type": "missing"})
+        for name in ("width", "height", "image_prompt"):
+            if name in body:
+                problems.append({"loc": ["body", name], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"})
+        ratio = body.get("aspect_ratio")
+        if ratio is not None and _ratio(ratio) is None:
+            problems.append({"loc": ["body", "aspect_ratio"], "msg": "Aspect ratio must be between 21:9 and 9:21",
+                             "type": "value_error"})
+        references = [name for name in ("input_image_2", "input_image_3", "input_image_4") if name in body]
+        if references and "input_image" not in body:
+            problems.append({"loc": ["body", references[0]], "msg": "Additional references need input_image",
+                             "type": "value_error"})
+        for name in ("input_image", *references):
+            if name in body and _decoded(body[name]) is None:
+                problems.append({"loc": ["body", name], "msg": "Input should be a base64 encoded image or an URL",
+                                 "type": "value_error"})
+        tolerance = body.get("safety_tolerance", 2)
+        if not isinstance(tolerance, int) or not 0 <= tolerance <= 6:
+            problems.append({"loc": ["body", "safety_tolerance"], "msg": "Input should be less than or equal to 6",
+                             "type": "less_than_equal"})
+        if body.get("output_format", "png") not in ("jpeg", "png", "webp"):
+            problems.append({"loc": ["body", "output_format"], "msg": "Input should be 'jpeg', 'png' or 'webp'", "type": "enum"})
+        return problems
+
     # -- the regional host's state machine -----------------------------------------------------
 
     def poll(self, task_id: str) -> FakeResponse:
@@ -228,6 +270,38 @@ class BflFake(FakeProvider):
             state | {"status": "Ready", "result": {"sample": sample, "prompt": task.prompt, "seed": secrets.randbelow(2**31),
                                                     "start_time": 1767225600.1, "end_time": 1767225606.4, "duration": 6.3}}
         )
+
+
+def _ratio(value: object) -> float | None:
+    """A "W:H" string's ratio when Kontext takes it (21:9 .. 9:21), else None."""
+    if not isinstance(value, str) or value.count(":") != 1:
+        return None
+    width, height = value.split(":")
+    if not (width.isdigit() and height.isdigit()) or not int(width) or not int(height):
+        return None
+    ratio = int(width) / int(height)
+    return ratio if 9 / 21 - 1e-9 <= ratio <= 21 / 9 + 1e-9 else None
+
+
+def _decoded(value: object) -> tuple[int, int] | None:
+    """``(width, height)`` of a base64 image, or None."""
+    if not isinstance(value, str):
+        return None
+    try:
+        _, width, height = describe(base64.b64decode(value, validate=True))
+    except (ValueError, OSError, SyntaxError):
+        return None
+    return width, height
+
+
+def _kontext_size(body: dict[str, Any]) -> tuple[int, int]:
+    ratio = _ratio(body.get("aspect_ratio"))
+    if ratio is None:
+        shape = _decoded(body.get("input_image")) or (1, 1)
+        ratio = shape[0] / shape[1]
+    # One megapixel at that shape, sides in multiples of 32.
+    width = round(math.sqrt(1024 * 1024 * ratio) / 32) * 32
+    return width, round(1024 * 1024 / width / 32) * 32
 
 
 class Regional(FakeProvider):

@@ -10,6 +10,12 @@ Imagen answers ``predictions[{mimeType, bytesBase64Encoded}]`` (fewer when filte
 ``raiFilteredReason`` entry); Gemini answers one ``inlineData`` part plus ``usageMetadata``
 (1290 IMAGE tokens).
 
+Gemini edits: ``inlineData`` parts after the prompt's text part (``{mimeType, data}``,
+each a whole PNG/JPEG/WebP of that type, else 400 INVALID_ARGUMENT); their tokens appear in
+``usageMetadata.promptTokensDetails`` as IMAGE (258 per image up to 384 pixels a side,
+else 258 per 768-pixel tile); without ``imageConfig.aspectRatio`` the output keeps the
+first input's shape (the nearest supported ratio).
+
 Endpoints (``tests.fakes.provider``): ``predict`` (Imagen), ``generate_content`` (Gemini).
 Scenarios (prompt token or ``fake.enqueue``):
 
@@ -30,10 +36,11 @@ Scenarios (prompt token or ``fake.enqueue``):
 from __future__ import annotations
 
 import base64
+import math
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from tests.fakes.images import FAKE_PNG, GARBAGE, with_bad_padding
+from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, describe, with_bad_padding
 from tests.fakes.provider import FakeProvider, endpoint, serve_main
 from tests.fakes.scenarios import Scenario, transport_variant
 from tests.fakes.server import FakeResponse, RecordedRequest
@@ -59,6 +66,34 @@ BLOCKED_PROMPT = (
     "sensitive words that violate Google's Responsible AI practices. Try rephrasing the prompt. If you think this "
     "was an error, send feedback. Support codes: 42876398"
 )
+
+
+INPUT_MIME_TYPES = {"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"}
+
+
+def image_token_count(width: int, height: int) -> int:
+    """Gemini's count for an input image: 258 when both sides are at most 384 pixels, else
+    258 per 768x768 tile (the Gemini API's token guide)."""
+    if width <= 384 and height <= 384:
+        return 258
+    return 258 * math.ceil(width / 768) * math.ceil(height / 768)
+
+
+def nearest_ratio(width: int, height: int) -> str:
+    """The supported ratio nearest an input's shape: what an edit without one keeps."""
+    return min(GEMINI_RATIOS, key=lambda r: abs(math.log(GEMINI_RATIOS[r][0] / GEMINI_RATIOS[r][1] * height / width)))
+
+
+def _inline_image(inline: object) -> tuple[int, int] | None:
+    """``(width, height)`` of an ``inlineData`` part holding a whole image of its mimeType."""
+    if not isinstance(inline, dict) or inline.get("mimeType") not in INPUT_MIME_TYPES:
+        return None
+    try:
+        data = base64.b64decode(inline.get("data", ""), validate=True)
+        fmt, width, height = describe(data)
+    except (ValueError, OSError, SyntaxError):
+        return None
+    return (width, height) if MIME_TYPES.get(fmt) == inline["mimeType"] else None
 
 
 def google_error(status: int, message: str, details: list[dict[str, Any]] | None = None, *, as_list: bool = False) -> FakeResponse:
@@ -253,16 +288,29 @@ class GoogleFake(FakeProvider):
         for unsupported in ("outputMimeType", "outputCompressionQuality", "personGeneration", "imageOutputOptions"):
             if unsupported in image_config:
                 return google_error(400, f"{unsupported} parameter is not supported in Gemini API.")
-        ratio = image_config.get("aspectRatio", "1:1")
+        inputs: list[tuple[int, int]] = []
+        for part in contents[0]["parts"][1:]:
+            inline = part.get("inlineData") if isinstance(part, dict) else None
+            shape = _inline_image(inline)
+            if shape is None:
+                return google_error(400, "Unable to process input image. Please retry or report in "
+                                         "https://developers.generativeai.google/guide/troubleshooting")
+            inputs.append(shape)
+        default = nearest_ratio(*inputs[0]) if inputs else "1:1"
+        ratio = image_config.get("aspectRatio", default)
         if ratio not in GEMINI_RATIOS:
             return google_error(400, f"Unsupported aspect ratio: {ratio}.")
         scenario = self.scenarios.pick(prompt)
         error = self._common_error(scenario, model)
         if error is not None:
             return error
+        image_tokens = sum(image_token_count(width, height) for width, height in inputs)
+        prompt_details = [{"modality": "TEXT", "tokenCount": 12}]
+        if image_tokens:
+            prompt_details.append({"modality": "IMAGE", "tokenCount": image_tokens})
         usage = {
-            "promptTokenCount": 12, "totalTokenCount": 12,
-            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 12}],
+            "promptTokenCount": 12 + image_tokens, "totalTokenCount": 12 + image_tokens,
+            "promptTokensDetails": prompt_details,
         }
         reasons = {"image-safety": "IMAGE_SAFETY", "image-prohibited": "IMAGE_PROHIBITED_CONTENT",
                    "no-image": "NO_IMAGE", "image-other": "IMAGE_OTHER"}
@@ -294,8 +342,9 @@ class GoogleFake(FakeProvider):
             payload = {
                 "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
                 "usageMetadata": {
-                    "promptTokenCount": 12, "candidatesTokenCount": 1290 * count, "totalTokenCount": 12 + 1290 * count,
-                    "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 12}],
+                    "promptTokenCount": usage["promptTokenCount"], "candidatesTokenCount": 1290 * count,
+                    "totalTokenCount": usage["promptTokenCount"] + 1290 * count,
+                    "promptTokensDetails": prompt_details,
                     "candidatesTokensDetails": [{"modality": "IMAGE", "tokenCount": 1290 * count}],
                 },
                 "modelVersion": model, "responseId": "x5LmaO7QGJ2Mz7IPk8GA-Qo",

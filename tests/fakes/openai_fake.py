@@ -9,7 +9,21 @@ GPT image answers with ``usage`` and ``size/quality/output_format/background``; 
 answers with ``revised_prompt`` and a ``url`` by default, served from an expiring fake
 blob host (403 XML after ``url_ttl``).
 
-Endpoints (``tests.fakes.provider``): ``generations``, and ``blob`` for the image links.
+Edits and variations (``dialect="openai"``): ``POST /v1/images/edits`` and
+``/v1/images/variations`` take ``multipart/form-data`` as the SDK sends it (text fields,
+the files ``image`` or ``image[]`` and ``mask``), typed and checked as OpenAI does:
+GPT image models take 1-16 PNG/JPEG/WebP images, ``input_fidelity`` and stream; DALL·E 2
+one square PNG under 4 MB with an alpha channel unless a mask is given; a mask must be a
+PNG with alpha the size of the first image; variations are DALL·E 2 only and carry no
+prompt (the scenario token and ``sent()`` use their ``user`` field instead). A GPT image
+edit answers ``usage.input_tokens_details.image_tokens``: per input image 85 + 170 per
+512-pixel tile (after fitting 1024x1024), plus 4160 (square) or 6240 at high fidelity,
+which gpt-image-2 always uses (the fake's rule). A streamed edit sends ``image_edit.*``
+events. ``payload()`` of a multipart request is its text fields plus ``files``: the
+``(field, filename, content type, bytes)`` of each file, in order.
+
+Endpoints (``tests.fakes.provider``): ``generations``, ``edits``, ``variations``, and
+``blob`` for the image links.
 Scenarios (prompt token ``[[fake:NAME]]`` or ``fake.enqueue(NAME)``; see
 ``tests.fakes.scenarios``):
 
@@ -45,7 +59,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import math
 import re
 import secrets
 import time
@@ -54,10 +70,12 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
+from PIL import Image
+
 from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, with_bad_padding
 from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
 from tests.fakes.scenarios import Scenario, transport_variant
-from tests.fakes.server import FakeResponse, RecordedRequest, SignedBlobs
+from tests.fakes.server import FakeResponse, MultipartPart, RecordedRequest, SignedBlobs
 
 __all__ = ["OpenAIFake", "start_openai_fake"]
 
@@ -73,6 +91,12 @@ OUTPUT_TOKENS = {
     "medium": {"1024x1024": 1056, "1024x1536": 1584, "1536x1024": 1568},
     "high": {"1024x1024": 4160, "1024x1536": 6240, "1536x1024": 6208},
 }
+EDIT_FIELDS = {"prompt": str, "model": str, "n": int, "size": str, "quality": str, "response_format": str,
+               "output_format": str, "output_compression": int, "background": str, "input_fidelity": str,
+               "stream": bool, "partial_images": int, "user": str}
+VARIATION_FIELDS = {"model": str, "n": int, "size": str, "response_format": str, "user": str}
+MAX_GPT_FILE = 50 * 1024 * 1024
+MAX_DALLE_FILE = 4 * 1024 * 1024
 XAI_RATIOS = {"1:1", "3:4", "4:3", "9:16", "16:9", "2:3", "3:2", "9:19.5", "19.5:9", "9:20", "20:9", "1:2", "2:1"}
 SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -120,7 +144,23 @@ class OpenAIFake(FakeProvider):
         return [r for r in self.server.requests if r.path == "/v1/images/generations"]
 
     def prompt_of(self, request: RecordedRequest) -> str | None:
-        return super().prompt_of(request) if request.path == "/v1/images/generations" else None
+        if request.path == "/v1/images/generations":
+            return super().prompt_of(request)
+        if request.path in ("/v1/images/edits", "/v1/images/variations"):
+            # Variations have no prompt: their `user` stands in for it.
+            name = "prompt" if request.path.endswith("edits") else "user"
+            parts = request.multipart() or []
+            return next((p.data.decode() for p in parts if p.name == name and p.filename is None), None)
+        return None
+
+    def payload(self, request: RecordedRequest) -> Any:
+        """JSON bodies as data; a multipart body as its text fields plus ``files``."""
+        parts = request.multipart()
+        if parts is None:
+            return request.json()
+        fields: dict[str, Any] = {p.name: p.data.decode() for p in parts if p.filename is None}
+        fields["files"] = [(p.name, p.filename, p.content_type, p.data) for p in parts if p.filename is not None]
+        return fields
 
     def not_found(self, request: RecordedRequest) -> FakeResponse:
         return self._error(404, f"Invalid URL ({request.method} {request.path})")
@@ -217,7 +257,133 @@ class OpenAIFake(FakeProvider):
         if problem is not None:
             return problem
         assert answer is not None
+        return self._apply(scenario, body, answer | {"kind": "image_generation", "image_tokens": 0})
+
+    @endpoint("POST", r"/v1/images/edits")
+    async def edits(self, request: RecordedRequest) -> FakeResponse:
+        """``POST /v1/images/edits``, multipart (OpenAI's dialect only)."""
+        return self._form_request(request, "edit")
+
+    @endpoint("POST", r"/v1/images/variations")
+    async def variations(self, request: RecordedRequest) -> FakeResponse:
+        """``POST /v1/images/variations``, multipart, DALL·E 2 only."""
+        return self._form_request(request, "variation")
+
+    def _form_request(self, request: RecordedRequest, operation: str) -> FakeResponse:
+        if self.dialect != "openai":
+            return self.not_found(request)
+        scenario = self.scenarios.pick(self.prompt_of(request))
+        refused = self._refuse_key(request, scenario)
+        if refused is not None:
+            return refused
+        parts = request.multipart()
+        if parts is None:
+            return self._error(400, "Invalid Content-Type header; expected multipart/form-data.")
+        allowed = EDIT_FIELDS if operation == "edit" else VARIATION_FIELDS
+        body: dict[str, Any] = {}
+        for part in parts:
+            if part.filename is not None:
+                if part.name not in ("image", "image[]", "mask") or (operation == "variation" and part.name != "image"):
+                    return self._error(400, f"Unknown parameter: '{part.name}'.", param=part.name, code="unknown_parameter")
+                continue
+            kind = allowed.get(part.name)
+            if kind is None:
+                return self._error(400, f"Unknown parameter: '{part.name}'.", param=part.name, code="unknown_parameter")
+            text = part.data.decode()
+            if kind is int:
+                if not re.fullmatch(r"-?\d+", text):
+                    return self._error(400, f"Invalid type for '{part.name}': expected an integer.", param=part.name,
+                                       code="invalid_type")
+                body[part.name] = int(text)
+            elif kind is bool:
+                if text not in ("true", "false"):
+                    return self._error(400, f"Invalid type for '{part.name}': expected a boolean.", param=part.name,
+                                       code="invalid_type")
+                body[part.name] = text == "true"
+            else:
+                body[part.name] = text
+        images = [p for p in parts if p.filename is not None and p.name in ("image", "image[]")]
+        masks = [p for p in parts if p.filename is not None and p.name == "mask"]
+        problem, answer = self._check_form(operation, body, images, masks)
+        if problem is not None:
+            return problem
+        assert answer is not None
         return self._apply(scenario, body, answer)
+
+    def _check_form(
+        self, operation: str, body: dict[str, Any], images: list[MultipartPart], masks: list[MultipartPart]
+    ) -> tuple[FakeResponse | None, dict[str, Any] | None]:
+        model = body.get("model", "gpt-image-1.5" if operation == "edit" else "dall-e-2")
+        if operation == "variation" and model != "dall-e-2":
+            return self._error(400, f"Invalid model {model}. Variations are only supported for dall-e-2.",
+                               param="model"), None
+        if model not in GPT_IMAGE and model not in DALLE_SIZES:
+            return self._error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                               code="model_not_found"), None
+        if model == "dall-e-3":
+            return self._error(400, "Invalid model dall-e-3. Image edits support dall-e-2 and the GPT image models.",
+                               param="model"), None
+        gpt = model in GPT_IMAGE
+        problem = (
+            (self._check_prompt(body, 32000 if gpt else PROMPT_LIMITS[model]) if operation == "edit" else None)
+            or self._check_n(body, 10)
+            or self._unknown(body, ("response_format",) if gpt else (*GPT_ONLY, "input_fidelity"))
+        )
+        if problem is not None:
+            return problem, None
+        if not images:
+            return self._error(400, "Missing required parameter: 'image'.", param="image",
+                               code="missing_required_parameter"), None
+        if len(images) > (16 if gpt else 1) or len(masks) > 1:
+            return self._error(400, f"Too many images: at most {16 if gpt else 1}.", param="image",
+                               code="invalid_value"), None
+        shapes = []
+        for part in images:
+            shape = _picture(part.data)
+            if shape is None or shape[0] not in ("png", "jpeg", "webp"):
+                return self._error(400, "Invalid image file or mode for image, please check your image file.",
+                                   param="image", code="invalid_image_format"), None
+            if gpt and len(part.data) >= MAX_GPT_FILE:
+                return self._error(400, "Image file is too large; images must be less than 50 MB.", param="image",
+                                   code="image_too_large"), None
+            if not gpt and (shape[0] != "png" or shape[1] != shape[2] or len(part.data) >= MAX_DALLE_FILE):
+                return self._error(400, "Uploaded image must be a PNG and less than 4 MB.", param="image",
+                                   code="invalid_image_format"), None
+            shapes.append(shape)
+        if masks:
+            mask = _picture(masks[0].data)
+            if mask is None or mask[0] != "png" or not mask[3]:
+                return self._error(400, "Invalid mask image format - mask must be a PNG with an alpha channel.",
+                                   param="mask", code="invalid_image_format"), None
+            if mask[1:3] != shapes[0][1:3]:
+                return self._error(400, "Invalid mask image format - mask size does not match image size.",
+                                   param="mask", code="invalid_image_format"), None
+        elif operation == "edit" and not gpt and not shapes[0][3]:
+            return self._error(400, "Invalid input image - format must be in ['RGBA', 'LA', 'L'], got RGB.",
+                               param="image", code="invalid_image_format"), None
+        size = body.get("size", "auto" if gpt else "1024x1024")
+        if gpt:
+            if not self._gpt_size_ok(model, size):
+                return self._error(400, "The size is not supported by this model.", param="size", code="invalid_size"), None
+            quality = body.get("quality", "auto")
+            fmt = body.get("output_format", "png")
+            fidelity = body.get("input_fidelity", "low")
+            if quality not in ("low", "medium", "high", "auto") or fmt not in ("png", "jpeg", "webp") or fidelity not in (
+                "low", "high"
+            ):
+                bad = "quality" if quality not in ("low", "medium", "high", "auto") else (
+                    "output_format" if fmt not in ("png", "jpeg", "webp") else "input_fidelity")
+                return self._error(400, f"Invalid value: '{body[bad]}'.", param=bad, code="invalid_value"), None
+            high = fidelity == "high" or model.startswith("gpt-image-2")
+            tokens = sum(_input_tokens(width, height, high=high) for _, width, height, _ in shapes)
+        else:
+            if size not in DALLE_SIZES[model]:
+                return self._error(400, "The size is not supported by this model.", param="size", code="invalid_size"), None
+            if body.get("response_format", "url") not in ("url", "b64_json"):
+                return self._error(400, "Invalid response_format.", param="response_format", code="invalid_value"), None
+            fmt, tokens = "png", 0
+        kind = "image_edit" if operation == "edit" else "image_variation"
+        return None, {"model": model, "gpt": gpt, "size": size, "format": fmt, "kind": kind, "image_tokens": tokens}
 
     def _check_prompt(self, body: dict[str, Any], limit: int) -> FakeResponse | None:
         prompt = body.get("prompt")
@@ -412,7 +578,7 @@ class OpenAIFake(FakeProvider):
                         await self._released.wait()
                     final = k == len(pictures) - 1
                     data_fields = {
-                        "type": "image_generation.completed" if final else "image_generation.partial_image",
+                        "type": f"{answer['kind']}.completed" if final else f"{answer['kind']}.partial_image",
                         "b64_json": base64.b64encode(data).decode(),
                         "created_at": int(time.time()),
                         "size": fields["size"], "quality": fields["quality"],
@@ -436,17 +602,18 @@ class OpenAIFake(FakeProvider):
         size = "1024x1024" if answer["size"] == "auto" else answer["size"]
         per_image = OUTPUT_TOKENS[quality].get(size, 1056)
         text_tokens = len(body["prompt"].split())
+        image_tokens = answer["image_tokens"]
         return {
             "background": "transparent" if body.get("background") == "transparent" else "opaque",
             "output_format": answer["format"],
             "quality": quality,
             "size": size,
             "usage": {
-                "input_tokens": text_tokens,
-                "input_tokens_details": {"image_tokens": 0, "text_tokens": text_tokens},
+                "input_tokens": text_tokens + image_tokens,
+                "input_tokens_details": {"image_tokens": image_tokens, "text_tokens": text_tokens},
                 "output_tokens": per_image * images,
                 "output_tokens_details": {"image_tokens": per_image * images, "text_tokens": 0},
-                "total_tokens": text_tokens + per_image * images,
+                "total_tokens": text_tokens + image_tokens + per_image * images,
             },
         }
 
@@ -488,7 +655,8 @@ class OpenAIFake(FakeProvider):
             if wants_url:
                 ttl = 0.0 if scenario.name == "expired-url" else self.url_ttl
                 item["url"] = self.blobs.put(
-                    self.server.base_url, data, MIME_TYPES.get(fmt, "image/png"), ttl=ttl, suffix=fmt, tag=body["prompt"]
+                    self.server.base_url, data, MIME_TYPES.get(fmt, "image/png"), ttl=ttl, suffix=fmt,
+                    tag=body.get("prompt", body.get("user")),
                 )
             else:
                 encoded = base64.b64encode(data).decode()
@@ -527,6 +695,25 @@ class OpenAIFake(FakeProvider):
             ("x-ratelimit-reset-requests", "1s"),
         )
         return FakeResponse.json_body(payload, 200, headers=headers)
+
+
+def _picture(data: bytes) -> tuple[str, int, int, bool] | None:
+    """``(format, width, height, has alpha)`` of a whole image, or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            return (image.format or "").lower(), image.width, image.height, alpha
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
+def _input_tokens(width: int, height: int, *, high: bool) -> int:
+    """The fake's count of one input image's tokens (see the module docstring)."""
+    scale = min(1.0, 1024 / max(width, height))
+    tiles = math.ceil(width * scale / 512) * math.ceil(height * scale / 512)
+    extra = (4160 if width == height else 6240) if high else 0
+    return 85 + 170 * tiles + extra
 
 
 def start_openai_fake(**options: Any) -> AbstractAsyncContextManager[OpenAIFake]:

@@ -70,8 +70,14 @@ class RecordedRequest:
         for part in message.iter_parts():
             name = part.get_param("name", header="content-disposition")
             payload = part.get_payload(decode=True)
+            filename = part.get_filename()
             parts.append(
-                MultipartPart(name=str(name), filename=part.get_filename(), data=payload if isinstance(payload, bytes) else b"")
+                MultipartPart(
+                    name=str(name),
+                    filename=filename,
+                    data=payload if isinstance(payload, bytes) else b"",
+                    content_type=part.get_content_type() if filename is not None else None,
+                )
             )
         return parts
 
@@ -83,6 +89,7 @@ class MultipartPart:
     name: str
     filename: str | None
     data: bytes
+    content_type: str | None = None  # a file's, as its part declared it
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,14 @@ bytes with ``content-type: image/<fmt>``, ``finish-reason`` and ``seed`` headers
 ``accept: application/json`` answers ``{image, finish_reason, seed}``; other accepts are
 400. Errors are ``{id, name, errors[]}``.
 
-Endpoints (``tests.fakes.provider``): ``generate``. Scenarios (prompt token or ``fake.enqueue``):
+Inpainting (``POST /v2beta/stable-image/edit/inpaint``): the files ``image`` (a PNG, JPEG
+or WebP, each side at least 64 pixels, at most 9,437,184 pixels) and ``mask`` (optional
+when the image has an alpha channel), the fields ``prompt`` and ``output_format`` (and the
+other documented optional ones; anything else, such as ``aspect_ratio``, is a 400); the
+answer is at the image's size, negotiated as for the generate endpoints, with the same
+scenarios.
+
+Endpoints (``tests.fakes.provider``): ``generate``, ``inpaint``. Scenarios (prompt token or ``fake.enqueue``):
 
     revoked-key  401 unauthorized, as for a key Stability does not know
     moderated    403 content_moderation          filtered   200 with finish reason CONTENT_FILTERED
@@ -23,13 +30,16 @@ Endpoints (``tests.fakes.provider``): ``generate``. Scenarios (prompt token or `
 from __future__ import annotations
 
 import base64
+import io
 import secrets
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from PIL import Image
+
 from tests.fakes.images import FAKE_PNG, GARBAGE, MIME_TYPES, with_bad_padding
 from tests.fakes.provider import REVOKED_KEY, FakeProvider, endpoint, serve_main
-from tests.fakes.scenarios import transport_variant
+from tests.fakes.scenarios import Scenario, transport_variant
 from tests.fakes.server import FakeResponse, MultipartPart, RecordedRequest
 
 __all__ = ["StabilityFake", "start_stability_fake"]
@@ -57,11 +67,16 @@ class StabilityFake(FakeProvider):
     def generation_requests(self) -> list[RecordedRequest]:
         return [r for r in self.server.requests if r.path.startswith("/v2beta/stable-image/generate/")]
 
-    def payload(self, request: RecordedRequest) -> dict[str, str]:
-        """The form fields (Stability's body is multipart even without a file)."""
+    def payload(self, request: RecordedRequest) -> dict[str, Any]:
+        """The form fields (Stability's body is multipart even without a file), and an
+        edit's ``files`` as ``(field, filename, content type, bytes)``."""
         parts = request.multipart()
         assert parts is not None, "not multipart/form-data"
-        return {part.name: part.data.decode() for part in parts if part.filename is None}
+        fields: dict[str, Any] = {part.name: part.data.decode() for part in parts if part.filename is None}
+        files = [(p.name, p.filename, p.content_type, p.data) for p in parts if p.filename is not None]
+        if files:
+            fields["files"] = files
+        return fields
 
     def prompt_of(self, request: RecordedRequest) -> str | None:
         parts = request.multipart() or []
@@ -73,6 +88,57 @@ class StabilityFake(FakeProvider):
     @endpoint("POST", r"/v2beta/stable-image/generate/(?P<family>ultra|core|sd3)")
     async def generate(self, request: RecordedRequest, family: str) -> FakeResponse:
         """Text to image on one of the three model families."""
+        opened = self._open(request)
+        if isinstance(opened, FakeResponse):
+            return opened
+        scenario, parts, fields, accept = opened
+        problem = self._validate(family, fields, parts)
+        if problem is not None:
+            return problem
+        width, height = RATIOS[fields.get("aspect_ratio", "1:1")]
+        # Rendered at 1/16 of Stability's pixels.
+        return self._answer(scenario, accept, fields.get("output_format", "png"), width // 16, height // 16)
+
+    @endpoint("POST", r"/v2beta/stable-image/edit/inpaint")
+    async def inpaint(self, request: RecordedRequest) -> FakeResponse:
+        """Inpainting: ``image`` repainted where ``mask`` is white, at the image's size."""
+        opened = self._open(request)
+        if isinstance(opened, FakeResponse):
+            return opened
+        scenario, parts, fields, accept = opened
+        files = {p.name: p.data for p in parts if p.filename is not None}
+        for name in fields:
+            if name not in ("prompt", "negative_prompt", "seed", "output_format", "grow_mask", "style_preset"):
+                return stability_error(400, "bad_request", f"{name}: not accepted by this endpoint")
+        for name in files:
+            if name not in ("image", "mask"):
+                return stability_error(400, "bad_request", f"{name}: unexpected file")
+        if "image" not in files:
+            return stability_error(400, "bad_request", "image: required")
+        image = _shape(files["image"])
+        if image is None:
+            return stability_error(400, "bad_request", "image: must be a png, jpeg or webp image")
+        _, width, height, alpha = image
+        if min(width, height) < 64 or width * height > 9_437_184:
+            return stability_error(400, "bad_request", "image: each side at least 64 pixels, at most 9,437,184 pixels")
+        if "mask" in files:
+            if _shape(files["mask"]) is None:
+                return stability_error(400, "bad_request", "mask: must be a png, jpeg or webp image")
+        elif not alpha:
+            return stability_error(400, "bad_request", "mask: required when image has no alpha channel")
+        prompt = fields.get("prompt", "")
+        if not prompt or len(prompt) > 10000:
+            return stability_error(400, "bad_request", "prompt: must be 1 to 10000 characters")
+        fmt = fields.get("output_format", "png")
+        if fmt not in ("png", "jpeg", "webp"):
+            return stability_error(400, "bad_request", "output_format: must be one of png, jpeg, webp")
+        return self._answer(scenario, accept, fmt, width, height)
+
+    def _open(
+        self, request: RecordedRequest
+    ) -> FakeResponse | tuple[Scenario, list[MultipartPart], dict[str, str], str]:
+        """What every endpoint checks first (the key, the size, multipart, ``accept``), then
+        the request's scenario, parts, text fields and ``accept``."""
         scenario = self.scenarios.pick(self.prompt_of(request))
         auth = request.headers.get("authorization", "")
         if not auth.startswith("Bearer ") or auth.removeprefix("Bearer ") != self.api_key or scenario.name == REVOKED_KEY:
@@ -82,13 +148,12 @@ class StabilityFake(FakeProvider):
         parts = request.multipart()
         if parts is None:
             return stability_error(400, "bad_request", "content-type: must be multipart/form-data")
-        fields = {p.name: p.data.decode() for p in parts if p.filename is None}
         accept = request.headers.get("accept", "image/*")
         if accept not in ("image/*", "application/json"):
             return stability_error(400, "bad_request", "accept: must be either image/* or application/json")
-        problem = self._validate(family, fields, parts)
-        if problem is not None:
-            return problem
+        return scenario, parts, {p.name: p.data.decode() for p in parts if p.filename is None}, accept
+
+    def _answer(self, scenario: Scenario, accept: str, fmt: str, width: int, height: int) -> FakeResponse:
         match scenario.name:
             case "moderated":
                 return stability_error(
@@ -108,9 +173,7 @@ class StabilityFake(FakeProvider):
                 return stability_error(500, "internal_error", "An unexpected server error has occurred, please try again later.")
             case "unprocessable":
                 return stability_error(422, "invalid_language", "English is the only supported language for this service.")
-        fmt = fields.get("output_format", "png")
-        width, height = RATIOS[fields.get("aspect_ratio", "1:1")]
-        data = self.images.get(fmt, width // 16, height // 16)
+        data = self.images.get(fmt, width, height)
         if scenario.name == "garbage-image":
             data = GARBAGE
         elif scenario.name == "fake-png":
@@ -154,6 +217,17 @@ class StabilityFake(FakeProvider):
             return stability_error(400, "bad_request", "seed: must be between 0 and 4294967294")
         if endpoint != "sd3" and "model" in fields:
             return stability_error(400, "bad_request", "model: not accepted by this endpoint")
+        return None
+
+
+def _shape(data: bytes) -> tuple[str, int, int, bool] | None:
+    """``(format, width, height, has alpha)`` of a whole PNG, JPEG or WebP, else None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            fmt = (image.format or "").lower()
+            return (fmt, image.width, image.height, image.mode in ("RGBA", "LA")) if fmt in ("png", "jpeg", "webp") else None
+    except (OSError, SyntaxError, ValueError):
         return None
 
 

@@ -19,8 +19,8 @@ SPECS = load_catalog()
 
 
 def models_of(provider: str) -> list[str]:
-    """The catalog's image models served by ``provider``."""
-    return [spec.id for spec in SPECS if spec.provider == provider and spec.is_image]
+    """The catalog's image models served by ``provider`` that generate."""
+    return [spec.id for spec in SPECS if spec.provider == provider and spec.is_image and spec.generations]
 
 
 class SleepRecorder:

@@ -13,7 +13,7 @@ from tests.providers.support import upstream
 @pytest.mark.parametrize(("size", "sent"), [("1024x1024", (1024, 1024)), ("1792x1024", (1440, 832)), ("1024x1792", (832, 1440))])
 async def test_sizes_become_multiples_of_32_within_limits(size, sent, http, image_request):
     provider = BflImageProvider(upstream(http, "bfl"), api_key="k", base_url="https://api.bfl.ai")
-    body = provider.submit_body(image_request("flux-pro-1.1", size=size))
+    body = await provider.submit_body(image_request("flux-pro-1.1", size=size))
     assert (body["width"], body["height"]) == sent
 
 

@@ -28,7 +28,7 @@ def provider_for(fake, http, **options) -> GoogleImageProvider:
 async def test_sizes_become_the_documented_aspect_ratios(size, imagen, gemini, http, image_request):
     provider = GoogleImageProvider(upstream(http, "google"), api_key="k", base_url="https://example.test")
     assert provider.imagen_body(image_request("imagen-4", size=size))["parameters"]["aspectRatio"] == imagen
-    config = provider.gemini_body(image_request("gemini-2.5-flash-image", size=size))["generationConfig"]
+    config = (await provider.gemini_body(image_request("gemini-2.5-flash-image", size=size)))["generationConfig"]
     assert config == {"responseModalities": ["IMAGE"], "imageConfig": {"aspectRatio": gemini}}
 
 

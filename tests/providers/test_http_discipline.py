@@ -29,6 +29,7 @@ from server.providers.sizing import (
     STABILITY_ASPECT_RATIOS,
     XAI_ASPECT_RATIOS,
     bfl_dimensions,
+    exact_aspect_ratio,
     nearest_aspect_ratio,
 )
 from tests.fakes.images import FAKE_PNG, GARBAGE, make_image, with_bad_padding
@@ -128,24 +129,30 @@ def test_error_lookup_is_most_specific_first():
 
 # The table documented in server/providers/sizing.py, pinned.
 SIZE_TABLE = [
-    ("256x256", "1:1", "1:1", "1:1", "1:1", (256, 256)),
-    ("512x512", "1:1", "1:1", "1:1", "1:1", (512, 512)),
-    ("1024x1024", "1:1", "1:1", "1:1", "1:1", (1024, 1024)),
-    ("1536x1024", "4:3", "3:2", "3:2", "3:2", (1440, 960)),
-    ("1024x1536", "3:4", "2:3", "2:3", "2:3", (960, 1440)),
-    ("1792x1024", "16:9", "16:9", "16:9", "16:9", (1440, 832)),
-    ("1024x1792", "9:16", "9:16", "9:16", "9:16", (832, 1440)),
+    ("256x256", "1:1", "1:1", "1:1", "1:1", (256, 256), "1:1"),
+    ("512x512", "1:1", "1:1", "1:1", "1:1", (512, 512), "1:1"),
+    ("1024x1024", "1:1", "1:1", "1:1", "1:1", (1024, 1024), "1:1"),
+    ("1536x1024", "4:3", "3:2", "3:2", "3:2", (1440, 960), "3:2"),
+    ("1024x1536", "3:4", "2:3", "2:3", "2:3", (960, 1440), "2:3"),
+    ("1792x1024", "16:9", "16:9", "16:9", "16:9", (1440, 832), "7:4"),
+    ("1024x1792", "9:16", "9:16", "9:16", "9:16", (832, 1440), "4:7"),
 ]
 
 
-@pytest.mark.parametrize(("size", "imagen", "gemini", "stability", "xai", "bfl"), SIZE_TABLE)
-def test_the_documented_size_table(size, imagen, gemini, stability, xai, bfl):
+@pytest.mark.parametrize(("size", "imagen", "gemini", "stability", "xai", "bfl", "kontext"), SIZE_TABLE)
+def test_the_documented_size_table(size, imagen, gemini, stability, xai, bfl, kontext):
     width, height = (int(x) for x in size.split("x"))
     assert nearest_aspect_ratio(width, height, IMAGEN_ASPECT_RATIOS) == imagen
     assert nearest_aspect_ratio(width, height, GEMINI_ASPECT_RATIOS) == gemini
     assert nearest_aspect_ratio(width, height, STABILITY_ASPECT_RATIOS) == stability
     assert nearest_aspect_ratio(width, height, XAI_ASPECT_RATIOS) == xai
     assert bfl_dimensions(width, height) == bfl
+    assert exact_aspect_ratio(width, height) == kontext
+
+
+def test_kontext_ratios_beyond_21_9_are_clamped():
+    assert (exact_aspect_ratio(3000, 1000), exact_aspect_ratio(1000, 3000)) == ("21:9", "9:21")
+    assert exact_aspect_ratio(2100, 900) == "7:3"  # exactly 21:9, reduced
 
 
 def test_bfl_dimensions_stay_within_limits():

@@ -1,19 +1,24 @@
 """OpenAIImageProvider where the matrix (tests/e2e/test_provider_matrix.py) cannot look: the
-exact wait before each retry, the response size bound, and the typed answer's tolerance.
+exact wait before each retry, the response size bound, the typed answer's tolerance, and
+the edit form for hosts the fakes do not play (a compatible host's own model names).
 
 Every scenario a caller can see (each model, dialect, error and its money) is a matrix row.
 """
 
 from __future__ import annotations
 
+import io
 import re
 
 import httpx
 import pytest
+from PIL import Image
 
-from server.errors import UpstreamError
+from server.errors import ModelNotSupportedError, UpstreamError
+from server.providers.base import ImageRequest, InputImage
 from server.providers.http import RetryPolicy, UpstreamResponse
 from server.providers.openai import ImagesAnswer, OpenAIImageProvider
+from server.uploads import in_memory, inspect_image
 from tests.providers.support import SleepRecorder, upstream
 
 pytestmark = pytest.mark.timeout(15)
@@ -100,3 +105,54 @@ async def test_an_answer_without_what_we_need_is_malformed(body, detail):
         await response.parse(ImagesAnswer)
     assert caught.value.message == f"The upstream provider returned a malformed answer: {detail}"
     assert caught.value.should_retry is False
+
+
+async def _inputs(*shapes: tuple[int, int]) -> tuple[InputImage, ...]:
+    images = []
+    for width, height in shapes:
+        out = io.BytesIO()
+        Image.new("RGB", (width, height), (10, 20, 30)).save(out, format="PNG")
+        data = out.getvalue()
+        images.append(await inspect_image(in_memory(data), size=len(data), param="image"))
+    return tuple(images)
+
+
+@pytest.mark.parametrize(("count", "field"), [(1, "image"), (2, "image[]")])
+async def test_a_compatible_host_gets_files_as_the_sdk_sends_them(count, field, http):
+    # A model name that is neither GPT image nor DALL·E: the SDK's own rule, one file as
+    # `image` and several as `image[]`, is what every OpenAI-compatible host takes.
+    provider = OpenAIImageProvider(upstream(http, "openai"), api_key="", base_url="https://relay.test/v1", dialect="compatible")
+    request = ImageRequest(model_id="m", upstream_model="flux-dev", prompt="p", n=1, width=1024, height=1024,
+                           quality="standard", operation="edit", images=await _inputs(*[(64, 64)] * count))
+    parts = provider.edit_parts(request)
+    assert [(name, value[0]) for name, value in parts] == [
+        ("model", None), ("prompt", None), ("n", None), ("size", None), ("quality", None), ("response_format", None),
+        *[(field, f"image-{i}.png") for i in range(1, count + 1)],
+    ]
+
+
+@pytest.mark.parametrize("dialect", ["xai", "together"])
+async def test_hosts_whose_edit_format_is_another_refuse_edits(dialect, http):
+    provider = OpenAIImageProvider(upstream(http, "openai"), api_key="k", base_url="https://host.test/v1", dialect=dialect)
+    request = ImageRequest(model_id="m", upstream_model="grok-2-image", prompt="p", n=1, width=1024, height=1024,
+                           quality="standard", operation="edit", images=await _inputs((64, 64)))
+    with pytest.raises(ModelNotSupportedError):
+        provider.edit_parts(request)
+
+
+def test_an_input_image_is_read_piece_by_piece_with_its_length_known(tmp_path):
+    # What httpx does with a multipart file: the length from seek/tell, then 64 KiB reads,
+    # again from the start for a retry. The upload may sit in a temporary file.
+    data = bytes(range(256)) * 1024  # 256 KiB
+    with open(tmp_path / "upload", "w+b") as source:
+        source.write(data)
+        image = InputImage(source, size=len(data), format="png", width=1, height=1, has_alpha=False)
+        reader = image.reader()
+        assert (reader.seek(0, io.SEEK_END), reader.seek(0)) == (len(data), 0)
+        for _ in range(2):
+            pieces = list(iter(lambda: reader.read(64 * 1024), b""))
+            assert b"".join(pieces) == data and {len(p) for p in pieces} == {64 * 1024}
+            reader.seek(0)
+        # Another reader of the same image has its own position.
+        other = image.reader()
+        assert other.read(4) == data[:4] and reader.read(8) == data[:8]

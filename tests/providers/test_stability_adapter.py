@@ -1,17 +1,21 @@
 """StabilityImageProvider where the matrix (tests/e2e/test_provider_matrix.py) cannot look:
-answers negotiated as ``application/json`` (the server always asks for ``image/*``), and the
-60 s wait after a 429 when the deadline leaves room for it."""
+answers negotiated as ``application/json`` (the server always asks for ``image/*``), the
+60 s wait after a 429 when the deadline leaves room for it, and the inpainting mask's
+conversion for pixels the matrix's masks do not have (half transparent)."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import pytest
+from PIL import Image
 
 from server.errors import ContentPolicyError, InvalidRequestError, UpstreamError
 from server.providers import PROVIDERS
 from server.providers.http import RetryPolicy
-from server.providers.stability import StabilityImageProvider
+from server.providers.stability import StabilityImageProvider, strength_mask
+from server.uploads import in_memory, inspect_image
 from tests.fakes.images import describe
 from tests.providers.support import SleepRecorder, models_of, upstream
 
@@ -90,3 +94,17 @@ async def test_a_429_with_time_left_waits_the_60_s_then_retries(stability_fake, 
     result = await provider.generate(image_request("stable-image-core"), deadline=deadline(120))
     assert len(result.images) == 1 and len(stability_fake.generation_requests) == 2
     assert sleeps.waits == [60.0]
+
+
+async def test_only_fully_transparent_mask_pixels_are_repainted():
+    # OpenAI edits where alpha is zero; a half-transparent pixel is kept (black for Stability).
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    mask.paste((255, 255, 255, 128), (32, 0, 48, 64))
+    out = io.BytesIO()
+    mask.save(out, format="PNG")
+    data = out.getvalue()
+    converted = Image.open(io.BytesIO(await strength_mask(await inspect_image(in_memory(data), size=len(data), param="mask"))))
+    assert (converted.mode, converted.size) == ("L", (64, 64))
+    assert converted.crop((0, 0, 32, 64)).getextrema() == (255, 255)
+    assert converted.crop((32, 0, 64, 64)).getextrema() == (0, 0)

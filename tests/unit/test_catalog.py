@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from server.catalog import CatalogError, ModelCatalog, RawImageRequest, load_catalog
-from server.errors import InvalidRequestError, ModelNotAvailableError
+from server.errors import InvalidRequestError, ModelNotAvailableError, ModelNotSupportedError
+from server.providers.base import InputImage, TokenUsage
+from server.uploads import in_memory
 
 ROW = """
 [[models]]
@@ -96,3 +100,65 @@ def test_parameters_the_model_cannot_take_are_400(tmp_path: Path, raw: RawImageR
     with pytest.raises(InvalidRequestError) as caught:
         catalog.resolve(raw)
     assert (caught.value.param, caught.value.code) == (param, code)
+
+
+def _input(width: int = 64, height: int = 64) -> InputImage:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    data = out.getvalue()
+    return InputImage(in_memory(data), size=len(data), format="png", width=width, height=height, has_alpha=False)
+
+
+EDITS = ROW + 'edits = true\nedit_max_images = 3\ninput_image_prices = { "*" = 500 }\n'
+
+
+def test_a_fan_out_upstreams_inputs_are_priced_per_output_image(tmp_path: Path) -> None:
+    catalog = catalog_from(tmp_path, EDITS + "inputs_per_output = true\ninput_token_price = 300000\n")
+    quote = catalog.resolve(RawImageRequest(prompt="p", n=3, operation="edit", images=(_input(), _input())))
+    # Each of the 3 calls reads both inputs: 3 x 2 x 500 reserved with the 3 images.
+    assert (quote.inputs_micros, quote.amount_micros) == (3_000, 3 * 1_000 + 3_000)
+    # Two delivered: their share of the inputs; with usage, what the upstream counted (2 calls x 2 x 258 tokens).
+    assert quote.cost_micros(2, 0) == 2 * 1_000 + 2_000
+    assert quote.cost_micros(2, 0, TokenUsage(input_image_tokens=1_032)) == 2 * 1_000 + 310
+    assert quote.cost_micros(0, 0) == 0
+
+
+def test_inputs_once_per_request_otherwise(tmp_path: Path) -> None:
+    quote = catalog_from(tmp_path, EDITS).resolve(RawImageRequest(prompt="p", n=3, operation="edit", images=(_input(),)))
+    assert (quote.amount_micros, quote.cost_micros(1, 0)) == (3 * 1_000 + 500, 1_000 + 500)
+
+
+def test_an_edit_only_model_keeps_its_inputs_size_and_does_not_generate(tmp_path: Path) -> None:
+    row = EDITS.replace('sizes = ["512x512", "1024x1024", "auto"]', 'sizes = ["auto"]') + "generations = false\n"
+    catalog = catalog_from(tmp_path, row)
+    quote = catalog.resolve(RawImageRequest(prompt="p", operation="edit", images=(_input(),)))
+    assert (quote.request.size, quote.request.size_is_auto, quote.unit_price_micros) == ("512x512", True, 1_000)
+    with pytest.raises(ModelNotSupportedError):
+        catalog.resolve(RawImageRequest(prompt="p"))
+    with pytest.raises(InvalidRequestError) as caught:
+        catalog.resolve(RawImageRequest(prompt="p", operation="edit", images=(_input(),), size="512x512"))
+    assert (caught.value.param, caught.value.code) == ("size", "invalid_size")
+    with pytest.raises(CatalogError, match="generations = false needs edits"):
+        catalog_from(tmp_path, ROW + "generations = false\n")
+
+
+def test_an_editing_model_prices_inputs_sent_without_a_fidelity(tmp_path: Path) -> None:
+    row = ROW + 'edits = true\ninput_fidelities = ["low", "high"]\ninput_image_prices = { "low" = 1, "high" = 2 }\n'
+    with pytest.raises(CatalogError, match="fidelity '\\*'"):
+        catalog_from(tmp_path, row)
+
+
+@pytest.mark.parametrize(
+    ("image", "mask", "param"),
+    [
+        (_input(96, 64), None, "image"),  # not square
+        (_input(), None, "image"),  # no alpha and no mask: nothing to edit
+    ],
+)
+def test_square_png_models_take_one_square_png_with_transparency_or_a_mask(
+    tmp_path: Path, image: InputImage, mask: InputImage | None, param: str
+) -> None:
+    catalog = catalog_from(tmp_path, EDITS + 'edit_input = "square-png"\n')
+    with pytest.raises(InvalidRequestError) as caught:
+        catalog.resolve(RawImageRequest(prompt="p", operation="edit", images=(image,), mask=mask))
+    assert (caught.value.param, caught.value.code) == (param, "invalid_image")
