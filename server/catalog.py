@@ -19,6 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from server.config import ConfigError
 from server.errors import (
     InvalidRequestError,
     ModelNotAvailableError,
@@ -41,7 +42,7 @@ SQUARE_PNG_MAX_BYTES = 4 * 1024 * 1024
 WILDCARD = "*"
 
 
-class CatalogError(Exception):
+class CatalogError(ConfigError):
     """The catalog file is invalid; the message names the model and the problem."""
 
 
@@ -281,21 +282,29 @@ class ModelCatalog:
     def disabled_models(self) -> list[ModelSpec]:
         return sorted((s for s in self._specs.values() if not self.is_enabled(s)), key=lambda s: s.id)
 
+    def served_model(self, model_id: str) -> ModelSpec:
+        """The enabled model (of any type) with that id. Raises ModelNotFoundError for an id
+        the catalog does not know, ModelNotAvailableError for one whose provider is not
+        enabled here; the model lookup (404) and a request naming it (400) say the same."""
+        spec = self._specs.get(model_id)
+        if spec is None:
+            raise _model_not_found(model_id)
+        if not self.is_enabled(spec):
+            raise _model_not_available(spec)
+        return spec
+
     def get_image_model(self, model_id: str) -> ModelSpec:
         """The enabled image model with that id, or the matching 400."""
         spec = self._specs.get(model_id)
         if spec is None:
-            raise ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+            raise _model_not_found(model_id)
         if not spec.is_image:
             raise ModelNotSupportedError(
                 f"The model '{model_id}' cannot generate images; use an image model such as '{self.default_model}'.",
                 param="model",
             )
         if not self.is_enabled(spec):
-            raise ModelNotAvailableError(
-                f"The model '{model_id}' is not enabled on this server (its provider '{spec.provider}' is not configured).",
-                param="model",
-            )
+            raise _model_not_available(spec)
         return spec
 
     def resolve(self, raw: RawImageRequest) -> Quote:
@@ -497,6 +506,17 @@ def _check_square_png(spec: ModelSpec, image: InputImage, mask: InputImage | Non
         raise InvalidRequestError(
             f"Invalid 'mask': model '{spec.id}' takes a mask of at most 4 MB.", param="mask", code="invalid_mask"
         )
+
+
+def _model_not_found(model_id: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"The model '{model_id}' does not exist.", param="model")
+
+
+def _model_not_available(spec: ModelSpec) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"The model '{spec.id}' is not enabled on this server (its provider '{spec.provider}' is not configured).",
+        param="model",
+    )
 
 
 def _resolve_size(spec: ModelSpec, size: str | None) -> tuple[int, int, bool]:

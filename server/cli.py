@@ -31,8 +31,9 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from imagegw.v1 import admin_pb2, admin_pb2_grpc
+from pydantic import ValidationError
 
-from server.config import Settings
+from server.config import ConfigError, Settings, describe_settings_error
 from server.logs import configure_logging
 
 __all__ = ["main"]
@@ -234,8 +235,25 @@ def _run_admin(settings: Settings, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        return _configuration_failed(describe_settings_error(exc))
     configure_logging(settings.log_level)
+    try:
+        return _run(args, settings)
+    except ConfigError as exc:
+        return _configuration_failed(str(exc))
+
+
+def _configuration_failed(message: str) -> int:
+    """A configuration error is the operator's to fix: the message alone, no traceback."""
+    for line in message.splitlines():
+        print(f"imagegw: {line}", file=sys.stderr)
+    return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         if settings.workers > 1:
             from server.workers import run_workers

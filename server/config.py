@@ -16,15 +16,27 @@ import tempfile
 from pathlib import Path
 from typing import Any, Final
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from server.providers import PROVIDERS, ProviderEntry
 
-__all__ = ["DEFAULT_TUNING", "MIB", "ProviderSettings", "Settings", "Tuning"]
+__all__ = ["ConfigError", "DEFAULT_TUNING", "KIB", "MIB", "ProviderSettings", "Settings", "Tuning", "describe_settings_error"]
 
+KIB = 1024
 MIB = 1024 * 1024
+# What grpc-core counts per metadata entry on top of its name and value (HPACK's figure).
+METADATA_ENTRY_OVERHEAD = 32
+# Headers Envoy adds to every upstream request at most (pseudo-headers, x-forwarded-proto,
+# x-request-id, x-envoy-original-method, te, content-type, grpc-timeout, ...).
+ENVOY_ADDED_HEADERS = 16
+ENVOY_ADDED_BYTES = 1 * KIB
+
+
+class ConfigError(Exception):
+    """A setting, the catalog or a file they name is wrong. The message says which one,
+    what is wrong and how to fix it; the command prints it alone and exits non-zero."""
 
 
 class ProviderSettings(BaseModel):
@@ -124,7 +136,11 @@ class Settings(BaseSettings):
     default_model: str = "local-1"
     render_workers: int = Field(default=2, ge=1, le=64)
 
-    # Limits. One place sizes gRPC and Envoy alike, see server.envoy.
+    # Limits. Each is one setting that sizes both hops, Envoy and the gRPC server (see
+    # server.envoy and server.app), so a request Envoy lets through the server accepts.
+    # Request headers, the URL included (Envoy counts the request line's URL with them).
+    max_request_header_kib: int = Field(default=16, ge=8, le=96)
+    max_request_headers: int = Field(default=100, ge=32, le=1000)
     max_request_bytes: int = Field(default=4 * MIB, ge=64 * 1024)
     max_response_bytes: int = Field(default=256 * MIB, ge=MIB)
     request_timeout_seconds: float = Field(default=600, ge=1)
@@ -176,6 +192,8 @@ class Settings(BaseSettings):
 
     # Processes started by `imagegw dev`.
     envoy_bin: str = ""
+    # Envoy's overload manager: near this heap size it stops taking new requests (503).
+    envoy_max_heap_bytes: int = Field(default=2048 * MIB, ge=64 * MIB)
     envoy_config_out: Path | None = None
     descriptor_file: Path = Path("build/imagegw.pb")
     log_level: str = "INFO"
@@ -202,6 +220,17 @@ class Settings(BaseSettings):
     def base_url(self) -> str:
         """Where clients reach Envoy; signed image URLs start with it."""
         return self.public_base_url or f"http://{self.http_host}:{self.http_port}"
+
+    @property
+    def max_metadata_bytes(self) -> int:
+        """The gRPC server's metadata limit (soft and hard alike): everything Envoy may pass
+        on for a request within the header limits. Envoy forwards the client's headers
+        (at most ``max_request_header_kib``), repeats the URL as ``x-envoy-original-path``
+        (at most as much again), and adds a few of its own; grpc-core charges 32 bytes per
+        entry besides."""
+        header_bytes = self.max_request_header_kib * KIB
+        entries = self.max_request_headers + ENVOY_ADDED_HEADERS
+        return 2 * header_bytes + entries * METADATA_ENTRY_OVERHEAD + ENVOY_ADDED_BYTES
 
     @property
     def grpc_target(self) -> str:
@@ -260,5 +289,20 @@ class Settings(BaseSettings):
 def _read_secret(path: Path) -> str:
     value = path.read_text().strip()
     if not value:
-        raise RuntimeError(f"the secret file {path} is empty; delete it and a new secret is generated")
+        raise ConfigError(f"the secret file {path} is empty; delete it and a new secret is generated")
     return value
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line per invalid setting, named as the operator sets it (``IMAGEGW_...``), with
+    the value unless it may be a credential."""
+    lines = []
+    for problem in error.errors():
+        # A nested setting (IMAGEGW_TUNING__...) has a path; an alias is named as it is set.
+        path = [str(part) for part in problem["loc"]]
+        name = path[0] if path and path[0].isupper() else "IMAGEGW_" + "__".join(path).upper()
+        value = problem.get("input")
+        secret = any(part in name for part in ("KEY", "SECRET", "TOKEN"))
+        shown = f"={value!r}" if isinstance(value, str | int | float) and not secret else ""
+        lines.append(f"invalid setting {name}{shown}: {problem['msg']}")
+    return "\n".join(lines)

@@ -6,7 +6,7 @@ import grpc
 from imagegw.v1 import models_pb2, models_pb2_grpc
 
 from server.catalog import ModelCatalog, ModelSpec
-from server.errors import NotFoundError
+from server.errors import InvalidRequestError, NotFoundError
 
 __all__ = ["ModelServicer"]
 
@@ -27,9 +27,12 @@ class ModelServicer(models_pb2_grpc.ModelServiceServicer):
     async def GetModel(  # noqa: N802 - gRPC method name
         self, request: models_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> models_pb2.Model:
-        spec = self._catalog.specs.get(request.model)
-        if spec is None or not self._catalog.is_enabled(spec):
-            raise NotFoundError(f"The model '{request.model}' does not exist.", param="model", code="model_not_found")
+        try:
+            spec = self._catalog.served_model(request.model)
+        except InvalidRequestError as exc:
+            # Here the model is the resource the URL names, so not serving it is a 404; a
+            # generation names it in its body, so there the same finding is a 400 on `model`.
+            raise NotFoundError(exc.message, param="model", code=exc.code) from None
         return _model(spec)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.config import Settings
+from server.config import ConfigError, Settings
 
 RACERS = 8
 
@@ -59,5 +59,6 @@ def test_a_configured_secret_wins_and_an_empty_file_is_refused(tmp_path: Path) -
     assert not (tmp_path / "secrets").exists()
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "admin_token").write_text("")
-    with pytest.raises(RuntimeError, match="is empty"):
+    # A configuration error: the command prints it alone and exits 2 (server.cli).
+    with pytest.raises(ConfigError, match="is empty"):
         Settings(var_dir=tmp_path).secret("admin_token")
