@@ -324,11 +324,15 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
     server = grpc.aio.server(
         interceptors=[interceptor or build_interceptor(app)],
         options=[
-            # Sized from the one setting that also sizes Envoy's buffers (server/envoy.py).
+            # Sized from the settings that also size Envoy (server/envoy.py), so that what
+            # Envoy lets through is never refused here with grpc-core's own error.
             ("grpc.max_send_message_length", settings.max_response_bytes),
             # Typed gRPC edits carry their images in one message; REST bodies arrive in
             # messages of at most 1 MiB (Envoy streams them) or below max_request_bytes.
             ("grpc.max_receive_message_length", max(settings.max_request_bytes + 64 * 1024, settings.max_grpc_message_bytes)),
+            # Equal soft and hard limits: above the soft one grpc-core refuses at random.
+            ("grpc.max_metadata_size", settings.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", settings.max_metadata_bytes),
             # A second server on a taken port must fail, not silently share it.
             ("grpc.so_reuseport", 0),
             # Uploads stream in from Envoy: read ahead at most 1 MiB per call instead of

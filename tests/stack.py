@@ -17,7 +17,7 @@ import secrets
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,14 +37,16 @@ DESCRIPTOR = ROOT / "build" / "imagegw.pb"
 
 
 def metric_sample(metrics: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
+    """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus text
+    format (0 when there are none): one sample when every label is given."""
+    total = 0.0
     for line in metrics.splitlines():
         if not line.startswith((name + "{", name + " ")):
             continue
         head, _, value = line.rpartition(" ")
         if all(f'{k}="{v}"' in head for k, v in labels.items()):
-            return float(value)
-    return 0.0
+            total += float(value)
+    return total
 
 
 def free_port() -> int:
@@ -306,6 +308,18 @@ class ProcessStack:
 
     def envoy_log(self) -> str:
         return (self.logs / "envoy.log").read_text(errors="replace")
+
+    async def envoy_access_log(self, request_ids: Iterable[str], timeout: float = 10) -> dict[str, dict[str, Any]]:
+        """Envoy's access-log line of each request id, once every one has been written
+        (Envoy flushes its log every second)."""
+        wanted = set(request_ids)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            lines = [json.loads(line) for line in self.envoy_log().splitlines() if line.startswith("{")]
+            found = {line["request_id"]: line for line in lines if line.get("request_id") in wanted}
+            if len(found) == len(wanted) or asyncio.get_running_loop().time() > deadline:
+                return found
+            await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager

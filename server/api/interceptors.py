@@ -11,7 +11,8 @@ in order:
    ``x-openai-error`` and ``x-should-retry`` trailing metadata that Envoy's Lua filter
    turns into the HTTP status and OpenAI body; anything else is a bug: logged with the
    request id and answered as a generic 500, with no class names or stack traces;
-4. one access log line records the outcome (``imagegw.access``, "request finished").
+4. one access log line records the outcome (``imagegw.access``, "request finished"); health
+   checks are only counted in metrics.
 
 ``request_id`` and ``method`` are bound to the call's logging context
 (:func:`server.logs.bind_call`) for the whole call, so every line logged while handling
@@ -268,7 +269,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._idle.set()
             in_flight.dec()
             call.log_fields["status"] = status
-            self._log(outcome, elapsed, call.log_fields)
+            # Envoy checks every worker's health every second: count it, don't log it.
+            if not method.startswith(_HEALTH):
+                self._log(outcome, elapsed, call.log_fields)
             unbind()
             self._metrics.requests.labels(
                 short_method, call.log_fields.get("model", ""), call.log_fields.get("provider", ""), str(status)
@@ -334,3 +337,6 @@ def _unimplemented(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse, **serializers)
     return grpc.stream_stream_rpc_method_handler(refuse, **serializers)
+
+
+_HEALTH = "/grpc.health.v1.Health/"

@@ -36,7 +36,8 @@ local GENERATION_FIELDS = {
 }
 
 -- Every public path, the methods it takes, and for JSON endpoints the types of the body's
--- members. Upload endpoints (multipart) are left to the server, body and all.
+-- members. Upload endpoints (multipart, or JSON edits) stream through to the server, which
+-- reads and checks their bodies itself.
 local ENDPOINTS = {
   {path = "^/v1/images/generations$", methods = {"POST"}, json = GENERATION_FIELDS},
   {path = "^/v1/images/edits$", methods = {"POST"}},
@@ -68,6 +69,12 @@ local GENERIC = {
   [503] = {"The server is temporarily unable to handle the request; retry it shortly.", "service_unavailable"},
   [504] = {"The request timed out.", "timeout"},
 }
+
+-- Records a value in the stream's dynamic metadata (local_reply_config and the access log
+-- read it in envoy.yaml). The wrapper is fetched each time: wrappers do not survive a yield.
+local function record(handle, key, value)
+  handle:streamInfo():dynamicMetadata():set(NS, key, value)
+end
 
 local function strip(map)
   if map == nil then return end
@@ -101,14 +108,14 @@ end
 -- Answers the request from here. local_reply_config passes the body on unchanged because
 -- of the `reply` metadata.
 local function reply(handle, status, body, extra_headers)
-  handle:streamInfo():dynamicMetadata():set(NS, "reply", true)
+  record(handle, "reply", true)
   local headers = {[":status"] = tostring(status), ["content-type"] = "application/json", ["x-should-retry"] = "false"}
   for name, value in pairs(extra_headers or {}) do headers[name] = value end
   handle:respond(headers, body)
 end
 
-local function invalid_request(handle, message, param, code, extra_headers)
-  reply(handle, 400, openai_error(message, "invalid_request_error", param, code), extra_headers)
+local function invalid_request(handle, message, param, code)
+  reply(handle, 400, openai_error(message, "invalid_request_error", param, code))
 end
 
 ---------------------------------------------------------------------------------------
@@ -298,7 +305,7 @@ function envoy_on_request(handle)
   if content_type:sub(1, 16) == "application/grpc" then
     -- Envoy answers a gRPC request's local reply in gRPC (UNIMPLEMENTED with this message),
     -- which the response side leaves alone.
-    handle:streamInfo():dynamicMetadata():set(NS, "grpc_client", true)
+    record(handle, "grpc_client", true)
     reply(handle, 404, "gRPC is not served on this port; call the gRPC port.")
     return
   end
@@ -317,7 +324,7 @@ function envoy_on_request(handle)
   end
   -- Kept for the response side, which cannot read request headers: a warning about an
   -- error without our metadata names the request.
-  handle:streamInfo():dynamicMetadata():set(NS, "request_id", headers:get("x-request-id"))
+  record(handle, "request_id", headers:get("x-request-id"))
   if endpoint.json == nil then return end
   local media_type = content_type:match("^%s*([^;%s]*)"):lower()
   if media_type ~= "" and media_type ~= "application/json" then
@@ -380,8 +387,7 @@ end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
-  local metadata = handle:streamInfo():dynamicMetadata()
-  local ours = metadata:get(NS)
+  local ours = handle:streamInfo():dynamicMetadata():get(NS)
   if ours ~= nil and ours.grpc_client then return end
   local grpc_status = headers:get("grpc-status")
   if headers:get("x-imagegw-transcoder-error") ~= nil then
@@ -399,14 +405,14 @@ function envoy_on_response(handle)
     -- Success (or one of Envoy's own local replies): never buffer, just hide internals.
     strip(headers)
     if grpc_status == "0" then
-      metadata:set(NS, "grpc_status", 0)
+      record(handle, "grpc_status", 0)
     elseif headers:get(":status") == "200" then
       -- A streamed answer: its gRPC status comes in trailers, after every chunk has gone on.
       for _ in handle:bodyChunks() do end
       local trailers = handle:trailers()
       if trailers ~= nil then
         local status = trailers:get("grpc-status")
-        if status ~= nil then metadata:set(NS, "grpc_status", tonumber(status)) end
+        if status ~= nil then record(handle, "grpc_status", tonumber(status)) end
         strip(trailers)
       end
     end
@@ -422,7 +428,7 @@ function envoy_on_response(handle)
     status, error_body = trailers:get("x-http-status"), trailers:get("x-openai-error")
     grpc_status = grpc_status or trailers:get("grpc-status")
   end
-  if grpc_status ~= nil then metadata:set(NS, "grpc_status", tonumber(grpc_status)) end
+  if grpc_status ~= nil then record(handle, "grpc_status", tonumber(grpc_status)) end
   if error_body == nil then
     -- Not from our error table: a generic answer of its class; the cause stays here.
     local cause = percent_decode(headers:get("grpc-message") or (trailers and trailers:get("grpc-message")) or "")
@@ -430,7 +436,7 @@ function envoy_on_response(handle)
     status = tostring(code)
     local generic = GENERIC[code] or GENERIC[code < 500 and 400 or 500]
     error_body = openai_error(generic[1], code < 500 and "invalid_request_error" or "server_error", nil, generic[2])
-    metadata:set(NS, "cause", "grpc-status " .. tostring(grpc_status) .. ": " .. cause)
+    record(handle, "cause", "grpc-status " .. tostring(grpc_status) .. ": " .. cause)
     handle:logWarn("gRPC status " .. tostring(grpc_status) .. " without x-openai-error, answered " .. status
       .. " (request " .. tostring(ours and ours.request_id) .. "): " .. cause)
     headers:replace("x-should-retry", code == 503 and "true" or "false")

@@ -87,15 +87,17 @@ async def test_envoy_rejects_malformed_json_in_the_openai_shape(
     assert message_part in error["message"]
 
 
-async def test_unknown_path_and_wrong_method_are_404_in_the_openai_shape(gateway: ProcessStack) -> None:
+async def test_unknown_path_is_404_and_wrong_method_405_in_the_openai_shape(gateway: ProcessStack) -> None:
     async with httpx.AsyncClient() as client:
         unknown = await client.post(f"{gateway.api_base}/images/nope", json={})
         wrong_method = await client.get(f"{gateway.api_base}/images/generations")
         admin_json = await client.post(f"{gateway.base_url}/imagegw.v1.AdminService/CreateAccount", json={})
-    for response in (unknown, wrong_method, admin_json):
+    for response in (unknown, admin_json):
         assert response.status_code == 404
         assert response.json()["error"]["type"] == "invalid_request_error"
         assert response.json()["error"]["code"] == "not_found"
+    assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
 
 
 async def test_oversized_body_is_413(gateway: ProcessStack) -> None:
@@ -107,8 +109,10 @@ async def test_oversized_body_is_413(gateway: ProcessStack) -> None:
             headers={"Authorization": f"Bearer {key}"},
         )
     assert response.status_code == 413
-    assert response.json()["error"]["code"] == "request_too_large"
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"] == {
+        "message": "Request body too large: this server accepts at most 4194304 bytes.",
+        "type": "invalid_request_error", "param": None, "code": "request_too_large",
+    }
 
 
 async def test_unknown_query_parameters_are_ignored(gateway: ProcessStack) -> None:
@@ -155,4 +159,30 @@ async def test_models_list_and_get(gateway: ProcessStack) -> None:
     }
     assert one.json() == {"id": "local-1", "object": "model", "created": 1767225600, "owned_by": "imagegw"}
     assert missing.status_code == 404
-    assert missing.json()["error"]["code"] == "model_not_found"
+    assert missing.json()["error"] == {
+        "message": "The model 'nope' does not exist.", "type": "invalid_request_error", "param": "model",
+        "code": "model_not_found",
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "code", "message"),
+    [
+        ("gpt-image-1", "model_not_available",
+         "The model 'gpt-image-1' is not enabled on this server (its provider 'openai' is not configured)."),
+        ("dall-e-9", "model_not_found", "The model 'dall-e-9' does not exist."),
+    ],
+)
+async def test_looking_a_model_up_and_asking_for_it_say_the_same(
+    gateway: ProcessStack, model: str, code: str, message: str
+) -> None:
+    """GET names the model in its URL (not served: 404); a generation names it in its body (a
+    bad parameter: 400). Both give the same code and message."""
+    _, key = await gateway.admin.funded_key("1.00")
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        looked_up = await client.get(f"{gateway.api_base}/models/{model}", headers=headers)
+        asked = await client.post(f"{gateway.api_base}/images/generations", json={"model": model, "prompt": "p"}, headers=headers)
+    expected = {"message": message, "type": "invalid_request_error", "param": "model", "code": code}
+    assert (looked_up.status_code, looked_up.json()["error"]) == (404, expected)
+    assert (asked.status_code, asked.json()["error"]) == (400, expected)

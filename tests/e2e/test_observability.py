@@ -57,7 +57,8 @@ async def test_a_request_shows_in_metrics_and_both_logs(gateway: ProcessStack) -
     by_id = {line["request_id"]: line for line in envoy_lines}
     assert (by_id["obs-ok-1"]["status"], by_id["obs-ok-1"]["path"]) == (200, "/v1/images/generations")
     assert by_id["obs-ok-1"]["grpc_path"] == "/imagegw.v1.ImageService/GenerateImagesHttp"
-    assert by_id["obs-bad-1"]["status"] == 400
+    assert (by_id["obs-ok-1"]["grpc_status"], by_id["obs-ok-1"]["cause"]) == (0, None)
+    assert (by_id["obs-bad-1"]["status"], by_id["obs-bad-1"]["grpc_status"]) == (400, 3)
 
 
 def server_lines(stack: ProcessStack) -> list[dict[str, object]]:
@@ -113,3 +114,39 @@ async def test_money_events_log_account_amount_and_request_id_and_never_a_key(ga
     log = gateway.server_log()
     assert api_key not in log and api_key[len("sk-igw-"):] not in log
     assert gateway.env["IMAGEGW_ADMIN_TOKEN"] not in log
+
+
+async def test_the_access_log_has_the_status_the_client_got_and_the_server_s_grpc_code(gateway: ProcessStack) -> None:
+    """Lua hides gRPC from clients; the access log keeps the server's own code (not Envoy's
+    guess from the HTTP status: 13 for a 400, 2 for a 402, 12 for a 404)."""
+    _, key = await gateway.admin.funded_key("0.001")
+    auth = {"Authorization": f"Bearer {key}"}
+    generate = f"{gateway.api_base}/images/generations"
+    async with httpx.AsyncClient(timeout=60) as client:
+        answers = {
+            "truth-400": await client.post(generate, json={"prompt": "p", "size": "7x7"}, headers={**auth, "x-request-id": "truth-400"}),
+            "truth-401": await client.post(generate, json={"prompt": "p"}, headers={"x-request-id": "truth-401"}),
+            "truth-402": await client.post(generate, json={"prompt": "p", "n": 2}, headers={**auth, "x-request-id": "truth-402"}),
+            "truth-403": await client.get(
+                f"{gateway.api_base}/images/files/img-AAAAAAAAAAAAAAAAAAAAAA.png?expires=4102444800&signature=forged",
+                headers={"x-request-id": "truth-403"},
+            ),
+            "truth-404": await client.get(f"{gateway.api_base}/models/nope", headers={**auth, "x-request-id": "truth-404"}),
+            "truth-405": await client.delete(generate, headers={"x-request-id": "truth-405"}),
+        }
+    lines = await gateway.envoy_access_log(answers)
+    expected = {
+        "truth-400": (400, 3), "truth-401": (401, 16), "truth-402": (402, 9), "truth-403": (403, 7),
+        "truth-404": (404, 5), "truth-405": (405, None),
+    }
+    assert {rid: (answers[rid].status_code, lines[rid]["grpc_status"]) for rid in answers} == expected
+    assert {rid: lines[rid]["status"] for rid in answers} == {rid: status for rid, (status, _) in expected.items()}
+
+
+async def test_health_checks_are_counted_not_logged(gateway: ProcessStack) -> None:
+    before = metric_sample(await gateway.metrics(), "imagegw_requests_total", method="Check", status="200")
+    await asyncio.sleep(2.5)  # Envoy checks every second
+    after = metric_sample(await gateway.metrics(), "imagegw_requests_total", method="Check", status="200")
+    assert after >= before + 2
+    logged = [line for line in gateway.server_log().splitlines() if "grpc.health" in line]
+    assert logged == []
