@@ -8,8 +8,10 @@ in-flight requests first). The process helpers are shared with the end-to-end te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -28,7 +30,9 @@ from server.envoy import envoy_binary, write_envoy_config
 from server.signals import StopSignals
 
 __all__ = [
+    "banner",
     "ensure_dev_key",
+    "example_model",
     "run_dev",
     "start_envoy",
     "start_server",
@@ -170,23 +174,62 @@ def ensure_dev_key(settings: Settings) -> dict[str, Any]:
     return record
 
 
-def _banner(settings: Settings, key: Mapping[str, Any]) -> str:
+def example_model(settings: Settings) -> str | None:
+    """The model the banner's examples use: the default model if this server serves it,
+    else the first image model it serves (None when it serves none)."""
+    from server.catalog import load_catalog
+    from server.providers import enabled_providers
+
+    specs = load_catalog(settings.catalog_file)
+    enabled = enabled_providers(settings, specs)
+    served = sorted(spec.id for spec in specs if spec.is_image and spec.provider in enabled)
+    if settings.default_model in served:
+        return settings.default_model
+    return served[0] if served else None
+
+
+def _command(executable: Path) -> str:
+    """How to type ``executable`` here: relative to the current directory when it is
+    below it (``.venv/bin/python`` after ``make run``), else its absolute path."""
+    absolute = executable.absolute()
+    try:
+        return shlex.quote(str(absolute.relative_to(Path.cwd())))
+    except ValueError:
+        return shlex.quote(str(absolute))
+
+
+def banner(settings: Settings, key: Mapping[str, Any], model: str | None) -> str:
+    """What ``imagegw dev`` prints once the stack is up: every command runs as pasted."""
     base = f"{settings.base_url}/v1"
-    return f"""
-imagegw is running.
-  REST (OpenAI-compatible): {base}
-  gRPC:                     {settings.grpc_target}  (reflection on; try: grpcurl -plaintext {settings.grpc_target} list)
-  development API key:      {key['api_key']}   (account {key['account_id']}, kept in {settings.var_dir / 'dev-key.json'})
-
-Try it:
-  curl -sS -X POST {base}/images/generations \\
-    -H "Content-Type: application/json" -H "Authorization: Bearer {key['api_key']}" \\
-    -d '{{"model": "local-1", "prompt": "A watercolor painting of a mountain lake", "n": 1, "size": "1024x1024"}}'
-
-  python -c 'from openai import OpenAI; c = OpenAI(api_key="{key['api_key']}", base_url="{base}"); print(c.images.generate(model="local-1", prompt="a lighthouse at dusk", size="512x512").data[0].url)'
-
-Ctrl-C stops both processes.
-"""
+    bin_dir = Path(sys.executable).parent
+    grpcurl = _command(bin_dir / "grpcurl") if (bin_dir / "grpcurl").exists() else "grpcurl"
+    lines = [
+        "",
+        "imagegw is running.",
+        f"  REST (OpenAI-compatible): {base}",
+        f"  gRPC:                     {settings.grpc_target}  (reflection on; try: {grpcurl} -plaintext {settings.grpc_target} list)",
+        f"  development API key:      {key['api_key']}   (account {key['account_id']}, kept in {settings.var_dir / 'dev-key.json'})",
+        "",
+    ]
+    if model is None:
+        lines += ["No image model is enabled: set a provider's key (see the README) and restart.", ""]
+    else:
+        body = json.dumps({"model": model, "prompt": "A watercolor painting of a mountain lake"})
+        lines += [
+            "Try it:",
+            f"  curl -sS -X POST {base}/images/generations \\",
+            f'    -H "Content-Type: application/json" -H "Authorization: Bearer {key["api_key"]}" \\',
+            f"    -d '{body}'",
+            "",
+        ]
+        if importlib.util.find_spec("openai") is not None:
+            code = (
+                f'from openai import OpenAI; c = OpenAI(api_key="{key["api_key"]}", base_url="{base}"); '
+                f'print(c.images.generate(model="{model}", prompt="a lighthouse at dusk").data[0].url)'
+            )
+            lines += [f"  {_command(Path(sys.executable))} -c '{code}'", ""]
+    lines += ["Ctrl-C stops both processes.", ""]
+    return "\n".join(lines)
 
 
 def run_dev(settings: Settings) -> int:
@@ -199,11 +242,16 @@ def run_dev(settings: Settings) -> int:
     server = start_server({})
     envoy: subprocess.Popen[bytes] | None = None
     try:
-        for target in settings.grpc_targets:
-            wait_for_grpc(target, server)
-        envoy = start_envoy(settings, settings.envoy_config_out or settings.var_dir / "envoy.yaml")
-        wait_for_envoy(settings, envoy)
-        print(_banner(settings, ensure_dev_key(settings)), flush=True)
+        try:
+            for target in settings.grpc_targets:
+                wait_for_grpc(target, server)
+            envoy = start_envoy(settings, settings.envoy_config_out or settings.var_dir / "envoy.yaml")
+            wait_for_envoy(settings, envoy)
+        except (RuntimeError, TimeoutError) as exc:
+            # The child has said why on this terminal already; no traceback of ours on top.
+            print(f"imagegw dev: {exc}", file=sys.stderr)
+            return 1
+        print(banner(settings, ensure_dev_key(settings), example_model(settings)), flush=True)
         while not stop.requested and server.poll() is None and envoy.poll() is None:
             time.sleep(0.2)
         return 0 if stop.requested else 1
