@@ -19,6 +19,8 @@ PROTOC = PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -I proto
 SITE_PACKAGES = $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # buf comes from npm (@bufbuild/buf, pinned in tools/package-lock.json), installed under tools/.
 BUF := tools/node_modules/.bin/buf
+# The official openai npm package, pinned by tests/js/package-lock.json (JavaScript SDK tests).
+JS_DEPS := tests/js/node_modules/.package-lock.json
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -61,6 +63,12 @@ $(DESCRIPTOR): $(PROTOS) $(STAMP)
 
 descriptor: $(DESCRIPTOR) ## Build Envoy's descriptor set (build/imagegw.pb)
 
+$(JS_DEPS): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund
+	touch $@
+
+js-deps: $(JS_DEPS) ## Install the pinned openai npm package for the JavaScript SDK tests
+
 lint: $(STAMP) $(BUF) ## buf lint and breaking on proto/, ruff and mypy on server/
 	$(BUF) lint
 	@$(MAKE) --no-print-directory breaking
@@ -80,13 +88,13 @@ breaking: $(BUF) ## buf breaking (WIRE_JSON) against the last release tag; skipp
 run: $(STAMP) $(DESCRIPTOR) ## Start the gRPC server and Envoy on embedded defaults (Ctrl-C stops both)
 	$(VENV)/bin/imagegw dev
 
-test: $(STAMP) $(DESCRIPTOR) ## Run every test (unit, service, e2e with Envoy, contract with the openai SDK, PostgreSQL)
+test: $(STAMP) $(DESCRIPTOR) $(JS_DEPS) ## Run every test (unit, service, e2e with Envoy, contract with the Python and JavaScript openai SDKs, PostgreSQL)
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(DESCRIPTOR) ## Run the load benchmarks and print a markdown table
 	$(PY) -m bench
 
 clean: ## Remove build outputs and local state (var/)
-	rm -rf build var .pytest_cache
+	rm -rf build var .pytest_cache tests/js/node_modules
 
-.PHONY: help install vendor-protos tools gen check-gen descriptor lint breaking run test bench clean
+.PHONY: help install vendor-protos tools gen check-gen descriptor js-deps lint breaking run test bench clean
