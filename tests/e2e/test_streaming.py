@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import secrets
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -440,3 +441,22 @@ async def test_a_client_that_goes_away_cancels_the_upstream_and_pays_for_what_it
     assert (settled.spent_usd, settled.reserved_usd) == (f"{PARTIAL_PRICE / 1e6:.6f}", "0.000000")
     usage = await stack.admin.usage(account)
     assert [(status_of(row), row.error_code) for row in usage] == [("failed", "cancelled")]
+
+
+async def test_grpcurl_streams_through_reflection(gateway: ProcessStack) -> None:
+    """The operator's tool: grpcurl finds StreamGenerateImages by reflection and prints
+    each event as it arrives (bytes as base64, as grpcurl prints them)."""
+    account, key = await gateway.admin.funded_key("1.00")
+    grpcurl = Path(sys.executable).with_name("grpcurl")
+    process = await asyncio.create_subprocess_exec(
+        str(grpcurl), "-plaintext", "-H", f"authorization: Bearer {key}",
+        "-d", json.dumps({"prompt": "a red fox", "size": "256x256", "partialImages": 1, "model": "local-1"}),
+        gateway.grpc_targets[0], "imagegw.v1.ImageService/StreamGenerateImages",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    events = [json.loads(chunk) for chunk in stdout.decode().replace("}\n{", "}\x00{").split("\x00") if chunk.strip()]
+    assert [e["type"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
+    assert {decode(e["b64_json"]).size for e in events} == {(256, 256)}  # grpcurl keeps proto names
+    assert (await gateway.admin.settled(account)).spent_usd == "0.001000"
