@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -50,7 +51,14 @@ from server.providers.gate import AnswerGate
 from server.providers.http import create_http_client
 from server.providers.local import LocalRenderer
 from server.ratelimit import Limits, RateLimiter
-from server.storage import FilesystemImageStore, ImageStore, UrlSigner
+from server.storage import (
+    FilesystemImageStore,
+    ImageStore,
+    MeteredImageStore,
+    S3ImageStore,
+    UrlSigner,
+    parse_s3_url,
+)
 from server.uploads import UploadLimits
 
 __all__ = ["App", "build_app", "build_server", "serve", "SERVICE_NAMES"]
@@ -121,7 +129,8 @@ async def build_app(
     configured adapters, which is how tests put a fake in front of a model."""
     settings.var_dir.mkdir(parents=True, exist_ok=True)
     tuning = settings.tuning
-    db = Database(settings.resolved_database_url, tuning=tuning)
+    metrics = Metrics()
+    db = Database(settings.resolved_database_url, tuning=tuning, metrics=metrics)
     stack.push_async_callback(db.close)
     await migrate(db.engine)
     ledger = Ledger(
@@ -140,7 +149,6 @@ async def build_app(
     )
     _log_models(catalog)
     wired = dict(providers or {})
-    metrics = Metrics()
     if settings.metrics_port:
         metrics_server = metrics.serve(settings.metrics_host, settings.metrics_port)
         stack.callback(metrics_server.shutdown)  # type: ignore[attr-defined]
@@ -149,7 +157,8 @@ async def build_app(
     metrics.large_answers.labels("waiting").set_function(lambda: gate.waiting)
     built = await _build_providers(settings, catalog, stack, metrics, gate)
     wired.update({model: provider for model, provider in built.items() if model not in wired})
-    store = FilesystemImageStore(settings.resolved_image_dir)
+    store = _build_store(settings, metrics)
+    stack.push_async_callback(store.aclose)
     signer = UrlSigner(
         settings.secret("url_signing_secret").encode(),
         base_url=settings.base_url,
@@ -163,6 +172,9 @@ async def build_app(
         signer=signer,
         metrics=metrics,
         reservation_grace_seconds=settings.reservation_grace_seconds,
+        presign=(lambda image_id: store.presigned_url(image_id, settings.url_ttl_seconds))
+        if settings.url_mode == "presigned"
+        else None,
     )
     limiter = RateLimiter(
         db, defaults=Limits(requests_per_minute=settings.rate_limit_rpm, images_per_minute=settings.rate_limit_ipm)
@@ -210,6 +222,32 @@ async def build_app(
         inputs=inputs,
         upload_limits=upload_limits,
     )
+
+
+def _build_store(settings: Settings, metrics: Metrics) -> ImageStore:
+    """The folder under var/ by default; an S3-compatible bucket for several replicas."""
+    url = settings.image_store_url
+    if url.startswith("s3://"):
+        bucket, prefix = parse_s3_url(url)
+        secret = settings.aws_secret_access_key
+        inner: ImageStore = S3ImageStore(
+            bucket,
+            prefix,
+            endpoint=settings.aws_endpoint_url,
+            region=settings.aws_region,
+            access_key_id=settings.aws_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret else None,
+        )
+    elif url and not url.startswith("file://"):
+        raise ValueError(f"IMAGEGW_IMAGE_STORE_URL {url!r}: use s3://bucket/prefix, file:///path, or leave it unset")
+    else:
+        if settings.url_mode == "presigned":
+            raise ValueError("IMAGEGW_URL_MODE=presigned needs an S3 image store (IMAGEGW_IMAGE_STORE_URL=s3://...)")
+        folder = Path(url.removeprefix("file://")) if url else settings.resolved_image_dir
+        inner = FilesystemImageStore(folder)
+        url = str(folder)
+    log.info("image store: %s (URLs: %s)", url, settings.url_mode)
+    return MeteredImageStore(inner, metrics)
 
 
 def _check_timeouts(specs: list[ModelSpec], settings: Settings) -> None:

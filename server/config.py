@@ -14,7 +14,7 @@ import os
 import secrets
 import tempfile
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -189,6 +189,19 @@ class Settings(BaseSettings):
 
     # Pool and batch sizes (the Tuning group above).
     tuning: Tuning = DEFAULT_TUNING
+
+    # Where images live: "" is the folder (image_dir); s3://bucket/prefix an S3-compatible
+    # store (server.storage.s3) configured by the standard AWS variables below.
+    image_store_url: str = ""
+    # "gateway": image URLs are the gateway's signed links (GetImageFile, any replica);
+    # "presigned": the store's own presigned URLs, so image bytes bypass the gateway.
+    url_mode: Literal["gateway", "presigned"] = "gateway"
+    aws_endpoint_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    aws_region: str | None = Field(default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"))
+    aws_access_key_id: str | None = Field(default=None, validation_alias="AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: SecretStr | None = Field(default=None, validation_alias="AWS_SECRET_ACCESS_KEY")
 
     # Processes started by `imagegw dev`.
     envoy_bin: str = ""

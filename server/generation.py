@@ -20,6 +20,12 @@ the model's price and each partial image at its partial price, never more than w
 reserved; if it fails or the caller goes away midway, what was delivered until then is
 charged and the rest released. Once anything was delivered no fallback model is tried
 (the caller already holds the first model's pictures).
+
+A ``url`` answer whose images cannot be stored (the store's own retries included) fails
+with 503 ``image_store_unavailable`` and is not charged: the caller cannot use a link to
+nothing, and an answer in another format than asked would break it. The provider may have
+billed the gateway for those images: that is logged (an error line with the request id)
+and counted (``imagegw_images_not_stored_total``), never silent.
 """
 
 from __future__ import annotations
@@ -28,12 +34,12 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from server.catalog import ModelCatalog, Quote, RawImageRequest
-from server.errors import ApiError, DeadlineExceededError, InternalError, UpstreamError
+from server.errors import ApiError, DeadlineExceededError, InternalError, ServiceUnavailableError, UpstreamError
 from server.ledger import Ledger, Principal
 from server.metrics import Metrics
 from server.providers.base import (
@@ -42,7 +48,7 @@ from server.providers.base import (
     ProviderResult,
     TokenUsage,
 )
-from server.storage import ImageStore, UrlSigner, new_image_id
+from server.storage import ImageStore, StoreError, UrlSigner, new_image_id
 
 __all__ = ["DeliveredImage", "Generation", "GenerationResult", "StreamEvent", "StreamSink"]
 
@@ -188,12 +194,15 @@ class Generation:
         metrics: Metrics,
         reservation_grace_seconds: float = 30.0,
         clock: Callable[[], float] = time.time,
+        presign: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self._catalog = catalog
         self._providers = providers  # by model id
         self._ledger = ledger
         self._store = store
         self._signer = signer
+        # IMAGEGW_URL_MODE=presigned: the store's own URLs instead of the gateway's.
+        self._presign = presign
         self._metrics = metrics
         # Time after a request's deadline for its settlement to land before the sweeper
         # may treat its reservation as orphaned.
@@ -247,7 +256,20 @@ class Generation:
                 await stream.finish(images, result)
                 payload = [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
             else:
-                payload = await self._deliver(images, quote.response_format)
+                try:
+                    payload = await self._deliver(images, quote.response_format)
+                except StoreError as exc:
+                    self._metrics.images_not_stored.labels(served.spec.id).inc(len(images))
+                    log.error(
+                        "request %s: %d image(s) from %s could not be stored (%s); the request fails uncharged, "
+                        "the provider may have billed them", request_id, len(images), served.spec.id, exc,
+                    )
+                    raise ServiceUnavailableError(
+                        "The generated images could not be stored, so no URL can be returned; nothing was charged. "
+                        "Retry, or ask for response_format b64_json.",
+                        code="image_store_unavailable",
+                        retryable=exc.retryable,
+                    ) from exc
             delivered = len(payload)
             self._metrics.images.labels(served.spec.id, served.spec.provider).inc(delivered)
             return GenerationResult(
@@ -379,11 +401,24 @@ class Generation:
             return [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
         ids = [new_image_id(image.format) for image in images]
         pairs = list(zip(ids, images, strict=True))
-        await asyncio.gather(*(self._store.put(image_id, image.data) for image_id, image in pairs))
+        # Every put finishes (or fails) before the answer: none is left running behind it.
+        outcomes = await asyncio.gather(
+            *(self._store.put(image_id, image.data) for image_id, image in pairs), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return [
-            DeliveredImage(url=self._signer.url(image_id), data=None, revised_prompt=image.revised_prompt)
+            DeliveredImage(url=await self._url(image_id), data=None, revised_prompt=image.revised_prompt)
             for image_id, image in pairs
         ]
+
+    async def _url(self, image_id: str) -> str:
+        if self._presign is not None:
+            presigned = await self._presign(image_id)
+            if presigned is not None:
+                return presigned
+        return self._signer.url(image_id)
 
 
 def _cost(quote: Quote, served: Quote, images: int, partials: int, usage: TokenUsage | None) -> int:

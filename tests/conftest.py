@@ -11,6 +11,7 @@ import pytest
 
 from server.providers import PROVIDERS
 from tests.fakes.postgres import PostgresServer, PostgresUnavailableError, running_postgres
+from tests.fakes.s3 import S3Server, running_s3
 from tests.stack import InProcessStack, ProcessStack, in_process_stack, process_stack
 
 
@@ -21,13 +22,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-# Never let a developer's real provider keys or settings leak into a test run.
-_LEAKY = {variable for entry in PROVIDERS.values() for variable in entry.vendor_key_variables}
+# Never let a developer's real provider keys, cloud credentials or settings leak into a test run.
+_LEAKY = {variable for entry in PROVIDERS.values() for variable in entry.vendor_key_variables} | {"PROMETHEUS_MULTIPROC_DIR"}
 
 
 @pytest.fixture(scope="session", autouse=True)
 def clean_environment() -> Iterator[None]:
-    saved = {k: v for k, v in os.environ.items() if k.startswith("IMAGEGW_") or k in _LEAKY}
+    saved = {k: v for k, v in os.environ.items() if k.startswith(("IMAGEGW_", "AWS_")) or k in _LEAKY}
     for key in saved:
         del os.environ[key]
     yield
@@ -77,3 +78,10 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """``postgresql+asyncpg://`` URL of the session cluster's default database."""
     return postgres_server.url
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server (tests/fakes/s3.py) for the whole session; tests make their own buckets."""
+    with running_s3() as server:
+        yield server

@@ -56,10 +56,14 @@ def free_port() -> int:
         return port
 
 
-def free_ports(count: int) -> int:
-    """The first of ``count`` consecutive free ports (workers listen on port + i)."""
+def free_ports(count: int, avoid: Iterable[int] = ()) -> int:
+    """The first of ``count`` consecutive free ports (workers listen on port + i), none of
+    them in ``avoid`` (ports already handed out, free until their process binds them)."""
+    avoided = set(avoid)
     for _ in range(200):
         first = free_port()
+        if avoided.intersection(range(first, first + count)):
+            continue
         try:
             with contextlib.ExitStack() as held:
                 for port in range(first, first + count):
@@ -241,9 +245,12 @@ async def in_process_stack(
     *,
     providers: Mapping[str, ImageProvider] | None = None,
     envoy: bool = False,
+    extra_env: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> AsyncIterator[InProcessStack]:
-    env = base_env(var_dir, **overrides)
+    """``envoy``: the real Envoy in front as well; ``extra_env``: variables other than
+    IMAGEGW_* (the AWS ones of an S3 store)."""
+    env = {**base_env(var_dir, **overrides), **(extra_env or {})}
     settings = settings_from(env)
     async with AsyncExitStack() as stack:
         app = await build_app(settings, stack, providers=providers)
@@ -297,11 +304,22 @@ class ProcessStack:
         return images_pb2_grpc.ImageServiceStub(self.channel)
 
     async def metrics(self, index: int = 0) -> str:
-        """The /metrics page (Prometheus text format) of a server or worker."""
+        """The /metrics page (Prometheus text format) of a server, or of a worker group."""
         async with httpx.AsyncClient() as client:
             response = await client.get(f"http://127.0.0.1:{self.metrics_ports[index]}/metrics")
         response.raise_for_status()
         return response.text
+
+    async def envoy_host_stats(self) -> dict[str, dict[str, str]]:
+        """Envoy's per-upstream-host stats (``/clusters``): {"127.0.0.1:port": {"rq_total": "12", ...}}."""
+        async with httpx.AsyncClient(timeout=5) as client:
+            text = (await client.get(f"http://127.0.0.1:{self.settings.envoy_admin_port}/clusters")).text
+        hosts: dict[str, dict[str, str]] = {}
+        for line in text.splitlines():
+            parts = line.split("::")
+            if len(parts) == 4 and parts[0] == "imagegw" and ":" in parts[1]:
+                hosts.setdefault(parts[1], {})[parts[2]] = parts[3]
+        return hosts
 
     def server_log(self, index: int = 0) -> str:
         return (self.logs / f"server-{index}.log").read_text(errors="replace")
@@ -324,21 +342,32 @@ class ProcessStack:
 
 @contextlib.asynccontextmanager
 async def process_stack(
-    var_dir: Path, *, servers: int = 1, workers: int = 1, **overrides: Any
+    var_dir: Path,
+    *,
+    servers: int = 1,
+    workers: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[ProcessStack]:
     """Starts ``servers`` server processes (replicas) sharing one database, and Envoy in
     front; or, with ``workers`` > 1, one ``imagegw serve`` running that many workers,
-    with Envoy configured from the settings alone, as ``imagegw dev`` does."""
+    with Envoy configured from the settings alone, as ``imagegw dev`` does.
+    ``extra_env``: variables other than IMAGEGW_* (the AWS ones of an S3 store)."""
     assert servers == 1 or workers == 1, "replicas of a multi-worker server are not needed by any test"
     if workers > 1:
-        overrides |= {"workers": workers, "grpc_port": free_ports(workers), "metrics_port": free_ports(workers)}
-    env = base_env(var_dir, **overrides)
+        overrides |= {"workers": workers}
+    env = {**base_env(var_dir, **overrides), **(extra_env or {})}
+    if workers > 1:
+        # After the other ports are picked: a range picked first could be handed out again.
+        taken = [int(value) for key, value in env.items() if key.endswith("_PORT")]
+        env["IMAGEGW_GRPC_PORT"] = str(free_ports(workers, avoid=taken))
     logs = var_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     settings = settings_from(env)
     ports = [int(target.rpartition(":")[2]) for target in settings.grpc_targets]
     ports += [free_port() for _ in range(servers - 1)]
-    metrics_ports = [settings.metrics_port + i for i in range(workers)] + [free_port() for _ in range(servers - 1)]
+    # With workers, the supervisor serves the whole group's metrics on the one port.
+    metrics_ports = [settings.metrics_port] + [free_port() for _ in range(servers - 1)]
     processes: list[subprocess.Popen[bytes]] = []
     envoy: subprocess.Popen[bytes] | None = None
     try:

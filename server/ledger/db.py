@@ -22,6 +22,9 @@ One schema, two engines:
   for a concurrent writer's row lock and re-checks its WHERE clause on the new row
   version, so it can never overdraw. The pool is sized for a replica (``Tuning``: 10 + 20
   overflow by default) and pings connections, because replicas outlive database restarts.
+  With ``metrics``, the pool reports connections in use, and how long getting one took and
+  how often every connection was taken (``imagegw_db_pool_*``): the first sign that a
+  replica needs a bigger pool or PostgreSQL more connections (README, "Production").
 
 :func:`migrate` upgrades the schema to the newest Alembic revision, from inside the
 server (on start) or the CLI, and is safe when several processes start at once.
@@ -30,13 +33,14 @@ server (on start) or the CLI, and is safe when several processes start at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import sqlalchemy
 from alembic import command
@@ -49,6 +53,11 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from server.config import DEFAULT_TUNING, Tuning
 from server.ledger.sqlite_writer import SqliteWriter
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
+    from server.metrics import Metrics
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
@@ -173,12 +182,15 @@ class Database:
     with :meth:`close`. ``tuning`` sizes the pools, reader threads and writer batches.
     """
 
-    def __init__(self, url: str, *, tuning: Tuning = DEFAULT_TUNING) -> None:
+    def __init__(self, url: str, *, tuning: Tuning = DEFAULT_TUNING, metrics: Metrics | None = None) -> None:
         self.engine = create_engine(
             url, pool_size=tuning.database_pool_size, max_overflow=tuning.database_max_overflow
         )
+        # Connections the PostgreSQL pool may hand out before a transaction must wait.
+        self._pool_capacity = tuning.database_pool_size + tuning.database_max_overflow
         readers = tuning.sqlite_readers
         self.dialect: str = self.engine.dialect.name
+        self._metrics = metrics
         self._reader = self.engine.execution_options(**READ_ONLY)
         # reconcile() reads aggregates that must agree with each other: on PostgreSQL that
         # needs one snapshot for the whole transaction; an SQLite read is a snapshot already.
@@ -193,12 +205,31 @@ class Database:
             self._sqlite_reader = self._sqlite.execution_options(**READ_ONLY)
             self._writer = SqliteWriter(self._sqlite, max_batch=tuning.sqlite_writer_batch)
             self._readers = ThreadPoolExecutor(readers, thread_name_prefix="imagegw-db-reader")
+        if metrics is not None:
+            pool = (self._sqlite or self.engine.sync_engine).pool
+            event.listen(pool, "checkout", lambda *_: metrics.db_pool_in_use.inc())
+            event.listen(pool, "checkin", lambda *_: metrics.db_pool_in_use.dec())
+
+    @contextlib.asynccontextmanager
+    async def _connect(self, engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+        """A pooled PostgreSQL connection; with metrics, times getting it and counts the
+        times every connection was in use."""
+        if self._metrics is None:
+            async with engine.connect() as conn:
+                yield conn
+            return
+        if self.engine.pool.checkedout() >= self._pool_capacity:  # type: ignore[attr-defined]
+            self._metrics.db_pool_waits.inc()
+        started = time.perf_counter()
+        async with engine.connect() as conn:
+            self._metrics.db_pool_acquire_seconds.observe(time.perf_counter() - started)
+            yield conn
 
     async def write(self, work: Callable[[Connection], T]) -> T:
         """Runs ``work`` in one write transaction (``BEGIN IMMEDIATE`` on SQLite) and commits;
         whatever it raises rolls the transaction back and propagates."""
         if self._sqlite is None:
-            async with self.engine.begin() as conn:
+            async with self._connect(self.engine) as conn, conn.begin():
                 return await conn.run_sync(work)
         return await self._writer.write(work)
 
@@ -222,7 +253,7 @@ class Database:
         """Runs ``work`` in a read-only transaction (rolled back); ``snapshot`` makes every
         statement in it see the same snapshot (REPEATABLE READ on PostgreSQL)."""
         if self._sqlite is None:
-            async with (self._snapshot_reader if snapshot else self._reader).connect() as conn:
+            async with self._connect(self._snapshot_reader if snapshot else self._reader) as conn:
                 return await conn.run_sync(work)
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._read_sqlite, work)
 

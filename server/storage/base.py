@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["ImageStore", "StoredImage", "new_image_id", "valid_image_id", "FORMAT_OF_EXTENSION"]
+__all__ = ["FORMAT_OF_EXTENSION", "ImageStore", "StoreError", "StoredImage", "new_image_id", "valid_image_id"]
 
 # 128 random bits, URL-safe; the extension tells the content type without a lookup.
 _ID_RE = re.compile(r"^img-[A-Za-z0-9_-]{22}\.(png|jpeg|webp)$")
@@ -27,6 +27,18 @@ def valid_image_id(image_id: str) -> bool:
     return bool(_ID_RE.match(image_id))
 
 
+class StoreError(Exception):
+    """A store operation failed. ``retryable``: the same call may succeed later (a network
+    error, a 5xx or throttling after the client's own retries, a busy disk); otherwise the
+    store is misconfigured or refuses (credentials, a missing bucket, a full or read-only
+    disk) and an operator must act."""
+
+    def __init__(self, message: str, *, operation: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.retryable = retryable
+
+
 @dataclass(frozen=True, slots=True)
 class StoredImage:
     """Bytes read back from a store."""
@@ -39,13 +51,24 @@ class ImageStore(Protocol):
     """Where images for ``url`` responses live until they expire."""
 
     async def put(self, image_id: str, data: bytes) -> None:
-        """Stores the bytes under ``image_id`` (made by ``new_image_id``)."""
+        """Stores the bytes under ``image_id`` (made by ``new_image_id``); raises ``StoreError``."""
         ...
 
     async def get(self, image_id: str) -> StoredImage | None:
-        """The stored image, or None when there is none (never stored, or swept)."""
+        """The stored image, or None when there is none (never stored, or swept); raises
+        ``StoreError`` when the store cannot say."""
         ...
 
     async def delete_older_than(self, cutoff: float) -> int:
-        """Deletes images stored before unix time ``cutoff``; returns how many."""
+        """Deletes images stored before unix time ``cutoff``; returns how many. A store
+        whose own lifecycle rule expires images returns 0."""
+        ...
+
+    async def presigned_url(self, image_id: str, ttl_seconds: int) -> str | None:
+        """A URL of the store itself that serves the image for ``ttl_seconds`` without the
+        gateway (``IMAGEGW_URL_MODE=presigned``), or None when the store cannot make one."""
+        ...
+
+    async def aclose(self) -> None:
+        """Releases the store's connections."""
         ...

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from pathlib import Path
 
-from server.storage.base import FORMAT_OF_EXTENSION, StoredImage, valid_image_id
+from server.storage.base import FORMAT_OF_EXTENSION, StoredImage, StoreError, valid_image_id
 
 __all__ = ["FilesystemImageStore"]
+
+# Failures that pass by themselves (descriptor or memory pressure, an interrupted call, a
+# network file system's hiccup). The rest (a full, read-only or missing disk, permissions)
+# last until an operator acts.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ETIMEDOUT, errno.ESTALE}
+)
+
+
+def _store_error(operation: str, exc: OSError) -> StoreError:
+    return StoreError(
+        f"image folder {operation} failed: {exc.strerror or exc}", operation=operation,
+        retryable=exc.errno in _TRANSIENT_ERRNOS,
+    )
 
 
 class FilesystemImageStore:
@@ -27,7 +42,11 @@ class FilesystemImageStore:
         return self._root / image_id
 
     async def put(self, image_id: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write, self._path(image_id), data)
+        path = self._path(image_id)
+        try:
+            await asyncio.to_thread(self._write, path, data)
+        except OSError as exc:
+            raise _store_error("put", exc) from exc
 
     def _write(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,10 +63,15 @@ class FilesystemImageStore:
             data = await asyncio.to_thread(path.read_bytes)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _store_error("get", exc) from exc
         return StoredImage(data=data, content_type=FORMAT_OF_EXTENSION[image_id.rsplit(".", 1)[1]])
 
     async def delete_older_than(self, cutoff: float) -> int:
-        return await asyncio.to_thread(self._sweep, cutoff)
+        try:
+            return await asyncio.to_thread(self._sweep, cutoff)
+        except OSError as exc:
+            raise _store_error("delete", exc) from exc
 
     def _sweep(self, cutoff: float) -> int:
         removed = 0
@@ -63,3 +87,9 @@ class FilesystemImageStore:
             except FileNotFoundError:
                 continue  # another replica swept it first
         return removed
+
+    async def presigned_url(self, image_id: str, ttl_seconds: int) -> str | None:
+        return None  # a folder has no URLs of its own; the gateway serves its files
+
+    async def aclose(self) -> None:
+        return None

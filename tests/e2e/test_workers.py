@@ -1,8 +1,9 @@
 """``imagegw serve`` with IMAGEGW_WORKERS=2: two processes behind one Envoy, one database.
 
 Envoy's config comes from the settings alone (every worker's port), the load reaches
-both workers, money stays exact across the two processes on SQLite, and the supervisor
-stops every worker on SIGTERM, or all of them when one dies.
+both workers, money stays exact across the two processes on SQLite, one scrape of the
+supervisor's metrics port shows the whole group, and the supervisor stops every worker
+on SIGTERM, or all of them when one dies.
 """
 
 from __future__ import annotations
@@ -48,16 +49,18 @@ async def test_two_workers_share_the_load_and_spend_the_balance_exactly(tmp_path
         assert len(workers) == 2
         assert len(stack.grpc_targets) == 2
         await assert_exactly_funded_images_succeed(stack)
-        pages = [await stack.metrics(index) for index in range(2)]
-        served = [
-            sum(
-                metric_sample(page, "imagegw_requests_total", method="GenerateImagesHttp", status=status)
-                for status in ("200", "402")
-            )
-            for page in pages
-        ]
+        # One scrape, the group's sums under the single-server names.
+        page = await stack.metrics()
+        assert metric_sample(page, "imagegw_requests_total", method="GenerateImagesHttp", status="200") == 25
+        assert metric_sample(page, "imagegw_requests_total", method="GenerateImagesHttp", status="402") == 175
+        assert metric_sample(page, "imagegw_images_generated_total", model="local-1", provider="local") == 25
+        assert metric_sample(page, "imagegw_request_duration_seconds_count", method="GenerateImagesHttp") == 200
+        assert metric_sample(page, "imagegw_requests_in_flight", method="GenerateImagesHttp") == 0
+        assert "imagegw_db_pool_connections_in_use" in page
         # 200 requests, least-request balancing: both workers took a real share.
-        assert sum(served) == 200 and min(served) >= 20, served
+        hosts = await stack.envoy_host_stats()
+        served = [int(hosts[target]["rq_total"]) for target in stack.grpc_targets]
+        assert sum(served) >= 200 and min(served) >= 20, served
 
         supervisor.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(supervisor.wait, 60) == 0
