@@ -12,6 +12,7 @@ renders the same config as a checkout.
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
@@ -114,6 +115,10 @@ def render_envoy_config(settings: Settings, upstreams: Sequence[tuple[str, int]]
     cluster["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
         {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}} for host, port in targets
     ]
+    if not all(_is_ip(host) for host, _port in targets):
+        # A name (Kubernetes' headless Service): one endpoint per address it resolves to,
+        # re-resolved as replicas come and go, each balanced and health-checked alone.
+        cluster["type"] = "STRICT_DNS"
     return config
 
 
@@ -136,6 +141,14 @@ def _render_messages(hcm: dict[str, Any], settings: Settings) -> None:
         f"{_seconds(hcm['request_headers_timeout'])} seconds and the whole request within "
         f"{_seconds(hcm['request_timeout'])} seconds."
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def write_envoy_config(settings: Settings, path: Path, upstreams: Sequence[tuple[str, int]] | None = None) -> Path:

@@ -321,6 +321,15 @@ class ProcessStack:
                 hosts.setdefault(parts[1], {})[parts[2]] = parts[3]
         return hosts
 
+    def start_replica(self, index: int) -> subprocess.Popen[bytes]:
+        """Starts replica ``index`` again on its own ports (after it stopped or was killed),
+        replacing its process in ``servers``; does not wait for it."""
+        port = self.grpc_targets[index].rpartition(":")[2]
+        own = {"IMAGEGW_GRPC_PORT": port, "IMAGEGW_METRICS_PORT": str(self.metrics_ports[index])}
+        restarts = len(list(self.logs.glob(f"server-{index}*.log")))
+        self.servers[index] = start_server({**self.env, **own}, log_path=self.logs / f"server-{index}.{restarts}.log")
+        return self.servers[index]
+
     def server_log(self, index: int = 0) -> str:
         return (self.logs / f"server-{index}.log").read_text(errors="replace")
 

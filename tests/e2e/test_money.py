@@ -19,7 +19,7 @@ FUNDED_IMAGES = 25
 CONCURRENT = 200
 
 
-async def storm(stack: ProcessStack, key: str) -> Counter[int]:
+async def storm(stack: ProcessStack, key: str, response_format: str = "b64_json") -> Counter[int]:
     """CONCURRENT one-image requests at once; returns the count of each status."""
     limits = httpx.Limits(max_connections=CONCURRENT, max_keepalive_connections=CONCURRENT)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -27,7 +27,7 @@ async def storm(stack: ProcessStack, key: str) -> Counter[int]:
         async def one(index: int) -> int:
             response = await client.post(
                 f"{stack.api_base}/images/generations",
-                json={"model": "local-1", "prompt": f"tiny {index}", "size": "256x256", "response_format": "b64_json"},
+                json={"model": "local-1", "prompt": f"tiny {index}", "size": "256x256", "response_format": response_format},
                 headers={"Authorization": f"Bearer {key}"},
             )
             if response.status_code == 402:
@@ -38,9 +38,9 @@ async def storm(stack: ProcessStack, key: str) -> Counter[int]:
     return Counter(statuses)
 
 
-async def assert_exactly_funded_images_succeed(stack: ProcessStack) -> None:
+async def assert_exactly_funded_images_succeed(stack: ProcessStack, response_format: str = "b64_json") -> None:
     account_id, key = await stack.admin.funded_key(f"{FUNDED_IMAGES * UNIT_MICROS / 1e6:.6f}")
-    statuses = await storm(stack, key)
+    statuses = await storm(stack, key, response_format)
     assert statuses == Counter({200: FUNDED_IMAGES, 402: CONCURRENT - FUNDED_IMAGES})
     account = await stack.admin.get(account_id)
     assert (account.balance_usd, account.reserved_usd, account.spent_usd) == ("0.000000", "0.000000", "0.025000")
