@@ -91,10 +91,14 @@ run: $(STAMP) $(DESCRIPTOR) ## Start the gRPC server and Envoy on embedded defau
 test: $(STAMP) $(DESCRIPTOR) $(JS_DEPS) ## Run every test (unit, service, e2e with Envoy, contract with the Python and JavaScript openai SDKs, PostgreSQL)
 	$(PY) -m pytest -q
 
+deploy-config: $(STAMP) ## Render deploy/k8s/config/envoy.yaml (deploy/envoy-render.env) and copy the catalog there
+	env -i PATH="$$PATH" $$(grep -v '^#' deploy/envoy-render.env | xargs) $(VENV)/bin/imagegw envoy-config > deploy/k8s/config/envoy.yaml
+	cp server/catalog.toml deploy/k8s/config/catalog.toml
+
 bench: $(STAMP) $(DESCRIPTOR) ## Run the load benchmarks and print a markdown table
 	$(PY) -m bench
 
 clean: ## Remove build outputs and local state (var/)
 	rm -rf build var .pytest_cache tests/js/node_modules
 
-.PHONY: help install vendor-protos tools gen check-gen descriptor js-deps lint breaking run test bench clean
+.PHONY: help install vendor-protos tools gen check-gen descriptor js-deps lint breaking run test deploy-config bench clean
