@@ -325,7 +325,12 @@ async def _sweep_forever(settings: Settings, ledger: Ledger, store: ImageStore, 
     while True:
         try:
             released = await ledger.release_expired()
-            removed = await store.delete_older_than(time.time() - settings.url_ttl_seconds)
+            # Images of keyed requests stay as long as a replay may ask for them.
+            now = time.time()
+            removed = await store.delete_older_than(
+                now - settings.url_ttl_seconds,
+                kept_cutoff=now - max(settings.url_ttl_seconds, settings.idempotency_ttl_seconds),
+            )
             keys = await idempotency.delete_expired()
             if keys:
                 log.info("sweep: deleted %d expired idempotency keys", keys)

@@ -48,7 +48,7 @@ from server.providers.base import (
     ProviderResult,
     TokenUsage,
 )
-from server.storage import ImageStore, StoreError, UrlSigner, new_image_id
+from server.storage import ImageStore, StoreError, UrlSigner, new_image_id, valid_image_id
 
 __all__ = ["DeliveredImage", "Generation", "GenerationResult", "StreamEvent", "StreamSink"]
 
@@ -220,13 +220,15 @@ class Generation:
         request_id: str,
         deadline: float | None,
         sink: StreamSink | None = None,
+        keep_images: bool = False,
     ) -> GenerationResult:
         """Generates, delivers and charges; raises an ``ApiError`` for every refusal.
 
         ``deadline`` is the caller's absolute loop time (from the gRPC deadline), or None.
         With ``sink`` (a request with ``stream: true``), images and partial images are sent
         to it as they are made (see the module docstring for what is charged); the result
-        still carries every final image, as bytes.
+        still carries every final image, as bytes. ``keep_images``: a ``url`` answer's
+        images stay as long as an idempotent replay may ask for them (``imgk-`` ids).
         """
         quote = self._catalog.resolve(raw)
         if quote.stream and sink is None:
@@ -257,7 +259,7 @@ class Generation:
                 payload = [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
             else:
                 try:
-                    payload = await self._deliver(images, quote.response_format)
+                    payload = await self._deliver(images, quote.response_format, keep_images)
                 except StoreError as exc:
                     self._metrics.images_not_stored.labels(served.spec.id).inc(len(images))
                     log.error(
@@ -396,10 +398,16 @@ class Generation:
             raise UpstreamError(f"The model '{quote.spec.id}' returned no images.", retryable=False)
         return result
 
-    async def _deliver(self, images: list[GeneratedImage], response_format: str) -> list[DeliveredImage]:
+    async def relink(self, url: str) -> str:
+        """A stored answer's image link made again from now (an idempotent replay): the
+        same image, a fresh expiry; a link that names none of our images is kept."""
+        image_id = url.partition("?")[0].rpartition("/")[2]
+        return await self._url(image_id) if valid_image_id(image_id) else url
+
+    async def _deliver(self, images: list[GeneratedImage], response_format: str, kept: bool) -> list[DeliveredImage]:
         if response_format == "b64_json":
             return [DeliveredImage(url=None, data=image.data, revised_prompt=image.revised_prompt) for image in images]
-        ids = [new_image_id(image.format) for image in images]
+        ids = [new_image_id(image.format, kept=kept) for image in images]
         pairs = list(zip(ids, images, strict=True))
         # Every put finishes (or fails) before the answer: none is left running behind it.
         outcomes = await asyncio.gather(

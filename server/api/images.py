@@ -279,7 +279,12 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
 
         async def generate() -> tuple[images_pb2.GenerateImagesResponse, Headers]:
             result = await self._generation.generate(
-                principal, raw, request_id=call.request_id, deadline=deadline, sink=writer
+                principal,
+                raw,
+                request_id=call.request_id,
+                deadline=deadline,
+                sink=writer,
+                keep_images=idempotency_key is not None,
             )
             call.log_fields.update(
                 model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
@@ -299,10 +304,11 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         headers += answer.headers
         if answer.replayed:  # nothing generated or charged this time
             # The stored links were signed for the first answer's hour: sign them again, so
-            # a replay within the idempotency window gets links that work.
+            # a replay within the idempotency window gets links that work (the images of a
+            # keyed request are kept that long).
             for image in answer.message.data:
                 if image.HasField("url"):
-                    image.url = self._signer.resign(image.url)
+                    image.url = await self._generation.relink(image.url)
             call.log_fields.update(idempotent_replay=True, images=len(answer.message.data), cost_micros=0)
             headers.append((REPLAY_HEADER, "true"))
         return _Outcome(answer, headers)

@@ -7,18 +7,21 @@ import secrets
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["FORMAT_OF_EXTENSION", "ImageStore", "StoreError", "StoredImage", "new_image_id", "valid_image_id"]
+__all__ = ["FORMAT_OF_EXTENSION", "KEPT_PREFIX", "ImageStore", "StoreError", "StoredImage", "new_image_id", "valid_image_id"]
 
 # 128 random bits, URL-safe; the extension tells the content type without a lookup.
-_ID_RE = re.compile(r"^img-[A-Za-z0-9_-]{22}\.(png|jpeg|webp)$")
+# `imgk-` marks images of a request with an Idempotency-Key: a replay may ask for them
+# until the key expires, so they outlive the URL lifetime (see delete_older_than).
+_ID_RE = re.compile(r"^imgk?-[A-Za-z0-9_-]{22}\.(png|jpeg|webp)$")
+KEPT_PREFIX = "imgk-"
 FORMAT_OF_EXTENSION = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def new_image_id(fmt: str) -> str:
-    """A fresh unguessable id such as ``img-3q2L...Xw.png``."""
+def new_image_id(fmt: str, *, kept: bool = False) -> str:
+    """A fresh unguessable id such as ``img-3q2L...Xw.png`` (``imgk-...`` when ``kept``)."""
     if fmt not in FORMAT_OF_EXTENSION:
         raise ValueError(f"unknown image format {fmt!r}")
-    return f"img-{secrets.token_urlsafe(16)}.{fmt}"
+    return f"{KEPT_PREFIX if kept else 'img-'}{secrets.token_urlsafe(16)}.{fmt}"
 
 
 def valid_image_id(image_id: str) -> bool:
@@ -59,9 +62,10 @@ class ImageStore(Protocol):
         ``StoreError`` when the store cannot say."""
         ...
 
-    async def delete_older_than(self, cutoff: float) -> int:
-        """Deletes images stored before unix time ``cutoff``; returns how many. A store
-        whose own lifecycle rule expires images returns 0."""
+    async def delete_older_than(self, cutoff: float, *, kept_cutoff: float | None = None) -> int:
+        """Deletes images stored before unix time ``cutoff`` (kept ones, ``imgk-``, before
+        ``kept_cutoff`` when given); returns how many. A store whose own lifecycle rule
+        expires images returns 0."""
         ...
 
     async def presigned_url(self, image_id: str, ttl_seconds: int) -> str | None:

@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from server.storage.base import FORMAT_OF_EXTENSION, StoredImage, StoreError, valid_image_id
+from server.storage.base import FORMAT_OF_EXTENSION, KEPT_PREFIX, StoredImage, StoreError, valid_image_id
 
 __all__ = ["FilesystemImageStore"]
 
@@ -67,13 +67,13 @@ class FilesystemImageStore:
             raise _store_error("get", exc) from exc
         return StoredImage(data=data, content_type=FORMAT_OF_EXTENSION[image_id.rsplit(".", 1)[1]])
 
-    async def delete_older_than(self, cutoff: float) -> int:
+    async def delete_older_than(self, cutoff: float, *, kept_cutoff: float | None = None) -> int:
         try:
-            return await asyncio.to_thread(self._sweep, cutoff)
+            return await asyncio.to_thread(self._sweep, cutoff, cutoff if kept_cutoff is None else kept_cutoff)
         except OSError as exc:
             raise _store_error("delete", exc) from exc
 
-    def _sweep(self, cutoff: float) -> int:
+    def _sweep(self, cutoff: float, kept_cutoff: float) -> int:
         removed = 0
         try:
             entries = list(os.scandir(self._root))
@@ -81,7 +81,8 @@ class FilesystemImageStore:
             return 0
         for entry in entries:
             try:
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
+                limit = kept_cutoff if entry.name.startswith(KEPT_PREFIX) else cutoff
+                if entry.is_file() and entry.stat().st_mtime < limit:
                     os.unlink(entry.path)
                     removed += 1
             except FileNotFoundError:

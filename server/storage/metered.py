@@ -46,8 +46,8 @@ class MeteredImageStore:
     async def get(self, image_id: str) -> StoredImage | None:
         return await self._observe("get", lambda: self.inner.get(image_id))
 
-    async def delete_older_than(self, cutoff: float) -> int:
-        return await self._observe("delete", lambda: self.inner.delete_older_than(cutoff))
+    async def delete_older_than(self, cutoff: float, *, kept_cutoff: float | None = None) -> int:
+        return await self._observe("delete", lambda: self.inner.delete_older_than(cutoff, kept_cutoff=kept_cutoff))
 
     async def presigned_url(self, image_id: str, ttl_seconds: int) -> str | None:
         return await self._observe("presign", lambda: self.inner.presigned_url(image_id, ttl_seconds))

@@ -105,7 +105,7 @@ class S3ImageStore:
             raise _store_error("get", exc) from exc
         return StoredImage(data=data, content_type=_content_type(image_id))
 
-    async def delete_older_than(self, cutoff: float) -> int:
+    async def delete_older_than(self, cutoff: float, *, kept_cutoff: float | None = None) -> int:
         return 0  # the bucket's lifecycle rule expires images
 
     async def presigned_url(self, image_id: str, ttl_seconds: int) -> str | None:

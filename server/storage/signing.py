@@ -33,15 +33,6 @@ class UrlSigner:
         expires = int(self._clock()) + self.ttl_seconds
         return f"{self._base_url}/v1/images/files/{image_id}?expires={expires}&signature={self.signature(image_id, expires)}"
 
-    def resign(self, url: str) -> str:
-        """``url`` (one of ours) signed again from now: the same image, a fresh expiry.
-        Anything that is not one of our image URLs is returned unchanged."""
-        prefix = f"{self._base_url}/v1/images/files/"
-        if not url.startswith(prefix):
-            return url
-        image_id = url[len(prefix) :].partition("?")[0]
-        return self.url(image_id) if image_id else url
-
     def verify(self, image_id: str, expires: int, signature: str) -> int:
         """Checks a URL's signature, then its expiry; returns the seconds it stays valid.
 

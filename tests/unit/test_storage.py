@@ -86,12 +86,20 @@ async def test_filesystem_store_put_get_sweep(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [fresh]  # no temp files left
 
 
-def test_resign_gives_the_same_image_a_fresh_expiry() -> None:
-    now = [1_800_000_000.0]
-    signer = UrlSigner(b"secret", base_url="http://gw.example", ttl_seconds=3600, clock=lambda: now[0])
-    first = signer.url("img-AAAAAAAAAAAAAAAAAAAAAA.png")
-    now[0] += 7200  # the first link has expired
-    again = signer.resign(first)
-    assert again == signer.url("img-AAAAAAAAAAAAAAAAAAAAAA.png") != first
-    assert again.startswith("http://gw.example/v1/images/files/img-AAAAAAAAAAAAAAAAAAAAAA.png?expires=1800010800&")
-    assert signer.resign("https://elsewhere.example/x.png") == "https://elsewhere.example/x.png"
+def test_kept_images_outlive_the_url_lifetime(tmp_path: Path) -> None:
+    """Images of a keyed request (``imgk-``) are swept at their own, later cutoff."""
+    import asyncio
+
+    async def run() -> None:
+        store = FilesystemImageStore(tmp_path / "images")
+        plain, kept = new_image_id("png"), new_image_id("png", kept=True)
+        assert kept.startswith("imgk-") and valid_image_id(kept)
+        for image_id in (plain, kept):
+            await store.put(image_id, b"x")
+            past = time.time() - 7200
+            os.utime(tmp_path / "images" / image_id, (past, past))
+        removed = await store.delete_older_than(time.time() - 3600, kept_cutoff=time.time() - 86400)
+        assert removed == 1
+        assert await store.get(plain) is None and await store.get(kept) is not None
+
+    asyncio.run(run())
