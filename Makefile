@@ -55,7 +55,7 @@ check-gen: $(STAMP) ## Fail when gen/ does not match proto/, or third_party/prot
 	@tmp=$$(mktemp -d) && \
 	$(PROTOC) --python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=$$tmp --mypy_grpc_out=$$tmp $(PROTOS) && \
 	touch $$tmp/imagegw/__init__.py $$tmp/imagegw/v1/__init__.py && \
-	diff -r $$tmp gen && rm -rf $$tmp && echo "gen/ is fresh"
+	diff -r -x __pycache__ $$tmp gen && rm -rf $$tmp && echo "gen/ is fresh"
 
 $(DESCRIPTOR): $(PROTOS) $(STAMP)
 	mkdir -p build
