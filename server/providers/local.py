@@ -976,12 +976,16 @@ def render_image(
 
     Top-level and plain-valued on purpose, so a ProcessPoolExecutor can pickle the call.
     """
+    _check(output_format, width, height)
+    image = _paint(prompt, width, height, index, style, quality)
+    return _encode(image, output_format, output_compression)
+
+
+def _check(output_format: str, width: int, height: int) -> None:
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"unsupported output format {output_format!r}")
     if not (_fits(width) and _fits(height)):
         raise ValueError(f"unsupported size {width}x{height}")
-    image = _paint(prompt, width, height, index, style, quality)
-    return _encode(image, output_format, output_compression)
 
 
 def mosaic(image: Image.Image, cells: int) -> Image.Image:
@@ -1008,10 +1012,7 @@ def render_with_partials(
         raise ValueError(f"partial_images must be 0-{len(PARTIAL_GRID_CELLS)}")
     if not partial_images:
         return [], render_image(prompt, width, height, index, style, quality, output_format, output_compression)
-    if output_format not in OUTPUT_FORMATS:
-        raise ValueError(f"unsupported output format {output_format!r}")
-    if not (_fits(width) and _fits(height)):
-        raise ValueError(f"unsupported size {width}x{height}")
+    _check(output_format, width, height)
     image = _paint(prompt, width, height, index, style, quality)
     final = _encode(image, output_format, output_compression)
     partials = [
