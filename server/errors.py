@@ -235,6 +235,11 @@ class ServiceUnavailableError(ApiError):
     default_code = "service_unavailable"
     retryable = True
 
+    @classmethod
+    def shutting_down(cls) -> ServiceUnavailableError:
+        """What a request still running past the shutdown's grace period gets."""
+        return cls("The server is shutting down; retry the request.", code="shutting_down")
+
 
 class DeadlineExceededError(ApiError):
     """The request's deadline ran out before the images were ready."""

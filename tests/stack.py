@@ -27,7 +27,8 @@ import grpc
 import httpx
 from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2_grpc, models_pb2_grpc
 
-from server.app import App, build_app, build_server, set_serving
+from server.api.interceptors import ServerInterceptor
+from server.app import App, build_app, build_interceptor, build_server, set_serving
 from server.config import Settings
 from server.dev import start_envoy, start_server, stop_process, wait_for_envoy, wait_for_grpc
 from server.providers.base import ImageProvider
@@ -219,6 +220,7 @@ class InProcessStack:
     admin: Admin
     envoy: subprocess.Popen[bytes] | None = None
     logs: Path | None = None
+    interceptor: ServerInterceptor | None = None
 
     @property
     def api_base(self) -> str:
@@ -254,7 +256,8 @@ async def in_process_stack(
     settings = settings_from(env)
     async with AsyncExitStack() as stack:
         app = await build_app(settings, stack, providers=providers)
-        server = build_server(app)
+        interceptor = build_interceptor(app)
+        server = build_server(app, interceptor)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         await set_serving(app)
@@ -270,7 +273,8 @@ async def in_process_stack(
             # In a thread: the server answering Envoy's health checks runs on this loop.
             await asyncio.to_thread(wait_for_envoy, settings, proxy)
         yield InProcessStack(
-            app=app, channel=channel, admin=Admin(channel, env["IMAGEGW_ADMIN_TOKEN"]), envoy=proxy, logs=logs
+            app=app, channel=channel, admin=Admin(channel, env["IMAGEGW_ADMIN_TOKEN"]), envoy=proxy, logs=logs,
+            interceptor=interceptor,
         )
 
 

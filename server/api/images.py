@@ -37,7 +37,14 @@ from server.api import rest
 from server.api.interceptors import CallInfo, current_call
 from server.catalog import RawImageRequest
 from server.editing import EDIT_FIELDS, VARIATION_FIELDS, InputRequests
-from server.errors import ApiError, InternalError, InvalidRequestError, NotFoundError, PayloadTooLargeError
+from server.errors import (
+    ApiError,
+    InternalError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+)
 from server.generation import Generation, GenerationResult, StreamEvent, StreamSink
 from server.idempotency import (
     REPLAY_HEADER,
@@ -80,6 +87,7 @@ _OPTIONAL_FIELDS = (
 GENERATION = "image_generation"
 EDIT = "image_edit"
 COST_HEADER = "x-imagegw-cost-usd"
+
 MODEL_HEADER = "x-imagegw-model"
 
 
@@ -238,17 +246,30 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         async with _keepalive(writer, call, self._keepalive):
             try:
                 outcome = await self._run(raw, context, request_hash, writer)
+            except asyncio.CancelledError:
+                if not (call.shutting_down and writer.opened):
+                    raise  # the caller left, or nothing was sent yet (the interceptor answers 503)
+                # Past the shutdown's grace period: the stream ends with a retryable error event.
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+                await self._stream_error(writer, call, ServiceUnavailableError.shutting_down())
+                return
             except ApiError as exc:
                 if not writer.opened:
                     raise  # nothing sent yet: the caller gets the real HTTP status
                 # The status line (200) is gone: the error becomes the stream's last event.
-                call.handled_error = exc
-                await writer.write_raw(rest.error_event(exc), [])
+                await self._stream_error(writer, call, exc)
                 return
             if outcome.answer.replayed:
                 for event in _replayed_events(outcome.answer.message, events):
                     await writer.write(event, outcome.headers)
             call.answered = True
+
+    @staticmethod
+    async def _stream_error(writer: _Writer, call: CallInfo, error: ApiError) -> None:
+        call.handled_error = error
+        await writer.write_raw(rest.error_event(error), [])
 
     async def _run(
         self,

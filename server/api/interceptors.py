@@ -82,6 +82,9 @@ class CallInfo:
     handled_error: ApiError | None = None
     # The whole answer went out (a stream's last event): a hang-up after it changes nothing.
     answered: bool = False
+    # Set by abort_in_flight before it cancels the handler: the cancellation is the server
+    # shutting down, not the caller leaving (a stream still open says so in-band).
+    shutting_down: bool = False
 
 
 _CURRENT: contextvars.ContextVar[CallInfo] = contextvars.ContextVar("imagegw_call")
@@ -141,7 +144,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         # Handlers running now, so that shutdown can wait for them and, past its grace
         # period, end them with a retryable 503 instead of a bare transport reset.
-        self._running: set[asyncio.Task[Any]] = set()
+        self._running: dict[asyncio.Task[Any], CallInfo] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._aborting = False
@@ -154,7 +157,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         """Ends every running handler with ServiceUnavailableError (503, retryable); their
         reservations are released as for any failure. Returns how many were running."""
         self._aborting = True
-        for task in self._running:
+        for task, call in self._running.items():
+            call.shutting_down = True
             task.cancel("server shutting down")
         return len(self._running)
     async def intercept_service(
@@ -222,7 +226,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         in_flight.inc()
         task = asyncio.current_task()
         assert task is not None
-        self._running.add(task)
+        self._running[task] = call
         self._idle.clear()
         try:
             try:
@@ -237,9 +241,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 # Cancelled by abort_in_flight, not by the client: the call is still open,
                 # so answer it with a retryable error the SDK will retry elsewhere.
                 task.uncancel()
-                raise ServiceUnavailableError(
-                    "The server is shutting down; retry the request.", code="shutting_down"
-                ) from None
+                raise ServiceUnavailableError.shutting_down() from None
         except ApiError as exc:
             outcome, status = exc.code or exc.reason, exc.http_status
             code, message, trailers = error_trailers(exc, call.request_id)
@@ -264,7 +266,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         finally:
             elapsed = time.perf_counter() - started
             _CURRENT.reset(token)
-            self._running.discard(task)
+            self._running.pop(task, None)
             if not self._running:
                 self._idle.set()
             in_flight.dec()

@@ -281,6 +281,7 @@ class Scripted:
             for gate in self.gates:
                 gate.set()
         self.cancelled = asyncio.Event()
+        self.partials_sent = asyncio.Event()  # every partial handed over (their sends returned)
         self.calls = 0
 
     async def generate(self, request: ImageRequest, *, deadline: float, progress: Progress | None = None) -> ProviderResult:
@@ -290,6 +291,7 @@ class Scripted:
             for index in range(min(self.partials, request.partial_images)):
                 await self.gates[index].wait()
                 await progress.partial(0, index, GeneratedImage(data=png(index), format="png"))
+            self.partials_sent.set()
             await self.gates[-1].wait()
             if self.ending == "fail":
                 raise UpstreamError("The upstream provider failed.", retryable=True)
@@ -460,3 +462,33 @@ async def test_grpcurl_streams_through_reflection(gateway: ProcessStack) -> None
     assert [e["type"] for e in events] == ["image_generation.partial_image", "image_generation.completed"]
     assert {decode(e["b64_json"]).size for e in events} == {(256, 256)}  # grpcurl keeps proto names
     assert (await gateway.admin.settled(account)).spent_usd == "0.001000"
+
+
+async def test_a_stream_ended_by_the_shutdown_gets_a_retryable_error_event(
+    scripted: tuple[InProcessStack, Scripted]
+) -> None:
+    """Past the shutdown's grace period a stream that already sent events ends with an error
+    event (never a bare end of stream), and pays for what it delivered."""
+    stack, provider = scripted
+    provider.reset("hang", partials=1)
+    account, key = await stack.admin.funded_key("1.00")
+    assert stack.interceptor is not None
+    events: list[tuple[str | None, dict[str, Any]]] = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream(
+            "POST", f"{stack.api_base}/images/generations", headers={"authorization": f"Bearer {key}"}, json=request(1)
+        ) as response:
+            async for name, data in sse(response):
+                if name is None:
+                    continue
+                events.append((name, json.loads(data)))
+                if name == "image_generation.partial_image":
+                    await provider.partials_sent.wait()  # delivered, by the server's count
+                    assert stack.interceptor.abort_in_flight() == 1
+    assert [name for name, _ in events] == ["image_generation.partial_image", "error"]
+    assert events[-1][1]["error"] == {
+        "message": "The server is shutting down; retry the request.", "type": "server_error", "param": None,
+        "code": "shutting_down",
+    }
+    settled = await stack.admin.settled(account)
+    assert (settled.spent_usd, settled.reserved_usd) == (f"{PARTIAL_PRICE / 1e6:.6f}", "0.000000")
