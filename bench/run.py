@@ -98,6 +98,8 @@ class Step:
     full_round: bool = True
     completed: int = 0
     gateway_cpu_s: float = 0.0
+    # The imagegw server's share of gateway_cpu_s (the rest is its Envoy); rows c and d.
+    server_cpu_s: float = 0.0
     upstream_cpu_s: float = 0.0
     machine_busy_s: float = 0.0
     machine_total_s: float = 0.0
@@ -156,6 +158,12 @@ class Step:
         return 1000 * (self.gateway_cpu_s / self.window_s) / self.rps
 
     @property
+    def server_cpu_ms_per_request(self) -> float | None:
+        if self.target not in ("b64", "url") or self.window_s <= 0 or self.rps <= 0:
+            return None
+        return 1000 * (self.server_cpu_s / self.window_s) / self.rps
+
+    @property
     def lock_busy(self) -> float | None:
         """Share of the window during which the server's SQLite write lock was held."""
         if self.lock_acquired is None or self.window_s <= 0:
@@ -178,6 +186,7 @@ class Step:
         data["lock_busy"] = self.lock_busy
         data["lock_mean_wait_s"] = self.lock_mean_wait_s
         data["cpu_ms_per_request"] = self.cpu_ms_per_request
+        data["server_cpu_ms_per_request"] = self.server_cpu_ms_per_request
         data["raw_rps"] = self.wrk.raw_rps if self.wrk else None
         data["errors"] = self.wrk.errors if self.wrk else None
         return data
@@ -557,6 +566,7 @@ class _Snapshot:
     at: float
     completed: int
     gateway_cpu: float
+    server_cpu: float
     upstream_cpu: float
     machine: tuple[float, float]
     threads: dict[int, float]
@@ -597,6 +607,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
             at=at,
             completed=completed,
             gateway_cpu=cpu_seconds(pids),
+            server_cpu=cpu_seconds(stack.server_pids) if step.target in ("b64", "url") else 0.0,
             upstream_cpu=cpu_seconds([stack.upstream.pid]),
             machine=machine_cpu(),
             threads=thread_cpu_seconds(stack.server_pids[0]) if profile_out is not None else {},
@@ -657,6 +668,7 @@ def run_step(stack: Stack, wrk: str, step: Step, plan: Plan, *, profile_out: Pat
     step.window_s = last.at - first.at
     step.completed = last.completed - first.completed
     step.gateway_cpu_s = last.gateway_cpu - first.gateway_cpu
+    step.server_cpu_s = last.server_cpu - first.server_cpu
     step.upstream_cpu_s = last.upstream_cpu - first.upstream_cpu
     step.machine_busy_s = last.machine[0] - first.machine[0]
     step.machine_total_s = last.machine[1] - first.machine[1]
@@ -1052,10 +1064,12 @@ def _progress(index: int, total: int, step: Step, label: str | None = None) -> N
         )
         return
     cpu = step.cpu_ms_per_request
+    server = step.server_cpu_ms_per_request
     print(
         f"  {head} {TARGET_LABELS[step.target]:<24} {step.image:<5} c={step.concurrency:<3} delay={step.delay_s:g}s "
         f"{step.rps:8.1f} req/s p50 {step.wrk.p50_s * 1000:7.1f} ms p99 {step.wrk.p99_s * 1000:7.1f} ms "
-        f"err {step.wrk.errors} cpu {'-' if cpu is None else f'{cpu:.2f} ms/req'}",
+        f"err {step.wrk.errors} cpu {'-' if cpu is None else f'{cpu:.2f} ms/req'}"
+        f"{'' if server is None else f' (server {server:.2f})'}",
         file=sys.stderr,
         flush=True,
     )
