@@ -46,11 +46,12 @@ def install(stats_path: Path) -> bool:
     if writer is not None and database is not None and hasattr(writer, "_commit"):
         commit, write = writer._commit, database.write
 
-        def timed_commit(self: Any, batch: Any) -> None:
+        def timed_commit(self: Any, *args: Any) -> Any:
+            batch = args[-1]  # (batch), or (connection, batch) since the writer keeps its connection
             started = time.perf_counter()
             STATS["held_since"] = started
             try:
-                commit(self, batch)
+                return commit(self, *args)
             finally:
                 STATS["hold_s"] += time.perf_counter() - started
                 STATS["held_since"] = None

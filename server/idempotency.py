@@ -53,22 +53,23 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from sqlalchemy import and_, delete, or_, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from server.config import DEFAULT_TUNING
 from server.errors import ConflictError, IdempotencyKeyReusedError, InvalidRequestError
 from server.ledger.db import Database
+from server.ledger.plain import Execute, Fetch, Program, Sql
 from server.ledger.schema import idempotency_keys
 from server.offload import run_sized
 
 __all__ = [
     "HEADER",
+    "Admit",
     "MAX_KEY_LENGTH",
     "REPLAY_HEADER",
     "Answer",
@@ -77,6 +78,7 @@ __all__ = [
     "Headers",
     "IdempotencyStore",
     "Owned",
+    "Refused",
     "Retry",
     "StoredResponse",
     "fingerprint",
@@ -95,6 +97,46 @@ _POLL_MAX_SECONDS: Final = 1.0
 
 Headers = tuple[tuple[str, str], ...]
 M = TypeVar("M", bound=Message)
+
+# The claim in plain SQL (server.ledger.plain): with a key, every paid request runs it.
+_CLAIM = Sql(
+    """INSERT INTO idempotency_keys (account_id, idempotency_key, request_hash, state, owner, locked_until,
+    request_id, response, response_headers, created_at, expires_at)
+    VALUES ($1, $2, $3, 'in_progress', $4, $5, $6, NULL, NULL, $7, $8)
+    ON CONFLICT (account_id, idempotency_key) DO NOTHING"""
+)
+_EXISTING = Sql(
+    "SELECT request_hash, state, locked_until, expires_at FROM idempotency_keys WHERE account_id = $1 AND idempotency_key = $2"
+)
+# Taking over an expired or abandoned row re-checks that it still is, so only one taker wins.
+_TAKE_OVER = Sql(
+    """UPDATE idempotency_keys SET request_hash = $3, state = 'in_progress', owner = $4, locked_until = $5,
+    request_id = $6, response = NULL, response_headers = NULL, created_at = $7, expires_at = $8
+    WHERE account_id = $1 AND idempotency_key = $2
+    AND (expires_at <= $7 OR (state = 'in_progress' AND locked_until <= $7))"""
+)
+_ABANDON = Sql(
+    "DELETE FROM idempotency_keys WHERE account_id = $1 AND idempotency_key = $2 AND owner = $3 AND state = 'in_progress'"
+)
+
+
+class Admit(Protocol):
+    """What a paid request does in the same write transaction as its claim
+    (``server.admission``): one transaction before the upstream call, key or no key."""
+
+    def before(self) -> Program[None]:
+        """Runs once, before the first claim (a key still live, the rate limit). Raising
+        rolls the transaction back: nothing is counted, claimed or reserved."""
+        ...
+
+    def after(self) -> Program[bool]:
+        """Runs when the claim is won (or without a key): the reservation. False when it
+        is refused; then the claim is released in the same transaction."""
+        ...
+
+    def refusal(self) -> BaseException:
+        """The error for a refused ``after``, raised once the transaction committed."""
+        ...
 
 
 def parse_key(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -163,6 +205,12 @@ class Retry:
     """The row changed between two statements of the claim; claim again."""
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The claim was won but admission refused the request (its reservation); the claim
+    was released in the same transaction."""
+
+
 Claim = Owned | StoredResponse | Busy | Retry
 
 
@@ -201,7 +249,6 @@ class IdempotencyStore:
         self._max_wait = max_wait_seconds
         self._sweep_batch = sweep_batch
         self._clock = clock
-        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
 
     def _now(self) -> int:
         return int(self._clock())
@@ -216,6 +263,7 @@ class IdempotencyStore:
         deadline: float | None,
         produce: Callable[[], Awaitable[tuple[M, Headers]]],
         parse: Callable[[bytes], M],
+        admit: Admit | None = None,
     ) -> Answer[M]:
         """Runs ``produce`` at most once per (account, key, request) and replays its answer.
 
@@ -226,6 +274,8 @@ class IdempotencyStore:
                 lease of a first attempt and how long a replay waits for one.
             produce: makes the response message and its response headers.
             parse: turns stored bytes back into the message (``Message.FromString``).
+            admit: runs in the claim's write transaction (:class:`Admit`); ``produce`` is
+                called only once it admitted the request.
 
         Raises:
             IdempotencyKeyReusedError: the key was used with a different request.
@@ -233,13 +283,22 @@ class IdempotencyStore:
             Whatever ``produce`` raises (the key is then released for a retry).
         """
         if key is None:
+            if admit is not None and not await self._db.write_plain(_admitting(admit)):
+                raise admit.refusal()
             message, headers = await produce()
             return Answer(message, headers, replayed=False)
         loop = asyncio.get_running_loop()
         wait_until = loop.time() + self._max_wait if deadline is None else deadline
+        first = admit
         while True:
             lease = self._lease_seconds(deadline, loop.time())
-            claimed = await self.claim(account_id, key, request_hash, request_id=request_id, lease_seconds=lease)
+            claimed = await self.claim(
+                account_id, key, request_hash, request_id=request_id, lease_seconds=lease, admit=admit, first=first
+            )
+            first = None  # the rate limit counts a request once, however often it claims
+            if isinstance(claimed, Refused):
+                assert admit is not None
+                raise admit.refusal()
             if isinstance(claimed, Owned):
                 return await self._produce(account_id, key, claimed.owner, produce)
             if isinstance(claimed, StoredResponse):
@@ -300,61 +359,65 @@ class IdempotencyStore:
     # -- the steps, public for tests -----------------------------------------------------
 
     async def claim(
-        self, account_id: str, key: str, request_hash: str, *, request_id: str, lease_seconds: int
-    ) -> Claim:
+        self,
+        account_id: str,
+        key: str,
+        request_hash: str,
+        *,
+        request_id: str,
+        lease_seconds: int,
+        admit: Admit | None = None,
+        first: Admit | None = None,
+    ) -> Claim | Refused:
         """One claim attempt, atomic: :class:`Owned` (run the request), a
         :class:`StoredResponse` (replay it), :class:`Busy` (another attempt is running)
-        or :class:`Retry` (the row changed under us).
+        or :class:`Retry` (the row changed under us). With ``admit``, its ``after`` runs in
+        the same transaction once the claim is won (:class:`Refused` if it refused), and
+        ``first``'s ``before`` ahead of the claim.
 
         Raises:
             IdempotencyKeyReusedError: the key is held or completed for another request.
         """
         now = self._now()
         owner = secrets.token_hex(16)
-        fresh = {
-            "request_hash": request_hash,
-            "state": "in_progress",
-            "owner": owner,
-            "locked_until": now + lease_seconds,
-            "request_id": request_id[:255],
-            "response": None,
-            "response_headers": None,
-            "created_at": now,
-            "expires_at": now + self._ttl,
-        }
-        row = idempotency_keys.c
-        insert = (
-            self._insert(idempotency_keys)
-            .values(account_id=account_id, idempotency_key=key, **fresh)
-            .on_conflict_do_nothing(index_elements=[row.account_id, row.idempotency_key])
-        )
+        claim = (account_id, key, request_hash, owner, now + lease_seconds, request_id[:255], now, now + self._ttl)
 
-        def try_claim(conn: Connection) -> Owned | Retry | Any:
-            """Owned, Retry, or the existing row that cannot be claimed."""
-            if conn.execute(insert).rowcount == 1:
-                return Owned(owner)
-            existing = conn.execute(_select(account_id, key, with_response=False)).first()
-            if existing is None:
-                return Retry()  # deleted between the conflict and the read
-            if self._claimable(existing, now):
-                taken = conn.execute(
-                    update(idempotency_keys).where(_pk(account_id, key), self._claimable_clause(now)).values(**fresh)
-                )
-                return Owned(owner) if taken.rowcount == 1 else Retry()
-            return existing
+        def attempt() -> Program[Owned | Retry | Refused | Any]:
+            """Owned, Retry, Refused, or the existing row that cannot be claimed."""
+            if first is not None:
+                yield from first.before()
+            outcome = yield from self._claiming(claim, now)
+            if admit is not None and isinstance(outcome, Owned) and not (yield from admit.after()):
+                yield Execute(_ABANDON, (account_id, key, owner))
+                return Refused()
+            return outcome
 
-        existing = await self._db.write(try_claim)
-        if isinstance(existing, (Owned, Retry)):
+        existing = await self._db.write_plain(attempt())
+        if isinstance(existing, (Owned, Retry, Refused)):
             return existing
-        if existing.request_hash != request_hash:
+        request_hash_then, state = existing[0], existing[1]
+        if request_hash_then != request_hash:
             raise _reused()
-        if existing.state == "in_progress":
+        if state == "in_progress":
             return Busy()
         # Completed: read the (possibly large) response outside the write transaction.
         stored = await self._read(account_id, key, with_response=True)
         if stored is None or stored.state != "completed" or stored.request_hash != request_hash:
             return Retry()
         return _stored(stored)
+
+    def _claiming(self, claim: tuple[Any, ...], now: int) -> Program[Owned | Retry | Any]:
+        account_id, key, owner = claim[0], claim[1], claim[3]
+        if (yield Execute(_CLAIM, claim)) == 1:
+            return Owned(owner)
+        existing = yield Fetch(_EXISTING, (account_id, key))
+        if existing is None:
+            return Retry()  # deleted between the conflict and the read
+        _, state, locked_until, expires_at = existing
+        if _claimable(state, locked_until, expires_at, now):
+            taken = yield Execute(_TAKE_OVER, claim)
+            return Owned(owner) if taken == 1 else Retry()
+        return existing
 
     async def complete(self, account_id: str, key: str, owner: str, body: bytes, headers: Headers) -> bool:
         """Stores the owner's response; False when the owner no longer holds the key."""
@@ -421,17 +484,23 @@ class IdempotencyStore:
 
     @staticmethod
     def _claimable(row: Any, now: int) -> bool:
-        """Expired, or held by an attempt that ran past its lease (its process died)."""
-        return bool(row.expires_at <= now or (row.state == "in_progress" and (row.locked_until or 0) <= now))
-
-    @staticmethod
-    def _claimable_clause(now: int) -> Any:
-        row = idempotency_keys.c
-        return or_(row.expires_at <= now, and_(row.state == "in_progress", row.locked_until <= now))
+        return _claimable(row.state, row.locked_until, row.expires_at, now)
 
     async def _read(self, account_id: str, key: str, *, with_response: bool) -> Any:
         query = _select(account_id, key, with_response=with_response)
         return await self._db.read(lambda conn: conn.execute(query).first())
+
+
+def _claimable(state: str, locked_until: int | None, expires_at: int, now: int) -> bool:
+    """Expired, or held by an attempt that ran past its lease (its process died); the
+    same condition as ``_TAKE_OVER``'s."""
+    return expires_at <= now or (state == "in_progress" and (locked_until or 0) <= now)
+
+
+def _admitting(admit: Admit) -> Program[bool]:
+    """Admission without an Idempotency-Key: ``before``, then ``after``."""
+    yield from admit.before()
+    return (yield from admit.after())
 
 
 def _select(account_id: str, key: str, *, with_response: bool) -> Any:

@@ -5,8 +5,9 @@ counted in the database that every replica shares, so the limit is exact across
 replicas: of any number of concurrent requests on one key, in one window, exactly
 ``limit`` are admitted, whichever replicas they reach. Nothing is kept in process memory.
 
-Admission is one short write transaction: it reads the account's limits, then runs one
-statement, an upsert on the key's row of ``rate_limit_counters``::
+Counting is part of a short write transaction (the request's admission, see
+:mod:`server.admission`, or :meth:`RateLimiter.acquire` alone): it reads the account's
+limits, then runs one statement, an upsert on the key's row of ``rate_limit_counters``::
 
     INSERT INTO rate_limit_counters (key_id, window_start, requests, images)
     VALUES (:key, :window, 1, :n)
@@ -15,7 +16,8 @@ statement, an upsert on the key's row of ``rate_limit_counters``::
         images       = CASE WHEN <row in this window> THEN images + :n ELSE :n END,
         window_start = CASE WHEN <row in this window> THEN window_start ELSE :window END
     WHERE NOT <row in this window>                              -- a new window starts
-       OR (requests + 1 <= :rpm AND images + :n <= :ipm)        -- room left in this one
+       OR ((:rpm = 0 OR requests + 1 <= :rpm)                   -- room left in this one
+           AND (:ipm = 0 OR images + :n <= :ipm))               -- (a limit of 0: none)
     RETURNING window_start, requests, images
 
 It returns a row exactly when the request is admitted. On PostgreSQL the upsert locks
@@ -51,21 +53,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from sqlalchemy import and_, bindparam, case, or_, select, true
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.sql.elements import ColumnElement
 
 from server.errors import InvalidRequestError, NotFoundError, RateLimitError
 from server.ledger import Principal
 from server.ledger.db import Database
+from server.ledger.plain import Fetch, Program, Sql
 from server.ledger.requests import Once, begin, finish
-from server.ledger.schema import accounts, rate_limit_counters
+from server.ledger.schema import accounts
 
 _ACCOUNT_LIMITS = select(accounts.c.rate_limit_rpm, accounts.c.rate_limit_ipm).where(accounts.c.id == bindparam("a_id"))
-_COUNTER = select(
-    rate_limit_counters.c.window_start, rate_limit_counters.c.requests, rate_limit_counters.c.images
-).where(rate_limit_counters.c.key_id == bindparam("k_id"))
+# Admission's statements in plain SQL (server.ledger.plain): every paid request runs them.
+_LIMITS = Sql("SELECT rate_limit_rpm, rate_limit_ipm FROM accounts WHERE id = $1")
+# The upsert of the module docstring; a limit of 0 has no room condition.
+_COUNT = Sql(
+    """INSERT INTO rate_limit_counters AS c (key_id, window_start, requests, images) VALUES ($1, $2, 1, $3)
+    ON CONFLICT (key_id) DO UPDATE SET
+        requests = CASE WHEN c.window_start >= $2 THEN c.requests + 1 ELSE 1 END,
+        images = CASE WHEN c.window_start >= $2 THEN c.images + $3 ELSE $3 END,
+        window_start = CASE WHEN c.window_start >= $2 THEN c.window_start ELSE $2 END
+    WHERE c.window_start < $2 OR (($4 = 0 OR c.requests + 1 <= $4) AND ($5 = 0 OR c.images + $3 <= $5))
+    RETURNING window_start, requests, images"""
+)
+_COUNTER = Sql("SELECT window_start, requests, images FROM rate_limit_counters WHERE key_id = $1")
 
 __all__ = [
     "MAX_LIMIT",
@@ -184,7 +195,6 @@ class RateLimiter:
         self._db = db
         self._defaults = defaults
         self._clock = clock
-        self._insert: Any = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
 
     # -- admission ------------------------------------------------------------------------
 
@@ -199,28 +209,22 @@ class RateLimiter:
             RateLimitError: over a limit; nothing was counted. Carries ``Retry-After``
                 and the ``x-ratelimit-*`` headers.
         """
+        # One transaction reads the limits and counts: one database round trip per request.
+        return await self._db.write_plain(self.counting(principal, images=images))
+
+    def counting(self, principal: Principal, *, images: int) -> Program[Quota | None]:
+        """:meth:`acquire` as statements of a write transaction (admission runs them with
+        its others): returns the quota, or raises RateLimitError, which rolls the
+        transaction back (a refused request changes nothing)."""
         if images < 1:
             raise ValueError("images must be at least 1")
         now = self._clock()
         window = window_start(now)
-
-        def count(conn: Connection) -> tuple[Limits, Any, bool]:
-            """(the key's limits, its counter row after this request, admitted); the
-            counter is None when the limits leave nothing to count."""
-            row = conn.execute(_ACCOUNT_LIMITS, {"a_id": principal.account_id}).first()
-            limits = self._effective(principal.account_id, row).limits
-            if limits.unlimited or (limits.images_per_minute and images > limits.images_per_minute):
-                return limits, None, False
-            admitted = conn.execute(self._count_statement(principal.key_id, window, images, limits)).first()
-            if admitted is not None:
-                return limits, admitted, True
-            return limits, conn.execute(_COUNTER, {"k_id": principal.key_id}).one(), False
-
-        # One transaction reads the limits and counts: one database round trip per request.
-        limits, current, admitted = await self._db.write(count)
+        row = yield Fetch(_LIMITS, (principal.account_id,))
+        limits = self._limits(row)
         if limits.unlimited:
             return None
-        if current is None:
+        if limits.images_per_minute and images > limits.images_per_minute:
             quota = Quota(limits, 0, 0, reset_seconds(window, now))
             raise RateLimitError(
                 f"Request too large for images per minute (IPM) on API key {principal.key_id}: "
@@ -228,42 +232,23 @@ class RateLimiter:
                 retryable=False,
                 headers=dict(quota.headers()),
             )
-        if admitted:
-            return Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
-        quota = Quota(limits, current.requests, current.images, reset_seconds(current.window_start, now))
-        if limits.requests_per_minute and current.requests + 1 > limits.requests_per_minute:
-            what, limit, used, requested = "requests per minute (RPM)", limits.requests_per_minute, current.requests, 1
+        rpm, ipm = limits.requests_per_minute, limits.images_per_minute
+        admitted = yield Fetch(_COUNT, (principal.key_id, window, images, rpm, ipm))
+        if admitted is not None:
+            return Quota(limits, admitted[1], admitted[2], reset_seconds(admitted[0], now))
+        current = yield Fetch(_COUNTER, (principal.key_id,))
+        assert current is not None  # the upsert found the row and left it alone
+        started, requests, counted = current
+        quota = Quota(limits, requests, counted, reset_seconds(started, now))
+        if rpm and requests + 1 > rpm:
+            what, limit, used, requested = "requests per minute (RPM)", rpm, requests, 1
         else:
-            what, limit, used, requested = "images per minute (IPM)", limits.images_per_minute, current.images, images
+            what, limit, used, requested = "images per minute (IPM)", ipm, counted, images
         raise RateLimitError(
             f"Rate limit reached for {what} on API key {principal.key_id}: Limit {limit}, Used {used}, "
             f"Requested {requested}. Please try again in {quota.reset_seconds}s.",
             retry_after=quota.reset_seconds,
             headers=dict(quota.headers()),
-        )
-
-    def _count_statement(self, key_id: str, window: int, images: int, limits: Limits) -> Any:
-        """The upsert of the module docstring: returns the counter row when admitted."""
-        counter = rate_limit_counters.c
-        in_window = counter.window_start >= window
-        room: list[ColumnElement[bool]] = [true()]
-        if limits.requests_per_minute:
-            room.append(counter.requests + 1 <= limits.requests_per_minute)
-        if limits.images_per_minute:
-            room.append(counter.images + images <= limits.images_per_minute)
-        return (
-            self._insert(rate_limit_counters)
-            .values(key_id=key_id, window_start=window, requests=1, images=images)
-            .on_conflict_do_update(
-                index_elements=[counter.key_id],
-                set_={
-                    "requests": case((in_window, counter.requests + 1), else_=1),
-                    "images": case((in_window, counter.images + images), else_=images),
-                    "window_start": case((in_window, counter.window_start), else_=window),
-                },
-                where=or_(~in_window, and_(*room)),
-            )
-            .returning(counter.window_start, counter.requests, counter.images)
         )
 
     # -- per-account overrides ------------------------------------------------------------
@@ -333,6 +318,14 @@ class RateLimiter:
         if row is None and require:
             raise NotFoundError(f"No account with id {account_id[:64]!r}.", param="account_id")
         return self._effective(account_id, row)
+
+    def _limits(self, row: Any) -> Limits:
+        """The limits from an account's (rate_limit_rpm, rate_limit_ipm) row."""
+        rpm, ipm = (None, None) if row is None else row
+        return Limits(
+            requests_per_minute=self._defaults.requests_per_minute if rpm is None else rpm,
+            images_per_minute=self._defaults.images_per_minute if ipm is None else ipm,
+        )
 
     def _effective(self, account_id: str, row: Any) -> AccountLimits:
         """The limits from an account's overrides row (None: no such account, defaults)."""

@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from server.config import DEFAULT_TUNING, Tuning
+from server.ledger.plain import Program, run_asyncpg, run_sqlite
 from server.ledger.sqlite_writer import SqliteWriter
 
 if TYPE_CHECKING:
@@ -178,6 +179,11 @@ class Database:
     * **PostgreSQL**: the function runs on the event loop through asyncpg
       (``AsyncConnection.run_sync``); no process-wide lock, concurrent transactions.
 
+    The hot transactions are plain-SQL programs (:mod:`server.ledger.plain`) given to
+    :meth:`write_plain` or :meth:`read_plain`: the same threads on SQLite, each statement
+    straight on ``sqlite3``; on PostgreSQL straight on the asyncpg connection of SQLAlchemy's
+    pool. Both kinds of write share SQLite's one writer and its group commits.
+
     ``engine`` (async) is there for migrations and tools; the caller closes the database
     with :meth:`close`. ``tuning`` sizes the pools, reader threads and writer batches.
     """
@@ -232,6 +238,37 @@ class Database:
             async with self._connect(self.engine) as conn, conn.begin():
                 return await conn.run_sync(work)
         return await self._writer.write(work)
+
+    async def write_plain(self, program: Program[T]) -> T:
+        """Runs a plain-SQL program in one write transaction and commits, like :meth:`write`."""
+        if self._sqlite is None:
+            async with self.engine.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                async with driver.transaction():
+                    return await run_asyncpg(driver, program)
+        return await self._writer.write_plain(program)
+
+    async def read_plain(self, program: Program[T]) -> T:
+        """Runs a plain-SQL program in a read-only transaction (one snapshot)."""
+        if self._sqlite is None:
+            async with self.engine.connect() as conn:
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                async with driver.transaction(readonly=True):
+                    return await run_asyncpg(driver, program)
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._read_sqlite_plain, program)
+
+    def _read_sqlite_plain(self, program: Program[T]) -> T:
+        assert self._sqlite is not None
+        connection = self._sqlite.raw_connection()
+        try:
+            driver: Any = connection.driver_connection
+            driver.execute("BEGIN")
+            try:
+                return run_sqlite(driver, program)
+            finally:
+                driver.execute("ROLLBACK")
+        finally:
+            connection.close()  # back to the pool
 
     async def write_then(self, work: Callable[[Connection], T], then: Callable[[T], None]) -> T:
         """Like :meth:`write`, then calls ``then(result)`` once the transaction committed,

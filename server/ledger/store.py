@@ -35,13 +35,17 @@ the entries and reports any difference: for each account, ``balance == credits -
 captures - open reservations``, ``reserved == open reservations`` and ``spent ==
 captures``.
 
-API keys: see :mod:`server.ledger.keys`. :meth:`Ledger.authenticate` reads the database
-on every call (no cache), so a revocation applies to the very next request on every
-replica.
+API keys: see :mod:`server.ledger.keys`. :meth:`Ledger.authenticate` may answer from
+memory for a few seconds (``max_age``), but a paid request's admission transaction checks
+its key again (:meth:`Ledger.key_is_live`), so a revocation applies to the very next paid
+request on every replica.
 
 Every transaction is one synchronous function given to :class:`~server.ledger.db.Database`
 (``write`` or ``read``), which runs it whole: on SQLite on its writer thread, so the write
-lock is held only while the function runs.
+lock is held only while the function runs. The hot ones (reserve, settle, the key lookup)
+are plain-SQL programs (:mod:`server.ledger.plain`) given to ``write_plain`` and
+``read_plain``; :meth:`Ledger.prepare_reservation` hands the reservation to a larger
+transaction (admission: :mod:`server.admission`).
 
 All amounts are integer micro-dollars (:mod:`server.ledger.money`); all times are integer
 unix seconds from the injected ``clock``.
@@ -59,7 +63,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import bindparam, case, func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
@@ -78,6 +82,7 @@ from server.ledger.keys import (
     parse_api_key,
 )
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS, format_usd
+from server.ledger.plain import Execute, Fetch, Program, Sql
 from server.ledger.requests import Once, begin, finish
 from server.ledger.schema import (
     USAGE_STATUSES,
@@ -92,6 +97,7 @@ __all__ = [
     "AccountView",
     "KeyView",
     "Ledger",
+    "PendingReservation",
     "Principal",
     "ReconcileReport",
     "Reservation",
@@ -106,38 +112,38 @@ MAX_USAGE_PAGE_SIZE = 1000
 # Error code written on usage rows of reservations released by the sweeper.
 EXPIRED_ERROR_CODE = "reservation_expired"
 
-# The statements of the hot path (every generation reserves and settles), built once with
-# bind parameters: building them per call (coercions, labels, cache keys) was most of the
-# server's database CPU in the benchmark (bench/README.md). Immutable SQL constructs.
-_RESERVE = (
-    accounts.update()
-    .where(accounts.c.id == bindparam("a_id"), accounts.c.balance_micros >= bindparam("amount"))
-    .values(
-        balance_micros=accounts.c.balance_micros - bindparam("amount"),
-        reserved_micros=accounts.c.reserved_micros + bindparam("amount"),
-    )
+# The statements of the hot path (every generation reserves and settles), in plain SQL
+# run straight by the driver (server.ledger.plain): through SQLAlchemy they were most of
+# the server's database CPU in the benchmark (bench/README.md).
+_RESERVE = Sql(
+    """UPDATE accounts SET balance_micros = balance_micros - $2, reserved_micros = reserved_micros + $2
+    WHERE id = $1 AND balance_micros >= $2"""
 )
-_INSERT_RESERVATION = reservations.insert()
-_INSERT_ENTRY = ledger_entries.insert()
-_INSERT_USAGE = usage_records.insert()
-_RESERVATION = select(reservations).where(reservations.c.id == bindparam("r_id"))
-_CLAIM = (
-    reservations.update()
-    .where(reservations.c.id == bindparam("r_id"), reservations.c.status == "open")
-    .values(status=bindparam("closed_status"), captured_micros=bindparam("captured"), closed_at=bindparam("now"))
+_BALANCE = Sql("SELECT balance_micros FROM accounts WHERE id = $1")
+_INSERT_RESERVATION = Sql(
+    """INSERT INTO reservations (id, account_id, request_id, model, images, amount_micros, status,
+    captured_micros, created_at, expires_at, closed_at) VALUES ($1, $2, $3, $4, $5, $6, 'open', NULL, $7, $8, NULL)"""
 )
-_SETTLE_ACCOUNT = (
-    accounts.update()
-    .where(accounts.c.id == bindparam("a_id"))
-    .values(
-        balance_micros=accounts.c.balance_micros + bindparam("released"),
-        reserved_micros=accounts.c.reserved_micros - bindparam("reserved"),
-        spent_micros=accounts.c.spent_micros + bindparam("captured"),
-    )
+_INSERT_ENTRY = Sql(
+    "INSERT INTO ledger_entries (account_id, kind, amount_micros, reservation_id, created_at) VALUES ($1, $2, $3, $4, $5)"
 )
-_API_KEY = select(api_keys.c.account_id, api_keys.c.key_hash, api_keys.c.revoked_at).where(
-    api_keys.c.id == bindparam("k_id")
+# The claim: whoever flips status from 'open' owns the close. A concurrent settle or
+# sweeper (other task, other replica) updates zero rows and stops.
+_CLAIM = Sql(
+    """UPDATE reservations SET status = $2, captured_micros = $3, closed_at = $4
+    WHERE id = $1 AND status = 'open' AND amount_micros >= $3
+    RETURNING account_id, amount_micros, request_id, model, images"""
 )
+_RESERVATION_STATE = Sql("SELECT status, amount_micros FROM reservations WHERE id = $1")
+_SETTLE_ACCOUNT = Sql(
+    """UPDATE accounts SET balance_micros = balance_micros + $2, reserved_micros = reserved_micros - $3,
+    spent_micros = spent_micros + $4 WHERE id = $1"""
+)
+_INSERT_USAGE = Sql(
+    """INSERT INTO usage_records (account_id, reservation_id, request_id, model, images_requested,
+    images_delivered, cost_micros, status, error_code, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"""
+)
+_API_KEY = Sql("SELECT account_id, key_hash, revoked_at FROM api_keys WHERE id = $1")
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
 
@@ -213,6 +219,50 @@ class Reservation:
     amount_micros: int
     created: int
     expires_at: int
+
+
+class PendingReservation:
+    """A reservation prepared by :meth:`Ledger.prepare_reservation`, made by running
+    :meth:`program` in a write transaction (alone, or within admission's), then
+    :meth:`made` with what the program returned."""
+
+    __slots__ = ("reservation",)
+
+    def __init__(self, reservation: Reservation) -> None:
+        self.reservation = reservation  # what it is once made
+
+    def program(self) -> Program[int | None]:
+        """Holds the money; returns None, or the available balance when it is short (then
+        nothing was written)."""
+        r = self.reservation
+        # The whole admission decision is this one statement: it cannot overdraw,
+        # however many requests race for the same balance, on either engine.
+        if (yield Execute(_RESERVE, (r.account_id, r.amount_micros))) == 0:
+            row = yield Fetch(_BALANCE, (r.account_id,))
+            if row is None:
+                raise NotFoundError(f"No account with id {_shown(r.account_id)}.", param="account_id")
+            return int(row[0])
+        yield Execute(
+            _INSERT_RESERVATION,
+            (r.reservation_id, r.account_id, r.request_id, r.model, r.images, r.amount_micros, r.created, r.expires_at),
+        )
+        yield Execute(_INSERT_ENTRY, (r.account_id, "reserve", r.amount_micros, r.reservation_id, r.created))
+        return None
+
+    def made(self, short: int | None) -> Reservation:
+        """The reservation, given what :meth:`program` returned once its transaction committed.
+
+        Raises:
+            InsufficientBalanceError: the balance was short; nothing was reserved.
+        """
+        r = self.reservation
+        if short is not None:
+            raise InsufficientBalanceError(
+                f"Insufficient balance: this request costs {format_usd(r.amount_micros)} USD "
+                f"but the account has {format_usd(short)} USD available. Add credit and retry."
+            )
+        _log_money("reserved", r.account_id, r.amount_micros, r.reservation_id, r.request_id)
+        return r
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +363,8 @@ class Ledger:
         self._ttl = reservation_ttl_seconds
         self._sweep_batch = sweep_batch
         self._clock = clock
+        # authenticate()'s memory: key id -> (key hash, account id, when it was read).
+        self._keys: dict[str, tuple[str, str, float]] = {}
 
     def _now(self) -> int:
         return int(self._clock())
@@ -473,7 +525,8 @@ class Ledger:
         return view, api_key
 
     async def revoke_key(self, key_id: str, *, once: Once[KeyView] | None = None) -> KeyView:
-        """Revokes a key; the next request with it fails on every replica.
+        """Revokes a key; the next paid request with it fails on every replica (see
+        :meth:`authenticate` for free calls).
 
         Idempotent: revoking a revoked key keeps the first revocation time. ``once``
         records the call's request id (:mod:`server.ledger.requests`).
@@ -497,24 +550,48 @@ class Ledger:
             return view
 
         def log(view: KeyView) -> None:
+            self.forget_key(key_id)
             logger.info("api key revoked", extra={"account_id": view.account_id, "key_id": key_id})
 
         return await self._db.write_then(revoke, log)
 
-    async def authenticate(self, api_key: str | None) -> Principal:
-        """Checks an API key against the database (on every call: revocation is immediate).
+    async def authenticate(self, api_key: str | None, *, max_age: float = 0.0) -> Principal:
+        """Checks an API key against the database.
+
+        ``max_age`` > 0 lets a key that was valid when read within the last ``max_age``
+        seconds (by the ledger's clock) be accepted from this process's memory. Every
+        paid request checks its key again inside its admission transaction
+        (:meth:`key_is_live`), and :meth:`revoke_key` forgets the key here at once, so a
+        revocation stops paid requests at once on every replica; what the cache can
+        still let through on other replicas, for at most ``max_age`` seconds, is free
+        calls (model listings). ``max_age`` 0 (the default) always reads.
 
         Raises:
             AuthenticationError: missing, malformed, unknown or revoked key, always with
                 the same message, which never contains the key.
         """
         key_id = parse_api_key(api_key)  # format and checksum: no DB round trip for typos
-        row = await self._db.read(lambda conn: conn.execute(_API_KEY, {"k_id": key_id}).first())
         presented = hash_api_key(cast(str, api_key), self._key_hash_secret)  # parse_api_key accepted it
+        now = self._clock()
+        known = self._keys.get(key_id) if max_age > 0 else None
+        if known is not None and now - known[2] <= max_age:
+            key_hash, account_id = known[0], known[1]
+        else:
+            row = await self._db.read_plain(_key_row(key_id))
+            if row is None or row[2] is not None:
+                self._keys.pop(key_id, None)
+                raise AuthenticationError(INVALID_API_KEY_MESSAGE)
+            account_id, key_hash = row[0], row[1]
+            self._keys[key_id] = (key_hash, account_id, now)
         # Constant-time comparison of the hashes: timing reveals nothing about the secret.
-        if row is None or not hmac.compare_digest(presented, row.key_hash) or row.revoked_at is not None:
+        if not hmac.compare_digest(presented, key_hash):
             raise AuthenticationError(INVALID_API_KEY_MESSAGE)
-        return Principal(account_id=row.account_id, key_id=key_id)
+        return Principal(account_id=account_id, key_id=key_id)
+
+    def forget_key(self, key_id: str) -> None:
+        """Drops a key from :meth:`authenticate`'s memory (it was revoked). Safe from any
+        thread: one ``dict.pop``."""
+        self._keys.pop(key_id, None)
 
     # -- money ----------------------------------------------------------------------
 
@@ -541,44 +618,52 @@ class Ledger:
             NotFoundError: no such account.
             ValueError: negative amount or image count (a caller bug).
         """
+        pending = self.prepare_reservation(
+            account_id, amount_micros, request_id=request_id, model=model, images=images, ttl_seconds=ttl_seconds
+        )
+        return pending.made(await self._db.write_plain(pending.program()))
+
+    def prepare_reservation(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        request_id: str,
+        model: str,
+        images: int,
+        ttl_seconds: float | None = None,
+    ) -> PendingReservation:
+        """A reservation to make inside a larger write transaction (:class:`PendingReservation`):
+        :meth:`reserve` without the transaction. Raises ValueError as :meth:`reserve` does."""
         if not _is_int(amount_micros) or amount_micros < 0:
             raise ValueError("amount_micros must be a non-negative int")
         if not _is_int(images) or images < 0:
             raise ValueError("images must be a non-negative int")
-        reservation_id, now_f = _new_id("rsv_"), self._clock()
+        now_f = self._clock()
         # expires_at is rounded up, so a reservation lives at least the whole TTL.
         ttl = self._ttl if ttl_seconds is None else max(1, min(self._ttl, math.ceil(ttl_seconds)))
-        created, expires_at = int(now_f), math.ceil(now_f) + ttl
-        request_id, model = _clip(request_id, 255), _clip(model, 255)
-        row = {
-            "id": reservation_id,
-            "account_id": account_id,
-            "request_id": request_id,
-            "model": model,
-            "images": images,
-            "amount_micros": amount_micros,
-            "status": "open",
-            "captured_micros": None,
-            "created_at": created,
-            "expires_at": expires_at,
-            "closed_at": None,
-        }
+        return PendingReservation(
+            Reservation(
+                reservation_id=_new_id("rsv_"),
+                account_id=account_id,
+                request_id=_clip(request_id, 255),
+                model=_clip(model, 255),
+                images=images,
+                amount_micros=amount_micros,
+                created=int(now_f),
+                expires_at=math.ceil(now_f) + ttl,
+            )
+        )
 
-        def reserve(conn: Connection) -> None:
-            # The whole admission decision is this one statement: it cannot overdraw,
-            # however many requests race for the same balance, on either engine.
-            if conn.execute(_RESERVE, {"a_id": account_id, "amount": amount_micros}).rowcount == 0:
-                balance = _require_account(conn, account_id).balance_micros
-                raise InsufficientBalanceError(
-                    f"Insufficient balance: this request costs {format_usd(amount_micros)} USD "
-                    f"but the account has {format_usd(balance)} USD available. Add credit and retry."
-                )
-            conn.execute(_INSERT_RESERVATION, row)
-            _entry(conn, account_id, "reserve", amount_micros, reservation_id, created)
-
-        await self._db.write(reserve)
-        _log_money("reserved", account_id, amount_micros, reservation_id, request_id)
-        return Reservation(reservation_id, account_id, request_id, model, images, amount_micros, created, expires_at)
+    def key_is_live(self, principal: Principal) -> Program[None]:
+        """A statement for a write transaction: raises AuthenticationError (rolling the
+        transaction back) when the principal's key was revoked meanwhile. Admission runs
+        it, so a revocation stops every paid request at once on every replica, whatever
+        :meth:`authenticate` remembers."""
+        row = yield Fetch(_API_KEY, (principal.key_id,))
+        if row is None or row[2] is not None:
+            self.forget_key(principal.key_id)
+            raise AuthenticationError(INVALID_API_KEY_MESSAGE)
 
     async def settle(
         self,
@@ -681,64 +766,49 @@ class Ledger:
         was already closed. Logs the money it moved (captured, released)."""
         now = self._now()
 
-        def close(conn: Connection) -> Any:
-            row = conn.execute(_RESERVATION, {"r_id": reservation_id}).first()
+        def close() -> Program[Any]:
+            row = yield Fetch(_CLAIM, (reservation_id, closed_status, captured_micros, now))
             if row is None:
-                raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
-            if row.status != "open":
-                return None
-            if captured_micros > row.amount_micros:
-                raise ValueError(
-                    f"cannot capture {captured_micros} micros from a reservation of {row.amount_micros} micros"
-                )
-            # The claim: whoever flips status from 'open' owns the close. A concurrent
-            # settle or sweeper (other task, other replica) updates zero rows and stops.
-            claimed = conn.execute(
-                _CLAIM,
-                {"r_id": reservation_id, "closed_status": closed_status, "captured": captured_micros, "now": now},
-            )
-            if claimed.rowcount == 0:
-                return None
-            released = row.amount_micros - captured_micros
-            conn.execute(
-                _SETTLE_ACCOUNT,
-                {
-                    "a_id": row.account_id,
-                    "released": released,
-                    "reserved": row.amount_micros,
-                    "captured": captured_micros,
-                },
-            )
+                state = yield Fetch(_RESERVATION_STATE, (reservation_id,))
+                if state is None:
+                    raise NotFoundError(f"No reservation with id {_shown(reservation_id)}.", param="reservation_id")
+                if state[0] != "open":
+                    return None  # closed before: by an earlier settle, a concurrent one or the sweeper
+                raise ValueError(f"cannot capture {captured_micros} micros from a reservation of {state[1]} micros")
+            account_id, amount, request_id, model, images = row
+            released = amount - captured_micros
+            yield Execute(_SETTLE_ACCOUNT, (account_id, released, amount, captured_micros))
             # Zero-amount entries carry no information; the reservation row records both.
             if captured_micros:
-                _entry(conn, row.account_id, "capture", captured_micros, reservation_id, now)
+                yield Execute(_INSERT_ENTRY, (account_id, "capture", captured_micros, reservation_id, now))
             if released:
-                _entry(conn, row.account_id, "release", released, reservation_id, now)
-            conn.execute(
+                yield Execute(_INSERT_ENTRY, (account_id, "release", released, reservation_id, now))
+            yield Execute(
                 _INSERT_USAGE,
-                {
-                    "account_id": row.account_id,
-                    "reservation_id": reservation_id,
-                    "request_id": row.request_id,
-                    "model": row.model,
-                    "images_requested": row.images,
-                    "images_delivered": images_delivered,
-                    "cost_micros": captured_micros,
-                    "status": status,
-                    "error_code": _clip(error_code, 100),
-                    "created_at": now,
-                },
+                (
+                    account_id,
+                    reservation_id,
+                    request_id,
+                    model,
+                    images,
+                    images_delivered,
+                    captured_micros,
+                    status,
+                    _clip(error_code, 100),
+                    now,
+                ),
             )
-            return row
+            return account_id, amount, request_id
 
-        row = await self._db.write(close)
-        if row is None:
+        closed = await self._db.write_plain(close())
+        if closed is None:
             return None
+        account_id, amount, request_id = closed
         if captured_micros:
-            _log_money("captured", row.account_id, captured_micros, reservation_id, row.request_id)
-        if released := row.amount_micros - captured_micros:
+            _log_money("captured", account_id, captured_micros, reservation_id, request_id)
+        if released := amount - captured_micros:
             message = "released" if closed_status == "settled" else "expired reservation released"
-            _log_money(message, row.account_id, released, reservation_id, row.request_id, error_code=error_code)
+            _log_money(message, account_id, released, reservation_id, request_id, error_code=error_code)
         return captured_micros
 
     async def usage(self, account_id: str, *, page_size: int = 100, before_id: int | None = None) -> UsagePage:
@@ -909,6 +979,10 @@ def _log_money(
     )
 
 
+def _key_row(key_id: str) -> Program[Any]:
+    return (yield Fetch(_API_KEY, (key_id,)))
+
+
 def _require_account(conn: Connection, account_id: str) -> Any:
     row = conn.execute(select(accounts).where(accounts.c.id == account_id)).first()
     if row is None:
@@ -920,7 +994,7 @@ def _entry(
     conn: Connection, account_id: str, kind: str, amount_micros: int, reservation_id: str | None, now: int
 ) -> None:
     conn.execute(
-        _INSERT_ENTRY,
+        ledger_entries.insert(),
         {
             "account_id": account_id,
             "kind": kind,
