@@ -33,6 +33,7 @@ from imagegw.v1 import (
     models_pb2_grpc,
 )
 
+from server.admission import Admissions
 from server.api.admin import AdminServicer
 from server.api.images import ImageServicer, add_to_server
 from server.api.interceptors import MethodPolicy, ServerInterceptor, check_policies
@@ -114,6 +115,7 @@ class App:
     metrics: Metrics
     health: health.aio.HealthServicer
     limiter: RateLimiter
+    admissions: Admissions
     idempotency: IdempotencyStore
     inputs: InputRequests
     upload_limits: UploadLimits
@@ -218,6 +220,7 @@ async def build_app(
         metrics=metrics,
         health=health.aio.HealthServicer(),
         limiter=limiter,
+        admissions=Admissions(db, ledger, limiter),
         idempotency=idempotency,
         inputs=inputs,
         upload_limits=upload_limits,
@@ -390,7 +393,7 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             generation=app.generation,
             store=app.store,
             signer=app.signer,
-            limiter=app.limiter,
+            admissions=app.admissions,
             idempotency=app.idempotency,
             inputs=app.inputs,
             limits=app.upload_limits,

@@ -1,7 +1,8 @@
 """The generation use case: from a caller's raw request to delivered, paid-for images.
 
-    resolve (catalog: model, parameters, price; 400s)
-      -> reserve n x unit price (ledger, committed; 402 when short)
+    resolve (catalog: model, parameters, price; 400s: ``quote``)
+      -> reserve n x unit price (committed by admission, ``server.admission``, from the
+         reservation ``prepare`` makes; 402 when short)
       -> call the provider within the deadline (fallback models on transient failure)
       -> deliver (store the images and sign URLs, or return the bytes)
       -> settle: capture the delivered images, release the rest (shielded from
@@ -40,7 +41,8 @@ from typing import Literal, Protocol
 
 from server.catalog import ModelCatalog, Quote, RawImageRequest
 from server.errors import ApiError, DeadlineExceededError, InternalError, ServiceUnavailableError, UpstreamError
-from server.ledger import Ledger, Principal
+from server.ledger import Ledger, Principal, Reservation
+from server.ledger.store import PendingReservation
 from server.metrics import Metrics
 from server.providers.base import (
     GeneratedImage,
@@ -212,31 +214,21 @@ class Generation:
         # them so that no money is left reserved by a clean stop.
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def generate(
-        self,
-        principal: Principal,
-        raw: RawImageRequest,
-        *,
-        request_id: str,
-        deadline: float | None,
-        sink: StreamSink | None = None,
-        keep_images: bool = False,
-    ) -> GenerationResult:
-        """Generates, delivers and charges; raises an ``ApiError`` for every refusal.
-
-        ``deadline`` is the caller's absolute loop time (from the gRPC deadline), or None.
-        With ``sink`` (a request with ``stream: true``), images and partial images are sent
-        to it as they are made (see the module docstring for what is charged); the result
-        still carries every final image, as bytes. ``keep_images``: a ``url`` answer's
-        images stay as long as an idempotent replay may ask for them (``imgk-`` ids).
-        """
+    def quote(self, raw: RawImageRequest, *, sink: bool) -> Quote:
+        """The catalog's model, parameters and price for ``raw`` (400s); ``sink``: the
+        caller can take a stream."""
         quote = self._catalog.resolve(raw)
-        if quote.stream and sink is None:
+        if quote.stream and not sink:
             raise InternalError("a streamed request needs a sink")
+        return quote
+
+    def prepare(self, principal: Principal, quote: Quote, *, request_id: str, deadline: float | None) -> PendingReservation:
+        """The reservation ``quote`` needs, to be made by admission (``server.admission``)
+        before :meth:`generate` runs with it."""
         # Past the caller's deadline this request cannot be running any more, so if the
         # process dies, the sweeper may release the reservation soon after it.
         ttl = None if deadline is None else deadline - asyncio.get_running_loop().time() + self._reservation_grace
-        reservation = await self._ledger.reserve(
+        return self._ledger.prepare_reservation(
             principal.account_id,
             quote.amount_micros,
             request_id=request_id,
@@ -244,6 +236,26 @@ class Generation:
             images=quote.request.n,
             ttl_seconds=ttl,
         )
+
+    async def generate(
+        self,
+        quote: Quote,
+        reservation: Reservation,
+        *,
+        deadline: float | None,
+        sink: StreamSink | None = None,
+        keep_images: bool = False,
+    ) -> GenerationResult:
+        """Generates, delivers and charges ``reservation`` (made for ``quote`` by
+        admission); raises an ``ApiError`` for every refusal.
+
+        ``deadline`` is the caller's absolute loop time (from the gRPC deadline), or None.
+        With ``sink`` (a request with ``stream: true``), images and partial images are sent
+        to it as they are made (see the module docstring for what is charged); the result
+        still carries every final image, as bytes. ``keep_images``: a ``url`` answer's
+        images stay as long as an idempotent replay may ask for them (``imgk-`` ids). The
+        reservation is settled whatever happens.
+        """
         self._metrics.reservations_open.inc()
         stream = _Delivery(sink, quote, self._clock) if quote.stream and sink is not None else None
         served = quote
@@ -264,7 +276,7 @@ class Generation:
                     self._metrics.images_not_stored.labels(served.spec.id).inc(len(images))
                     log.error(
                         "request %s: %d image(s) from %s could not be stored (%s); the request fails uncharged, "
-                        "the provider may have billed them", request_id, len(images), served.spec.id, exc,
+                        "the provider may have billed them", reservation.request_id, len(images), served.spec.id, exc,
                     )
                     raise ServiceUnavailableError(
                         "The generated images could not be stored, so no URL can be returned; nothing was charged. "

@@ -1,9 +1,10 @@
 """ImageService: thin translation between protobuf and the generation use case.
 
 Every generation, whichever RPC carries it, goes: Idempotency-Key metadata
-(server.idempotency) -> rate limit of the key (server.ratelimit; before anything is
-reserved) -> the generation use case, at most once per idempotency key
-(server.generation) -> the answer in the RPC's own shape:
+(server.idempotency) -> the catalog's quote (400s) -> admission, one write transaction
+(server.admission: the key is live, its rate limit counts the request, the
+Idempotency-Key is claimed, the money reserved) -> the generation use case, at most once
+per idempotency key (server.generation) -> the answer in the RPC's own shape:
 
 * ``GenerateImages``: the typed response; headers as initial metadata.
 * ``StreamGenerateImages``: one typed ``ImageGenerationEvent`` per event; the charge in
@@ -33,6 +34,7 @@ from google.api import httpbody_pb2
 from google.protobuf import message_factory
 from imagegw.v1 import images_pb2, images_pb2_grpc
 
+from server.admission import Admissions
 from server.api import rest
 from server.api.interceptors import CallInfo, current_call
 from server.catalog import RawImageRequest
@@ -57,7 +59,7 @@ from server.idempotency import (
 from server.ledger import format_usd
 from server.offload import run_sized
 from server.providers.base import TokenUsage
-from server.ratelimit import RateLimiter, requested_images
+from server.ratelimit import requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
 from server.uploads import Upload, UploadLimits, read_upload
 
@@ -108,7 +110,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         generation: Generation,
         store: ImageStore,
         signer: UrlSigner,
-        limiter: RateLimiter,
+        admissions: Admissions,
         idempotency: IdempotencyStore,
         inputs: InputRequests,
         limits: UploadLimits,
@@ -119,7 +121,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         self._limits = limits
         self._store = store
         self._signer = signer
-        self._limiter = limiter
+        self._admissions = admissions
         self._idempotency = idempotency
         self._keepalive = keepalive_seconds
 
@@ -290,19 +292,29 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         # Finish a little before the caller's deadline, so that the caller gets our 504
         # (with its OpenAI body) rather than a transport timeout.
         deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining * 0.95 - 0.05
-        # Before anything is reserved: a limited request costs nothing.
-        quota = await self._limiter.acquire(principal, images=requested_images(raw.n))
+        images = requested_images(raw.n)
+        try:
+            quote = self._generation.quote(raw, sink=writer is not None)
+        except ApiError:
+            # A bad request counts against the rate limit like any other (a 429 first).
+            await self._admissions.count(principal, images=images)
+            raise
+        # One write transaction before the upstream call: the key, the rate limit (a
+        # limited request costs nothing), the Idempotency-Key and the reservation.
+        admission = self._admissions.admission(
+            principal,
+            images=images,
+            pending=self._generation.prepare(principal, quote, request_id=call.request_id, deadline=deadline),
+        )
         headers = [("x-request-id", call.request_id)]
-        if quota is not None:
-            headers += quota.headers()
         if writer is not None:
             writer.headers = headers
 
         async def generate() -> tuple[images_pb2.GenerateImagesResponse, Headers]:
+            headers.extend(admission.headers())  # before the first streamed event
             result = await self._generation.generate(
-                principal,
-                raw,
-                request_id=call.request_id,
+                quote,
+                admission.admitted(),
                 deadline=deadline,
                 sink=writer,
                 keep_images=idempotency_key is not None,
@@ -321,7 +333,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             deadline=deadline,
             produce=generate,
             parse=images_pb2.GenerateImagesResponse.FromString,
+            admit=admission,
         )
+        if answer.replayed:
+            headers.extend(admission.headers())
         headers += answer.headers
         if answer.replayed:  # nothing generated or charged this time
             # The stored links were signed for the first answer's hour: sign them again, so

@@ -377,3 +377,43 @@ async def test_set_rate_limits_needs_the_admin_token_and_a_real_account(service:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await service.admin.set_limits("acct_unknown", requests_per_minute=1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# -- admission: the key, the rate limit, the claim and the reservation in one transaction ----
+
+
+async def test_a_request_short_of_money_is_counted_and_leaves_its_key_free(
+    stack: InProcessStack, provider: ScriptedProvider
+) -> None:
+    account_id, key = await stack.admin.funded_key("0.001")  # B64 asks for two images at 0.001 each
+    await stack.admin.set_limits(account_id, requests_per_minute=3)
+    await fresh_window()
+    code, info, trailers = await failure(stack, key, B64, "short")
+    assert (code, trailers["x-http-status"], info.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION, "402", "INSUFFICIENT_BALANCE"
+    )
+    assert provider.calls == 0
+    assert await money(stack, account_id) == ("0.001000", "0.000000", "0.000000")
+    await stack.admin.stub.CreditAccount(
+        admin_pb2.CreditAccountRequest(account_id=account_id, amount_usd="0.001"), metadata=stack.admin.auth
+    )
+    # The same key generates now (the refused request held no claim), as the second request counted.
+    reply, headers = await generate(stack, key, B64, "short")
+    assert len(reply.data) == 2 and "x-imagegw-idempotent-replay" not in headers
+    assert headers["x-ratelimit-remaining-requests"] == "1"
+    assert provider.calls == 1
+    assert await money(stack, account_id) == ("0.000000", "0.000000", "0.002000")
+
+
+async def test_a_bad_request_is_counted_and_reserves_nothing(stack: InProcessStack) -> None:
+    account_id, key = await stack.admin.funded_key("1.00")
+    await stack.admin.set_limits(account_id, requests_per_minute=2)
+    await fresh_window()
+    code, _, trailers = await failure(stack, key, images_pb2.GenerateImagesRequest(prompt="p", size="7x7"))
+    assert (code, trailers["x-http-status"]) == (grpc.StatusCode.INVALID_ARGUMENT, "400")
+    _, headers = await generate(stack, key, B64)
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    # Over the limit, the 429 comes first, as for any request.
+    code, _, trailers = await failure(stack, key, images_pb2.GenerateImagesRequest(prompt="p", size="7x7"))
+    assert (code, trailers["x-http-status"]) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "429")
+    assert await money(stack, account_id) == ("0.998000", "0.000000", "0.002000")
