@@ -359,6 +359,7 @@ def build_interceptor(app: App) -> ServerInterceptor:
         admin_token=app.settings.secret("admin_token"),
         policies=METHOD_POLICIES,
         metrics=app.metrics,
+        key_cache_seconds=app.settings.api_key_cache_seconds,
     )
 
 

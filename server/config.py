@@ -169,6 +169,11 @@ class Settings(BaseSettings):
     # A crashed request's reservation is released this long after its deadline.
     reservation_grace_seconds: float = Field(default=30, ge=0)
     dev_account_balance_usd: str = "100.000000"
+    # How long a process believes an API key it read from the database. Paid requests
+    # check the key again in their admission transaction, so a revocation stops them at
+    # once on every replica; within this bound, other replicas may still answer the key's
+    # free calls (model listings). 0 reads the database on every call.
+    api_key_cache_seconds: float = Field(default=10, ge=0, le=3600)
 
     # Rate limits of each API key, per minute (server.ratelimit); 0 means unlimited.
     # Accounts can override them (`imagegw accounts limits`).

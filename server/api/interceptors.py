@@ -137,8 +137,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         admin_token: str,
         policies: Mapping[str, MethodPolicy],
         metrics: Metrics,
+        key_cache_seconds: float = 0.0,
     ) -> None:
         self._ledger = ledger
+        # How long a key read from the database is believed (Ledger.authenticate's
+        # max_age); paid requests check it again in their admission transaction.
+        self._key_cache_seconds = key_cache_seconds
         self._admin_token = admin_token.encode()
         self._policies = policies
         self._metrics = metrics
@@ -292,7 +296,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             raise AuthenticationError(
                 "You didn't provide an API key. Provide it in the Authorization header as 'Bearer YOUR_KEY'."
             )
-        call.principal = await self._ledger.authenticate(token)
+        call.principal = await self._ledger.authenticate(token, max_age=self._key_cache_seconds)
         call.log_fields["account_id"] = call.principal.account_id
 
     def _log(self, outcome: str, elapsed: float, fields: dict[str, Any]) -> None:

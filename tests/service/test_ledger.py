@@ -31,7 +31,7 @@ from server.config import Tuning
 from server.errors import AuthenticationError, InsufficientBalanceError, InvalidRequestError, NotFoundError
 from server.ledger import AccountView, Ledger, Principal, Reservation, UsageView
 from server.ledger.db import Database, create_engine, migrate
-from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key
+from server.ledger.keys import INVALID_API_KEY_MESSAGE, generate_api_key, hash_api_key, parse_api_key
 from server.ledger.money import MAX_AMOUNT_MICROS, MAX_CREDITED_MICROS
 from server.ledger.schema import ledger_entries, metadata
 
@@ -384,6 +384,46 @@ async def test_revocation_applies_to_the_next_request_on_every_replica(
                 await where.authenticate(api_key)
             assert caught.value.message == INVALID_API_KEY_MESSAGE
             assert (await where.authenticate(other_key)).account_id == account.account_id
+    finally:
+        await replica_db.close()
+
+
+async def test_a_remembered_key_still_stops_paid_requests_at_once_and_free_calls_within_the_bound(
+    ledger: Ledger, database_url: str, clock: ManualClock
+) -> None:
+    # Authentication may answer from memory for max_age seconds; a paid request's admission
+    # transaction checks the key itself (key_is_live), so a revocation stops it at once.
+    replica_db = Database(database_url)
+    try:
+        replica = Ledger(replica_db, key_hash_secret=SECRET, reservation_ttl_seconds=TTL, clock=clock)
+        account = await ledger.create_account("acme", USD)
+        key, api_key = await ledger.create_key(account.account_id)
+        principal = Principal(account.account_id, key.key_id)
+        for where in (ledger, replica):
+            assert await where.authenticate(api_key, max_age=10) == principal
+        await replica_db.write_plain(replica.key_is_live(principal))  # live: nothing raised
+        clock.advance(5)
+        await ledger.revoke_key(key.key_id)
+        # The replica that revoked it forgot it; the other still remembers it for free calls...
+        with pytest.raises(AuthenticationError):
+            await ledger.authenticate(api_key, max_age=10)
+        assert await replica.authenticate(api_key, max_age=10) == principal
+        # ...but not for a paid one: admission refuses it on every replica, and forgets it.
+        for where, db in ((ledger, ledger._db), (replica, replica_db)):
+            with pytest.raises(AuthenticationError) as caught:
+                await db.write_plain(where.key_is_live(principal))
+            assert caught.value.message == INVALID_API_KEY_MESSAGE
+        with pytest.raises(AuthenticationError):
+            await replica.authenticate(api_key, max_age=10)
+        # Without admission in between, the memory ends with max_age.
+        _, other_key = await ledger.create_key(account.account_id, "other")
+        assert (await replica.authenticate(other_key, max_age=10)).account_id == account.account_id
+        await ledger.revoke_key(parse_api_key(other_key))
+        clock.advance(10)
+        assert (await replica.authenticate(other_key, max_age=10)).account_id == account.account_id
+        clock.advance(0.5)
+        with pytest.raises(AuthenticationError):
+            await replica.authenticate(other_key, max_age=10)
     finally:
         await replica_db.close()
 
