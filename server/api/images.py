@@ -99,6 +99,8 @@ class _Outcome:
 
     answer: Answer[images_pb2.GenerateImagesResponse]
     headers: list[tuple[str, str]]
+    # The images' bytes when the message was built without them (``_run(bare=True)``).
+    images: list[bytes | None] | None = None
 
 
 class ImageServicer(images_pb2_grpc.ImageServiceServicer):
@@ -233,9 +235,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> None:
         """OpenAI's REST answer: one JSON body, or Server-Sent Events with ``stream``."""
         if not raw.stream:
-            outcome = await self._run(raw, context, request_hash, None)
-            message = outcome.answer.message
-            body = await run_sized(message.ByteSize(), rest.images_response, message)
+            outcome = await self._run(raw, context, request_hash, None, bare=True)
+            message, images = outcome.answer.message, outcome.images
+            size = message.ByteSize() + sum(len(image or b"") for image in images or ())
+            body = await run_sized(size, rest.images_response, message, images)
             await context.send_initial_metadata(tuple(outcome.headers))
             await context.write(body)  # a serialized HttpBody (see add_to_server)
             return
@@ -279,7 +282,13 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         context: grpc.aio.ServicerContext,
         request_hash: RequestHash,
         writer: _Writer | None,
+        *,
+        bare: bool = False,
     ) -> _Outcome:
+        """Admits and runs the generation. ``bare``: the caller renders the answer itself
+        (REST), so unless the message is stored for replays (an Idempotency-Key) it is
+        built without the images' bytes, which come separately (``_Outcome.images``): a
+        1.5 MB image is not copied into the message and out again."""
         call = current_call()
         principal = call.principal
         if principal is None:  # the interceptor's policy guarantees one
@@ -309,6 +318,8 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         headers = [("x-request-id", call.request_id)]
         if writer is not None:
             writer.headers = headers
+        bare = bare and idempotency_key is None
+        bare_images: list[bytes | None] | None = None
 
         async def generate() -> tuple[images_pb2.GenerateImagesResponse, Headers]:
             headers.extend(admission.headers())  # before the first streamed event
@@ -322,7 +333,10 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
             call.log_fields.update(
                 model=result.model, provider=result.provider, images=len(result.images), cost_micros=result.cost_micros
             )
-            response = _response(result, streamed=writer is not None, last=writer.last if writer else None)
+            nonlocal bare_images
+            if bare:
+                bare_images = [image.data for image in result.images]
+            response = _response(result, streamed=writer is not None, last=writer.last if writer else None, bare=bare)
             return response, ((COST_HEADER, format_usd(result.cost_micros)), (MODEL_HEADER, result.model))
 
         answer = await self._idempotency.run(
@@ -347,7 +361,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
                     image.url = await self._generation.relink(image.url)
             call.log_fields.update(idempotent_replay=True, images=len(answer.message.data), cost_micros=0)
             headers.append((REPLAY_HEADER, "true"))
-        return _Outcome(answer, headers)
+        return _Outcome(answer, headers, bare_images)
 
     async def GetImageFile(  # type: ignore[override]  # noqa: N802 - gRPC method name
         self, request: images_pb2.GetImageFileRequest, context: grpc.aio.ServicerContext
@@ -491,12 +505,13 @@ def _usage(usage: TokenUsage) -> images_pb2.Usage:
 
 
 def _response(
-    result: GenerationResult, *, streamed: bool, last: images_pb2.ImageGenerationEvent | None
+    result: GenerationResult, *, streamed: bool, last: images_pb2.ImageGenerationEvent | None, bare: bool = False
 ) -> images_pb2.GenerateImagesResponse:
+    """The typed answer; ``bare``: without the images' bytes (see ``_run``)."""
     response = images_pb2.GenerateImagesResponse(
         created=result.created,
         data=[
-            images_pb2.Image(url=image.url, b64_json=image.data, revised_prompt=image.revised_prompt)
+            images_pb2.Image(url=image.url, b64_json=None if bare else image.data, revised_prompt=image.revised_prompt)
             for image in result.images
         ],
         background=result.background,

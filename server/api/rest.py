@@ -92,7 +92,9 @@ def _usage(usage: images_pb2.Usage, *, chat_counters: bool) -> bytes:
     return b"{" + head + details + b"}"
 
 
-def _images_response_pieces(response: images_pb2.GenerateImagesResponse) -> list[bytes]:
+def _images_response_pieces(
+    response: images_pb2.GenerateImagesResponse, images: Sequence[bytes | None] | None = None
+) -> list[bytes]:
     pieces = [b'{"created":%d,"data":[' % response.created]
     for index, image in enumerate(response.data):
         pieces.append(b",{" if index else b"{")
@@ -100,9 +102,10 @@ def _images_response_pieces(response: images_pb2.GenerateImagesResponse) -> list
         if image.HasField("url"):
             pieces += [b'"url":', _string(image.url)]
             separator = b","
-        if image.HasField("b64_json"):
+        data = images[index] if images is not None else (image.b64_json if image.HasField("b64_json") else None)
+        if data is not None:
             # The large piece: one base64 buffer, never copied again before the frame.
-            pieces += [separator, b'"b64_json":"', pybase64.b64encode(image.b64_json), b'"']
+            pieces += [separator, b'"b64_json":"', pybase64.b64encode(data), b'"']
             separator = b","
         if image.HasField("revised_prompt"):
             pieces += [separator, b'"revised_prompt":', _string(image.revised_prompt)]
@@ -115,9 +118,14 @@ def _images_response_pieces(response: images_pb2.GenerateImagesResponse) -> list
     return pieces
 
 
-def images_response(response: images_pb2.GenerateImagesResponse) -> bytes:
-    """OpenAI's ImagesResponse for ``response``, as a serialized HttpBody (``frame``)."""
-    return frame(JSON, _images_response_pieces(response))
+def images_response(
+    response: images_pb2.GenerateImagesResponse, images: Sequence[bytes | None] | None = None
+) -> bytes:
+    """OpenAI's ImagesResponse for ``response``, as a serialized HttpBody (``frame``).
+    ``images``: each image's bytes, for a message built without them (the server's own
+    answers: copying 1.5 MB into the message and out again cost more than the rest of
+    the rendering); None takes them from the message (replays)."""
+    return frame(JSON, _images_response_pieces(response, images))
 
 
 def images_response_json(response: images_pb2.GenerateImagesResponse) -> bytes:
