@@ -293,9 +293,7 @@ async def _new_provider(
         stack.callback(executor.shutdown, wait=False, cancel_futures=True)
         provider: ImageProvider = LocalRenderer(executor)
     else:
-        http = create_http_client(
-            max_connections=settings.tuning.upstream_max_connections, shards=settings.tuning.upstream_pools
-        )
+        http = create_http_client(max_connections=settings.tuning.upstream_max_connections)
         stack.push_async_callback(http.aclose)
         provider = build_provider(
             spec.provider,

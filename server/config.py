@@ -84,10 +84,8 @@ class Tuning(BaseModel):
     # transactions the writer thread commits together at most (group commit).
     sqlite_readers: int = Field(default=4, ge=1, le=64)
     sqlite_writer_batch: int = Field(default=64, ge=1, le=10_000)
-    # Each provider's HTTP client: connections at most, split over this many pools
-    # (httpcore's pool walk grows with the square of a pool's size).
+    # Each provider's HTTP client: connections at most (one aiohttp pool).
     upstream_max_connections: int = Field(default=512, ge=1, le=100_000)
-    upstream_pools: int = Field(default=32, ge=1, le=1024)
     # Upstream calls one request makes at once where a provider makes one image per call
     # (Gemini, Stability, BFL fan out n).
     fan_out_width: int = Field(default=4, ge=1, le=10)

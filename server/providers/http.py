@@ -45,7 +45,6 @@ import contextlib
 import email.utils
 import enum
 import io
-import itertools
 import json
 import logging
 import math
@@ -56,6 +55,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
+import aiohttp
 import httpx
 import pybase64
 from PIL import Image, UnidentifiedImageError
@@ -90,7 +90,7 @@ __all__ = [
     "Informational",
     "Kind",
     "RetryPolicy",
-    "ShardedTransport",
+    "AiohttpTransport",
     "SseDecoder",
     "SseEvent",
     "UpstreamEvents",
@@ -397,35 +397,91 @@ class UpstreamEvents:
         _abandon(self._exchange)
 
 
-class ShardedTransport(httpx.AsyncBaseTransport):
-    """Spreads requests round-robin over several connection pools.
+class _AiohttpBody(httpx.AsyncByteStream):
+    """An aiohttp response body as httpx reads it: each piece as it arrives, errors as
+    httpx's (a body cut short is a ``RemoteProtocolError``, as with httpcore)."""
 
-    httpcore walks its pool on each request and each response: every connection (with a
-    syscall for each idle one, its expiry check), and for each idle one the whole pool
-    again (``_assign_requests_to_connections``), so the cost grows with the square of the
-    pool. One pool of 512 took 23 % of the server's CPU at 64 calls in flight; eight pools,
-    35 % at 512 in flight. 32 pools of 16 connections: tiny answers at c=512 with a 1 s
-    upstream went from 105 to 212 requests/s and from 10.6 to 5.2 ms of CPU per request.
-    """
+    __slots__ = ("_response",)
 
-    def __init__(self, *, shards: int, max_connections: int) -> None:
-        per_pool = max(1, math.ceil(max_connections / shards))
-        # Keep-alive for every connection: reopening them under load costs more than idling.
-        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
-        self._pools = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(shards)]
-        self._next = itertools.cycle(self._pools)
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._next).handle_async_request(request)
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except aiohttp.ClientPayloadError as exc:
+            raise httpx.RemoteProtocolError(f"peer closed connection without sending complete message body: {exc}") from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc)) from exc
 
     async def aclose(self) -> None:
-        for pool in self._pools:
-            await pool.aclose()
+        # A body read to its end gives the connection back to the pool; any other is closed.
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
 
 
-def create_http_client(
-    *, max_connections: int = DEFAULT_TUNING.upstream_max_connections, shards: int = DEFAULT_TUNING.upstream_pools
-) -> httpx.AsyncClient:
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """httpx's requests sent by aiohttp: one connection pool with its C HTTP parser.
+
+    httpcore's pool walked every connection on each request and response (its cost grew
+    with the square of the pool: 32 pools of 16 were the way round it), and its
+    bookkeeping (anyio locks, cancel scopes, h11's Python parser) was the largest cost on
+    the event loop once the database was plain SQL: an exchange with a tiny answer took
+    650 µs of CPU through httpcore, 390 µs through this transport (bench/README.md,
+    round three). Adapters, retries, multipart
+    encoding and every error type stay httpx's; aiohttp's errors become the httpx
+    exceptions httpcore raises for the same failure. No environment proxies (as with any
+    transport given to httpx), httpx's trust store, no redirects, no decompression (httpx
+    decodes the body).
+    """
+
+    def __init__(self, *, max_connections: int, connect_timeout: float = 10.0) -> None:
+        self._limit = max_connections
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None  # made in the loop, on first use
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ssl=httpx.create_ssl_context())
+        return aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        session = self._session = self._session or self._open()
+        data: Any
+        try:
+            data = request.content  # JSON and encoded bodies are bytes already
+        except httpx.RequestNotRead:
+            data = request.stream  # multipart: httpx's encoder, streamed (Content-Length as httpx set it)
+        # aiohttp frames the body itself: chunked exactly when there is no Content-Length.
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw if k != b"transfer-encoding"]
+        try:
+            response = await session.request(
+                request.method, str(request.url), headers=headers, data=data, allow_redirects=False
+            )
+        except aiohttp.ServerDisconnectedError as exc:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise httpx.ConnectError(str(exc)) from exc
+        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise httpx.ReadError(str(exc)) from exc
+        return httpx.Response(response.status, headers=response.raw_headers, stream=_AiohttpBody(response))
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def create_http_client(*, max_connections: int = DEFAULT_TUNING.upstream_max_connections) -> httpx.AsyncClient:
     """A pooled client fit for one provider; the composition root owns and closes it.
 
     There is no read timeout: each call is bounded by its request's deadline (a
@@ -434,7 +490,7 @@ def create_http_client(
     """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
-        transport=ShardedTransport(shards=shards, max_connections=max_connections),
+        transport=AiohttpTransport(max_connections=max_connections),
         follow_redirects=False,
         headers={"user-agent": USER_AGENT},
     )

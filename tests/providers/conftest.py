@@ -16,6 +16,7 @@ import pytest
 
 from server.catalog import ModelCatalog, RawImageRequest
 from server.providers.base import ImageRequest
+from server.providers.http import create_http_client
 from tests.fakes.google_fake import GoogleFake
 from tests.fakes.openai_fake import OpenAIFake
 from tests.fakes.stability_fake import StabilityFake
@@ -45,7 +46,8 @@ def deadline() -> Callable[[float], float]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as client:
+    """The client the server gives its adapters (aiohttp's transport under httpx)."""
+    async with create_http_client() as client:
         yield client
 
 

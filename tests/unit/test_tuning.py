@@ -31,7 +31,6 @@ def test_defaults_are_the_measured_values() -> None:
         sqlite_readers=4,
         sqlite_writer_batch=64,
         upstream_max_connections=512,
-        upstream_pools=32,
         fan_out_width=4,
         sweep_batch=500,
     )
