@@ -50,6 +50,11 @@ def configure_logging(level: str, stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(json_formatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    # httpx logs every upstream request at INFO ("HTTP Request: POST ..."): a fourth line
+    # per generation, about 17 µs of the event loop's time each, saying what the access
+    # line and the upstream metrics already say. At DEBUG it is logged again.
+    debug = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("httpx").setLevel(logging.NOTSET if debug else logging.WARNING)
 
 
 def json_formatter() -> logging.Formatter:
