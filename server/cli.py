@@ -259,11 +259,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             from server.workers import run_workers
 
             return run_workers(settings)
+        import uvloop
+
         from server.allocator import tune_malloc
         from server.app import serve
 
         tune_malloc()  # before any thread starts
-        asyncio.run(serve(settings))
+        # libuv's event loop: the same asyncio API (grpc.aio, aiohttp and every test run
+        # on it, the in-process tests on asyncio's own loop) at less CPU per callback.
+        uvloop.run(serve(settings))
         return 0
     if args.command == "dev":
         from server.dev import run_dev
