@@ -7,7 +7,9 @@ lower bound) and the production server in this process (tests/stack.in_process_s
 rate limits on, as in production), then sends ``requests`` one-image ``local-1`` requests
 over gRPC, ``concurrency`` at a time, for each response format. Counted on the server's
 engine with SQLAlchemy events: transactions (``begin``; split into writes and read-only
-ones) and statements (``before_cursor_execute``); measured from /proc: the CPU time of
+ones) and statements (``before_cursor_execute``); and, for the hot transactions that run
+as plain SQL on asyncpg (server.ledger.plain: admission, settlement, the key lookup),
+by wrapping ``Database.write_plain``/``read_plain`` and the programs' statements; measured from /proc: the CPU time of
 every PostgreSQL process of the cluster (the backends serving the pool and the
 background writers) over the run. Prints a markdown table per request and what one
 PostgreSQL core would carry at that cost; the figures of one run are in bench/README.md.
@@ -72,6 +74,8 @@ async def measure(url: str, data_dir: Path, requests: int, concurrency: int) -> 
                 counts["statements"] += 1
                 shapes[" ".join(statement.split())[:70]] += 1
 
+            _count_plain(counts, shapes)
+
             for response_format in ("b64_json", "url"):
                 account_id, key = await stack.admin.funded_key("1000.00")
                 metadata = (("authorization", f"Bearer {key}"),)
@@ -105,6 +109,43 @@ async def measure(url: str, data_dir: Path, requests: int, concurrency: int) -> 
                     "shapes": {shape: count / requests for shape, count in shapes.most_common()},
                 })
     return rows
+
+
+def _count_plain(counts: Counter[str], shapes: Counter[str]) -> None:
+    """Counts the plain-SQL transactions and their statements, which SQLAlchemy's events
+    do not see (they run on the asyncpg connection itself)."""
+    from server.ledger import db
+    from server.ledger.db import Database
+
+    run = db.run_asyncpg
+
+    async def counted_run(connection: Any, program: Any) -> Any:
+        def watched() -> Any:
+            reply = None
+            try:
+                while True:
+                    step = program.send(reply)
+                    counts["statements"] += 1
+                    shapes[" ".join(step.sql.postgresql.split())[:70]] += 1
+                    reply = yield step
+            except StopIteration as done:
+                return done.value
+
+        return await run(connection, watched())
+
+    write, read = Database.write_plain, Database.read_plain
+
+    async def counted_write(self: Any, program: Any) -> Any:
+        counts["write"] += 1
+        return await write(self, program)
+
+    async def counted_read(self: Any, program: Any) -> Any:
+        counts["read"] += 1
+        return await read(self, program)
+
+    db.run_asyncpg = counted_run  # type: ignore[assignment]
+    Database.write_plain = counted_write  # type: ignore[method-assign]
+    Database.read_plain = counted_read  # type: ignore[method-assign]
 
 
 def main(argv: list[str] | None = None) -> int:
