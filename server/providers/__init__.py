@@ -36,12 +36,11 @@ from typing import TYPE_CHECKING, cast
 if TYPE_CHECKING:
     # Type-only: server.catalog imports server.providers.base, and server.config imports
     # this module, so importing either here would be circular.
-    import httpx
-
     from server.catalog import ModelSpec
     from server.config import Settings
     from server.providers.base import AdapterFactory, ImageProvider
     from server.providers.gate import AnswerGate
+    from server.providers.http import UpstreamClient
 
 __all__ = [
     "LOCAL",
@@ -172,7 +171,7 @@ def build_provider(
     provider: str,
     *,
     settings: Settings,
-    http: httpx.AsyncClient,
+    http: UpstreamClient,
     spec: ModelSpec | None = None,
     environ: Mapping[str, str] | None = None,
     on_retry: Callable[[], None] | None = None,

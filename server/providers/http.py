@@ -90,7 +90,7 @@ __all__ = [
     "Informational",
     "Kind",
     "RetryPolicy",
-    "AiohttpTransport",
+    "UpstreamClient",
     "SseDecoder",
     "SseEvent",
     "UpstreamEvents",
@@ -219,7 +219,7 @@ class UpstreamResponse:
     """A complete upstream answer, read within the size bound."""
 
     status: int
-    headers: httpx.Headers
+    headers: Mapping[str, str]  # case-insensitive (aiohttp's, or httpx.Headers)
     body: bytes
     url: str
 
@@ -363,7 +363,7 @@ class UpstreamEvents:
     def __init__(
         self,
         status: int,
-        headers: httpx.Headers,
+        headers: Mapping[str, str],
         queue: asyncio.Queue[SseEvent | BaseException | None],
         exchange: asyncio.Task[None],
         *,
@@ -397,103 +397,110 @@ class UpstreamEvents:
         _abandon(self._exchange)
 
 
-class _AiohttpBody(httpx.AsyncByteStream):
-    """An aiohttp response body as httpx reads it: each piece as it arrives, errors as
-    httpx's (a body cut short is a ``RemoteProtocolError``, as with httpcore)."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except aiohttp.ClientPayloadError as exc:
-            raise httpx.RemoteProtocolError(f"peer closed connection without sending complete message body: {exc}") from exc
-        except aiohttp.ClientError as exc:
-            raise httpx.ReadError(str(exc)) from exc
-
-    async def aclose(self) -> None:
-        # A body read to its end gives the connection back to the pool; any other is closed.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
+def _transport_error(exc: BaseException) -> httpx.TransportError:
+    """aiohttp's failure as the httpx error httpcore raised for the same one (the
+    vocabulary of ``UpstreamHttp``'s retries and messages: "RemoteProtocolError on ...")."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return httpx.RemoteProtocolError(f"peer closed connection without sending complete message body: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx.ConnectError(str(exc))
+    if isinstance(exc, (aiohttp.ServerTimeoutError, TimeoutError)):
+        return httpx.ConnectTimeout(str(exc) or "connect timed out")
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return httpx.RemoteProtocolError(str(exc))  # not HTTP/1.1 as aiohttp knows it
+    return httpx.ReadError(str(exc))
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """httpx's requests sent by aiohttp: one connection pool with its C HTTP parser.
+class UpstreamClient:
+    """The HTTP client of one provider: aiohttp's connection pool and C HTTP parser.
 
-    httpcore's pool walked every connection on each request and response (its cost grew
-    with the square of the pool: 32 pools of 16 were the way round it), and its
-    bookkeeping (anyio locks, cancel scopes, h11's Python parser) was the largest cost on
-    the event loop once the database was plain SQL: an exchange with a tiny answer took
-    650 µs of CPU through httpcore, 390 µs through this transport (bench/README.md,
-    round three). Adapters, retries, multipart
-    encoding and every error type stay httpx's; aiohttp's errors become the httpx
-    exceptions httpcore raises for the same failure. No environment proxies (as with any
-    transport given to httpx), httpx's trust store, no redirects, no decompression (httpx
-    decodes the body).
+    httpx's client and httpcore's pool cost 650 µs of CPU per exchange with a tiny
+    answer, 40 % of the server's CPU once the database was plain SQL; aiohttp under
+    httpx (a transport) 390 µs; aiohttp alone 209 µs (bench/README.md, round three). So
+    requests go straight to aiohttp. httpx stays where it does something aiohttp would
+    do differently: a multipart body is httpx's encoding (``httpx.Request(files=...)``:
+    the same bytes and Content-Length as before), and failures are httpx's exception
+    types (``_transport_error``). No environment proxies, httpx's trust store (certifi),
+    no redirects, gzip and deflate decoded (as httpx did). The session is made in the
+    event loop, on first use; the composition root closes it (``aclose``).
     """
 
     def __init__(self, *, max_connections: int, connect_timeout: float = 10.0) -> None:
         self._limit = max_connections
         self._connect_timeout = connect_timeout
-        self._session: aiohttp.ClientSession | None = None  # made in the loop, on first use
+        self._session: aiohttp.ClientSession | None = None
 
     def _open(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, ssl=httpx.create_ssl_context())
         return aiohttp.ClientSession(
             connector=connector,
-            auto_decompress=False,
+            headers={"user-agent": USER_AGENT, "accept": "*/*", "accept-encoding": "gzip, deflate"},
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
         )
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+    @contextlib.asynccontextmanager
+    async def request(
+        self, method: str, url: str, *, headers: Mapping[str, str] | None, body: _Body
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The answer's head (status, headers); its body is read from ``content``. Raises
+        httpx's TransportError subclasses. The connection goes back to the pool when the
+        body was read to its end, and is closed otherwise."""
         session = self._session = self._session or self._open()
-        data: Any
+        sent: dict[str, str] = dict(headers or {})
+        data: Any = body.content
+        if body.json is not None:
+            data = json.dumps(body.json, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            sent.setdefault("content-type", "application/json")
+        elif body.files is not None:
+            encoded = httpx.Request(method, url, files=body.files)
+            sent.update((k, v) for k, v in encoded.headers.items() if k in ("content-type", "content-length"))
+            data = encoded.stream  # read as it is sent, file by file
+        elif data is not None:
+            sent.setdefault("content-type", "application/json")
         try:
-            data = request.content  # JSON and encoded bodies are bytes already
-        except httpx.RequestNotRead:
-            data = request.stream  # multipart: httpx's encoder, streamed (Content-Length as httpx set it)
-        # aiohttp frames the body itself: chunked exactly when there is no Content-Length.
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw if k != b"transfer-encoding"]
-        try:
-            response = await session.request(
-                request.method, str(request.url), headers=headers, data=data, allow_redirects=False
-            )
-        except aiohttp.ServerDisconnectedError as exc:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.") from exc
-        except aiohttp.ClientConnectorError as exc:
-            raise httpx.ConnectError(str(exc)) from exc
-        except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-            raise httpx.ConnectTimeout(str(exc) or "connect timed out") from exc
-        except aiohttp.ClientResponseError as exc:
-            raise httpx.RemoteProtocolError(str(exc)) from exc
+            response = await session.request(method, url, headers=sent, data=data, allow_redirects=False)
         except aiohttp.ClientError as exc:
-            raise httpx.ReadError(str(exc)) from exc
-        return httpx.Response(response.status, headers=response.raw_headers, stream=_AiohttpBody(response))
+            raise _transport_error(exc) from exc
+        except TimeoutError as exc:  # aiohttp's connect timeout
+            raise _transport_error(exc) from exc
+        try:
+            yield response
+        finally:
+            if response.content.at_eof():
+                response.release()
+            else:
+                response.close()
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
 
+    async def __aenter__(self) -> UpstreamClient:
+        return self
 
-def create_http_client(*, max_connections: int = DEFAULT_TUNING.upstream_max_connections) -> httpx.AsyncClient:
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+
+async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The body as it arrives (decoded), failures as httpx's."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except aiohttp.ClientError as exc:
+        raise _transport_error(exc) from exc
+
+
+def create_http_client(*, max_connections: int = DEFAULT_TUNING.upstream_max_connections) -> UpstreamClient:
     """A pooled client fit for one provider; the composition root owns and closes it.
 
     There is no read timeout: each call is bounded by its request's deadline (a
     generation may take minutes). Redirects are not followed, so a key never travels to a
     host the adapter did not pick.
     """
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=30.0),
-        transport=AiohttpTransport(max_connections=max_connections),
-        follow_redirects=False,
-        headers={"user-agent": USER_AGENT},
-    )
+    return UpstreamClient(max_connections=max_connections)
 
 
 def malformed(detail: str) -> UpstreamError:
@@ -532,7 +539,7 @@ def parse_duration(value: object) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def retry_after_from_headers(headers: httpx.Headers) -> float | None:
+def retry_after_from_headers(headers: Mapping[str, str]) -> float | None:
     """``retry-after-ms`` (float ms), else ``Retry-After`` (seconds or HTTP-date), in seconds."""
     raw_ms = headers.get("retry-after-ms")
     if raw_ms is not None:
@@ -571,7 +578,7 @@ class UpstreamHttp:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: UpstreamClient,
         *,
         provider: str,
         max_response_bytes: int,
@@ -779,14 +786,12 @@ class UpstreamHttp:
 
     async def _exchange(
         self, method: str, url: str, *, headers: Mapping[str, str] | None, payload: _Body, scope: AnswerScope
-    ) -> tuple[int, httpx.Headers, bytes]:
-        async with self.client.stream(
-            method, url, headers=headers, json=payload.json, files=payload.files, content=payload.content
-        ) as response:
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        async with self.client.request(method, url, headers=headers, body=payload) as response:
             body = await self._read_bounded(response, scope)
-        return response.status_code, response.headers, body
+        return response.status, response.headers, body
 
-    async def _read_bounded(self, response: httpx.Response, scope: AnswerScope) -> bytes:
+    async def _read_bounded(self, response: aiohttp.ClientResponse, scope: AnswerScope) -> bytes:
         limit = self.max_response_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -800,7 +805,7 @@ class UpstreamHttp:
         chunks: list[bytes] = []
         size = 0
         try:
-            async for chunk in response.aiter_bytes():
+            async for chunk in _chunks(response):
                 size += len(chunk)
                 if size > limit:
                     raise _BodyError(f"an answer above the {limit}-byte limit")
@@ -809,10 +814,9 @@ class UpstreamHttp:
                     await scope.admit()
                     large = None
         except httpx.TransportError as exc:
-            # The head arrived, so the upstream did the work; a retry could bill twice.
+            # The head arrived, so the upstream did the work; a retry could bill twice. (A
+            # gzip body that does not decode ends here too: aiohttp reports it as cut short.)
             raise _BodyError(f"a truncated answer ({type(exc).__name__} after {size} bytes)") from exc
-        except httpx.DecodingError as exc:
-            raise _BodyError("an answer whose content-encoding does not decode") from exc
         return b"".join(chunks)
 
     async def _open_events(
@@ -828,7 +832,7 @@ class UpstreamHttp:
         # As in _attempt, the exchange runs in its own task, cancelled at most once; it
         # hands the head over, then each event through a small queue (back-pressure: the
         # upstream is read only as fast as the caller takes the events).
-        head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]] = asyncio.get_running_loop().create_future()
+        head: asyncio.Future[UpstreamResponse | tuple[int, Mapping[str, str]]] = asyncio.get_running_loop().create_future()
         queue: asyncio.Queue[SseEvent | BaseException | None] = asyncio.Queue(maxsize=2)
         exchange = asyncio.create_task(self._event_exchange(method, url, headers, payload, head, queue, scope))
         opened = False
@@ -853,23 +857,21 @@ class UpstreamHttp:
         url: str,
         headers: Mapping[str, str] | None,
         payload: _Body,
-        head: asyncio.Future[UpstreamResponse | tuple[int, httpx.Headers]],
+        head: asyncio.Future[UpstreamResponse | tuple[int, Mapping[str, str]]],
         queue: asyncio.Queue[SseEvent | BaseException | None],
         scope: AnswerScope,
     ) -> None:
         try:
-            async with self.client.stream(
-                method, url, headers=headers, json=payload.json, files=payload.files, content=payload.content
-            ) as response:
+            async with self.client.request(method, url, headers=headers, body=payload) as response:
                 content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
-                if not (200 <= response.status_code < 300 and content_type == "text/event-stream"):
+                if not (200 <= response.status < 300 and content_type == "text/event-stream"):
                     body = await self._read_bounded(response, scope)
-                    head.set_result(UpstreamResponse(response.status_code, response.headers, body, url))
+                    head.set_result(UpstreamResponse(response.status, response.headers, body, url))
                     return
-                head.set_result((response.status_code, response.headers))
+                head.set_result((response.status, response.headers))
                 decoder = SseDecoder(self.max_response_bytes)
                 try:
-                    async for chunk in response.aiter_bytes():
+                    async for chunk in _chunks(response):
                         for event in decoder.feed(chunk):
                             await queue.put(event)
                 except httpx.TransportError as exc:

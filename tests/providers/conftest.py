@@ -11,12 +11,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-import httpx
 import pytest
 
 from server.catalog import ModelCatalog, RawImageRequest
 from server.providers.base import ImageRequest
-from server.providers.http import create_http_client
+from server.providers.http import UpstreamClient, create_http_client
 from tests.fakes.google_fake import GoogleFake
 from tests.fakes.openai_fake import OpenAIFake
 from tests.fakes.stability_fake import StabilityFake
@@ -45,8 +44,8 @@ def deadline() -> Callable[[float], float]:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    """The client the server gives its adapters (aiohttp's transport under httpx)."""
+async def http() -> AsyncIterator[UpstreamClient]:
+    """The client the server gives its adapters."""
     async with create_http_client() as client:
         yield client
 

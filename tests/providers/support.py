@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import httpx
-
 from server.catalog import load_catalog
 from server.config import MIB
 from server.providers import PROVIDERS
-from server.providers.http import RetryPolicy, UpstreamHttp
+from server.providers.http import RetryPolicy, UpstreamClient, UpstreamHttp
 
 __all__ = ["FAST_RETRY", "SPECS", "SleepRecorder", "models_of", "upstream"]
 
@@ -34,7 +32,7 @@ class SleepRecorder:
 
 
 def upstream(
-    http: httpx.AsyncClient,
+    http: UpstreamClient,
     provider: str,
     *,
     retry: RetryPolicy = FAST_RETRY,

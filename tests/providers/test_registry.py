@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import logging
 
-import httpx
 import pytest
 
 from server.catalog import ModelSpec
@@ -14,6 +13,7 @@ from server.errors import UpstreamError
 from server.providers import PROVIDERS, build_provider, enabled_providers, provider_api_key, provider_key_setting
 from server.providers.bfl import BflImageProvider
 from server.providers.google import GoogleImageProvider
+from server.providers.http import create_http_client
 from server.providers.openai import OpenAIImageProvider
 from server.providers.stability import StabilityImageProvider
 from tests.fakes.openai_fake import OpenAIFake
@@ -124,7 +124,7 @@ def test_a_built_in_name_with_a_base_url_falls_back_to_its_own_key():
 async def test_build_provider_gives_each_adapter_its_settings(provider):
     settings = Settings(providers={name: {"api_key": f"key-{name}"} for name in PROVIDERS})
     spec = next(s for s in SPECS if s.provider == provider)  # the composition root passes each model's row
-    async with httpx.AsyncClient() as http:
+    async with create_http_client() as http:
         built = build_provider(provider, settings=settings, http=http, spec=spec)
     assert isinstance(built, ADAPTERS[provider]) and built.name == provider
     upstream = built._http  # type: ignore[attr-defined]
@@ -134,7 +134,7 @@ async def test_build_provider_gives_each_adapter_its_settings(provider):
 
 
 async def test_build_provider_refuses_unconfigured_and_unknown_providers():
-    async with httpx.AsyncClient() as http:
+    async with create_http_client() as http:
         with pytest.raises(ValueError, match="IMAGEGW_BFL_API_KEY"):
             build_provider("bfl", settings=Settings(), http=http)
         with pytest.raises(ValueError, match="unknown provider 'replicate'"):
@@ -142,7 +142,7 @@ async def test_build_provider_refuses_unconfigured_and_unknown_providers():
 
 
 async def test_a_compatible_host_is_built_with_its_dialect_and_names_its_variable(image_request, deadline, caplog):
-    async with OpenAIFake.running(dialect="together") as fake, httpx.AsyncClient() as http:
+    async with OpenAIFake.running(dialect="together") as fake, create_http_client() as http:
         spec = compat_row(base_url=fake.base_url)
         provider = build_provider("together", settings=Settings(), http=http, spec=spec, environ={"TOGETHER_API_KEY": "wrong"})
         assert isinstance(provider, OpenAIImageProvider) and provider.dialect == "together"

@@ -1,6 +1,6 @@
-"""The upstream client's transport (aiohttp under httpx): the connection cap holds,
+"""The upstream client (aiohttp, through ``UpstreamHttp``): the connection cap holds,
 connections are kept alive and reused, bodies arrive whole, multipart uploads are sent
-with their Content-Length, and failures are httpx's errors as httpcore raised them.
+with httpx's encoding and their Content-Length, and failures read as they did with httpx.
 
 Against real HTTP/1.1 servers on 127.0.0.1.
 """
@@ -10,12 +10,25 @@ from __future__ import annotations
 import asyncio
 import io
 
-import httpx
 import pytest
 
-from server.providers.http import create_http_client
+from server.errors import UpstreamError
+from server.providers.http import Failure, Kind, UpstreamHttp, UpstreamResponse, create_http_client
+from tests.providers.support import upstream
 
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}"
+
+
+def classify(response: UpstreamResponse) -> Failure:
+    return Failure(Kind.REJECTED, status=response.status)
+
+
+def deadline(seconds: float = 10) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def post(http: UpstreamHttp, url: str) -> int:
+    return (await http.send("POST", url, deadline=deadline(), classify=classify, json_body={})).status
 
 
 class CountingServer:
@@ -29,6 +42,7 @@ class CountingServer:
         self.connections += 1
         try:
             while await reader.readuntil(b"\r\n\r\n"):
+                await reader.readexactly(2)  # the body: {}
                 self.in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
                 await asyncio.sleep(self.delay)
@@ -42,24 +56,23 @@ class CountingServer:
 
 
 async def test_the_connection_cap_holds_and_connections_are_reused() -> None:
-    upstream = CountingServer(delay=0.2)
-    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    counting = CountingServer(delay=0.2)
+    server = await asyncio.start_server(counting.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = create_http_client(max_connections=4)
+    http = upstream(client, "openai")
     try:
         url = f"http://127.0.0.1:{port}/v1/images/generations"
         # One after the other: the same connection.
         for _ in range(2):
-            assert (await client.post(url, json={})).status_code == 200
-        assert upstream.connections == 1
+            assert await post(http, url) == 200
+        assert counting.connections == 1
         # 8 at once on 4 connections: two rounds, never more than 4 in flight.
-        answers = await asyncio.gather(*(client.post(url, json={}) for _ in range(8)))
-        assert [a.status_code for a in answers] == [200] * 8
-        assert (upstream.connections, upstream.peak_in_flight) == (4, 4)
-        # Every pool keeps its connections alive: the next round opens none.
-        again = await asyncio.gather(*(client.post(url, json={}) for _ in range(4)))
-        assert [a.status_code for a in again] == [200] * 4
-        assert upstream.connections == 4
+        assert await asyncio.gather(*(post(http, url) for _ in range(8))) == [200] * 8
+        assert (counting.connections, counting.peak_in_flight) == (4, 4)
+        # The connections are kept alive: the next round opens none.
+        assert await asyncio.gather(*(post(http, url) for _ in range(4))) == [200] * 4
+        assert counting.connections == 4
     finally:
         await client.aclose()
         server.close()
@@ -69,9 +82,8 @@ async def test_the_connection_cap_holds_and_connections_are_reused() -> None:
 class ScriptedServer:
     """Reads one request (head and Content-Length body), keeps it, answers ``answer``."""
 
-    def __init__(self, answer: bytes, *, close: bool = False) -> None:
+    def __init__(self, answer: bytes) -> None:
         self.answer = answer
-        self.close = close
         self.requests: list[tuple[bytes, bytes]] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -105,11 +117,16 @@ async def test_a_large_body_arrives_whole_and_a_multipart_upload_keeps_its_lengt
     try:
         async with scripted as url:
             image = io.BytesIO(b"\x89PNG" + b"x" * 100_000)
-            answer = await client.post(url, data={"prompt": "a kite"}, files=[("image[]", ("a.png", image, "image/png"))])
-        assert answer.status_code == 200 and answer.content == body
+            answer = await upstream(client, "openai").send(
+                "POST", url, deadline=deadline(), classify=classify, headers={"authorization": "Bearer k"},
+                files=[("prompt", (None, "a kite")), ("image[]", ("a.png", image, "image/png"))],
+            )
+        assert answer.status == 200 and answer.body == body
         [(head, sent)] = scripted.requests
         lines = head.lower().split(b"\r\n")
         assert b"content-length: %d" % len(sent) in lines and not any(b"transfer-encoding" in line for line in lines)
+        assert b"authorization: bearer k" in lines and b"user-agent: imagegw/0.1" in lines
+        assert any(line.startswith(b"content-type: multipart/form-data; boundary=") for line in lines)
         assert b'name="prompt"\r\n\r\na kite\r\n' in sent
         assert b'name="image[]"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG' + b"x" * 100_000 in sent
     finally:
@@ -117,21 +134,29 @@ async def test_a_large_body_arrives_whole_and_a_multipart_upload_keeps_its_lengt
 
 
 @pytest.mark.parametrize(
-    ("answer", "error"),
+    ("answer", "message"),
     [
-        (b"", httpx.RemoteProtocolError),  # closed before any answer
-        (b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part", httpx.RemoteProtocolError),  # cut short
+        # Closed before any answer: retried, then given up (as httpx's RemoteProtocolError).
+        (b"", "The upstream provider is failing (RemoteProtocolError on request); gave up after 3 attempts."),
+        # Cut short after the head: the upstream did the work, never retried.
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
+            "The upstream provider returned a malformed answer: a truncated answer (RemoteProtocolError after 9 bytes) "
+            "from 127.0.0.1.",
+        ),
     ],
     ids=["no-answer", "truncated"],
 )
-async def test_failures_are_the_errors_httpcore_raised(answer: bytes, error: type[Exception]) -> None:
+async def test_failures_read_as_they_did_with_httpx(answer: bytes, message: str) -> None:
     client = create_http_client(max_connections=4)
     try:
-        async with ScriptedServer(answer) as url:
-            with pytest.raises(error):
-                async with client.stream("POST", url, json={}) as response:
-                    await response.aread()
-        with pytest.raises(httpx.ConnectError):
-            await client.post(url, json={})  # nobody listens there any more
+        scripted = ScriptedServer(answer)
+        async with scripted as url:
+            with pytest.raises(UpstreamError) as caught:
+                await post(upstream(client, "openai"), url)
+        assert caught.value.message == message
+        with pytest.raises(UpstreamError) as caught:
+            await post(upstream(client, "openai"), url)  # nobody listens there any more
+        assert caught.value.message == "The upstream provider is failing (ConnectError on request); gave up after 3 attempts."
     finally:
         await client.aclose()
