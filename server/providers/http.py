@@ -766,22 +766,20 @@ class UpstreamHttp:
         payload: _Body,
         scope: AnswerScope,
     ) -> UpstreamResponse:
-        # The exchange runs in its own task, cancelled at most once however often we are:
-        # httpcore closes an abandoned connection in a cleanup that a second cancellation
-        # (a fan-out's own deadline and its parent's, at the same instant) would interrupt,
-        # leaving the connection open and counted in the pool forever.
-        exchange = asyncio.create_task(
-            self._exchange(method, url, headers=headers, payload=payload, scope=scope)
-        )
+        # In the caller's own task: a cancellation (however many, a fan-out's deadline and
+        # its parent's at the same instant) ends the exchange, whose cleanup closes the
+        # connection without awaiting anything (UpstreamClient.request), so nothing can
+        # interrupt it. (httpcore's cleanup awaited, so the exchange had its own task,
+        # cancelled once: a task and a shield per call.)
         try:
             async with asyncio.timeout_at(deadline):
-                status, response_headers, body = await asyncio.shield(exchange)
+                status, response_headers, body = await self._exchange(
+                    method, url, headers=headers, payload=payload, scope=scope
+                )
         except TimeoutError as exc:
             raise DeadlineExceededError("The upstream provider did not answer before the request's deadline.") from exc
         except _BodyError as exc:
             raise malformed(f"{exc} from {_host(url)}") from exc
-        finally:
-            _abandon(exchange)
         return UpstreamResponse(status=status, headers=response_headers, body=body, url=url)
 
     async def _exchange(
