@@ -116,6 +116,7 @@ class App:
     health: health.aio.HealthServicer
     limiter: RateLimiter
     admissions: Admissions
+    gate: AnswerGate
     idempotency: IdempotencyStore
     inputs: InputRequests
     upload_limits: UploadLimits
@@ -221,6 +222,7 @@ async def build_app(
         health=health.aio.HealthServicer(),
         limiter=limiter,
         admissions=Admissions(db, ledger, limiter),
+        gate=gate,
         idempotency=idempotency,
         inputs=inputs,
         upload_limits=upload_limits,
@@ -397,6 +399,7 @@ def build_server(app: App, interceptor: ServerInterceptor | None = None) -> grpc
             inputs=app.inputs,
             limits=app.upload_limits,
             keepalive_seconds=settings.stream_keepalive_seconds,
+            gate=app.gate,
         ),
         server,
     )

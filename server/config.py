@@ -186,9 +186,10 @@ class Settings(BaseSettings):
     providers: dict[str, ProviderSettings] = Field(default_factory=dict)
     # Largest upstream answer read into memory (provider JSON with base64 images).
     max_upstream_response_bytes: int = Field(default=128 * MIB, ge=MIB)
-    # How many upstream answers above 256 KiB are read, parsed and decoded at once; the
-    # others wait their turn (server.providers.gate). Peak memory follows this number.
-    max_large_upstream_answers: int = Field(default=8, ge=1, le=4096)
+    # How many upstream answers above 256 KiB are in memory at once (read, decoded and,
+    # for REST, until written); the others wait their turn (server.providers.gate). Peak
+    # memory follows this number.
+    max_large_upstream_answers: int = Field(default=16, ge=1, le=4096)
 
     # Pool and batch sizes (the Tuning group above).
     tuning: Tuning = DEFAULT_TUNING

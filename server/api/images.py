@@ -59,6 +59,7 @@ from server.idempotency import (
 from server.ledger import format_usd
 from server.offload import run_sized
 from server.providers.base import TokenUsage
+from server.providers.gate import AnswerGate
 from server.ratelimit import requested_images
 from server.storage import ImageStore, UrlSigner, valid_image_id
 from server.uploads import Upload, UploadLimits, read_upload
@@ -117,6 +118,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         inputs: InputRequests,
         limits: UploadLimits,
         keepalive_seconds: float = 15.0,
+        gate: AnswerGate | None = None,
     ) -> None:
         self._generation = generation
         self._inputs = inputs
@@ -126,6 +128,7 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
         self._admissions = admissions
         self._idempotency = idempotency
         self._keepalive = keepalive_seconds
+        self._gate = gate  # the providers' answer gate (server.providers.gate)
 
     # -- generations: three ways to receive the same use case ------------------------------
 
@@ -235,12 +238,18 @@ class ImageServicer(images_pb2_grpc.ImageServiceServicer):
     ) -> None:
         """OpenAI's REST answer: one JSON body, or Server-Sent Events with ``stream``."""
         if not raw.stream:
-            outcome = await self._run(raw, context, request_hash, None, bare=True)
-            message, images = outcome.answer.message, outcome.images
-            size = message.ByteSize() + sum(len(image or b"") for image in images or ())
-            body = await run_sized(size, rest.images_response, message, images)
-            await context.send_initial_metadata(tuple(outcome.headers))
-            await context.write(body)  # a serialized HttpBody (see add_to_server)
+            # A large upstream answer keeps its gate slot until its REST answer is written
+            # (server.providers.gate): decoded images waiting for their turn on a busy loop
+            # would otherwise pile up beyond the gate's bound.
+            async with self._gate.request() if self._gate is not None else contextlib.nullcontext():
+                outcome = await self._run(raw, context, request_hash, None, bare=True)
+                message, images = outcome.answer.message, outcome.images
+                size = message.ByteSize() + sum(len(image or b"") for image in images or ())
+                body = await run_sized(size, rest.images_response, message, images)
+                headers = tuple(outcome.headers)
+                del outcome, message, images  # the body holds all of it now
+                await context.send_initial_metadata(headers)
+                await context.write(body)  # a serialized HttpBody (see add_to_server)
             return
         writer = _Writer(
             context,

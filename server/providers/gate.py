@@ -12,14 +12,27 @@ Nothing is refused: a waiting answer is waiting for its upstream a little longer
 the request's deadline. Answers below ``large_bytes`` (errors, URLs, small images) never
 wait. An ``AnswerScope`` holds at most one slot and never waits while holding it (a
 download inside the scope reuses its slot), so the gate cannot deadlock.
+
+A slot given back once the images are decoded bounds only that stage. Past it, a decoded
+image waits for its settlement, its rendering and its write to Envoy, which on a loaded
+event loop take longer than the decoding: at 150 answers/s, 80-200 answers were there at
+once and the server's peak was 680-980 MiB at c=512 (bench/README.md, round three). So the
+REST answer holds its slot until it is written: ``AnswerGate.request()`` makes one scope
+for the whole request, and every answer the request reads inside it (``answer_scope``,
+which ``UpstreamHttp.answer()`` calls: its upstream calls, a fan-out's, a download) shares
+that one slot. Still one slot per holder, never waited for while held (settling, rendering
+and writing need no slot).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+from collections.abc import AsyncIterator
 from types import TracebackType
 
-__all__ = ["LARGE_ANSWER_BYTES", "AnswerGate", "AnswerScope"]
+__all__ = ["LARGE_ANSWER_BYTES", "AnswerGate", "AnswerScope", "answer_scope"]
 
 # The size above which JSON and base64 are already parsed off the event loop
 # (server.providers.http.OFFLOAD_BYTES): about one 400x400 PNG.
@@ -44,6 +57,19 @@ class AnswerGate:
 
     def scope(self) -> AnswerScope:
         return AnswerScope(self)
+
+    @contextlib.asynccontextmanager
+    async def request(self) -> AsyncIterator[AnswerScope]:
+        """One scope for a whole request (see the module docstring): the answers it reads
+        in this block, in this task and the tasks it starts, share its one slot, held
+        until the block ends."""
+        scope = AnswerScope(self)
+        token = _REQUEST.set(scope)
+        try:
+            async with scope:
+                yield scope
+        finally:
+            _REQUEST.reset(token)
 
     async def _acquire(self) -> None:
         self.waiting += 1
@@ -103,3 +129,40 @@ class AnswerScope:
     ) -> None:
         self._closed = True
         self.release()
+
+
+# The scope of the request being handled (AnswerGate.request), if any.
+_REQUEST: contextvars.ContextVar[AnswerScope | None] = contextvars.ContextVar("imagegw_answer_scope", default=None)
+
+
+class _Shared(AnswerScope):
+    """A view of the request's scope for one answer: its slot, which the answer's own
+    block does not give back (the request's does)."""
+
+    def __init__(self, request: AnswerScope) -> None:
+        super().__init__(request._gate)
+        self._request = request
+
+    @property
+    def held(self) -> bool:
+        return self._request.held
+
+    async def admit(self) -> None:
+        await self._request.admit()
+
+    def release(self) -> None:
+        self._request.release()  # an error answer's slot, given back before a retry's backoff
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        return None
+
+
+def answer_scope(gate: AnswerGate | None) -> AnswerScope:
+    """The scope for one answer: a share of the request's (``AnswerGate.request``) when
+    there is one on this gate, else its own."""
+    request = _REQUEST.get()
+    if request is not None and gate is not None and request._gate is gate:
+        return _Shared(request)
+    return AnswerScope(gate)

@@ -79,7 +79,7 @@ from server.errors import (
 )
 from server.offload import OFFLOAD_BYTES, run_sized
 from server.providers.base import GeneratedImage, InputImage, Progress, ProviderResult, TokenUsage
-from server.providers.gate import AnswerGate, AnswerScope
+from server.providers.gate import AnswerGate, AnswerScope, answer_scope
 
 __all__ = [
     "CREDENTIALS_MESSAGE",
@@ -607,8 +607,9 @@ class UpstreamHttp:
     def answer(self) -> AnswerScope:
         """A claim on the gate for one answer: ``async with`` it around ``send(scope=...)``
         and the parsing and decoding of what came back, so that a large answer keeps its
-        slot until its images are bytes that have been checked."""
-        return AnswerScope(self.gate)
+        slot until its images are bytes that have been checked (in a request that holds
+        its slot until its answer is written, ``AnswerGate.request``, a share of that one)."""
+        return answer_scope(self.gate)
 
     async def send(
         self,

@@ -1,0 +1,52 @@
+"""The answer gate's request scope: every answer a request reads shares the request's one
+slot, which is held until the request's block ends (its REST answer written), never just
+until the images are decoded; outside a request, each answer has its own slot as before."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.providers.gate import AnswerGate, answer_scope
+
+
+async def test_answers_of_a_request_share_its_slot_until_the_request_ends() -> None:
+    gate = AnswerGate(1)
+    async with gate.request():
+        async with answer_scope(gate) as first:
+            await first.admit()
+            assert (gate.active, first.held) == (1, True)
+        # The answer's block ended (its images decoded): the request still holds the slot.
+        assert gate.active == 1
+
+        async def sibling() -> bool:  # a fan-out's other call, in its own task
+            async with answer_scope(gate) as scope:
+                await scope.admit()  # the request's slot: no wait, no second slot
+                return scope.held
+
+        assert await asyncio.wait_for(asyncio.gather(sibling(), sibling()), 1) == [True, True]
+        assert (gate.active, gate.peak) == (1, 1)
+        # Another request waits for the slot until this one's block ends.
+        other = asyncio.create_task(_read_one(gate))
+        await asyncio.sleep(0.05)
+        assert (other.done(), gate.waiting) == (False, 1)
+    await asyncio.wait_for(other, 1)
+    assert (gate.active, gate.waiting) == (0, 0)
+
+
+async def _read_one(gate: AnswerGate) -> None:
+    async with gate.request(), answer_scope(gate) as scope:
+        await scope.admit()
+
+
+async def test_outside_a_request_an_answer_gives_its_slot_back_when_its_block_ends() -> None:
+    gate = AnswerGate(1)
+    async with answer_scope(gate) as scope:
+        await scope.admit()
+        assert gate.active == 1
+    assert gate.active == 0
+    # A request on another gate does not lend its slot.
+    other = AnswerGate(1)
+    async with other.request():
+        async with answer_scope(gate) as scope:
+            await scope.admit()
+        assert (gate.active, other.active) == (0, 0)
