@@ -1002,7 +1002,8 @@ async def image_from_bytes(data: bytes, *, revised_prompt: str | None = None) ->
     if sniffed is None:
         raise malformed("bytes that are not a PNG, JPEG or WebP image")
     try:
-        decoded = await asyncio.to_thread(_decode_check, data)
+        # A small image is checked on the loop: a thread hop costs more than its check.
+        decoded = await run_sized(len(data), _decode_check, data)
     # Pillow reports a broken PNG chunk checksum as SyntaxError.
     except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise malformed(f"a {sniffed} image that does not decode") from exc
