@@ -188,6 +188,27 @@ def _transcoder(config: dict[str, Any]) -> dict[str, Any]:
     raise RuntimeError("imagegw's Envoy config has no transcoder")
 
 
+# The edge's Lua answers 404 for a path outside its ENDPOINTS table; the bench's own paths
+# are added to that table (with the generation's JSON checks), in the bench's configs only.
+_GENERATIONS_ENDPOINT = '{path = "^/v1/images/generations$", methods = {"POST"}, json = GENERATION_FIELDS},'
+
+
+def _allow_paths(config: dict[str, Any], *patterns: str) -> None:
+    for http_filter in _hcm(config)["http_filters"]:
+        if http_filter["name"] == "envoy.filters.http.lua":
+            source = http_filter["typed_config"]["default_source_code"]
+            if _GENERATIONS_ENDPOINT not in source["inline_string"]:
+                raise RuntimeError("the edge's Lua has no generations endpoint to add the bench's paths beside")
+            extra = "".join(
+                f'\n  {{path = "{pattern}", methods = {{"POST"}}, json = GENERATION_FIELDS}},' for pattern in patterns
+            )
+            source["inline_string"] = source["inline_string"].replace(
+                _GENERATIONS_ENDPOINT, _GENERATIONS_ENDPOINT + extra
+            )
+            return
+    raise RuntimeError("imagegw's Envoy config has no Lua filter")
+
+
 def bytes_envoy_config(settings: Any) -> dict[str, Any]:
     """imagegw's rendered Envoy config (for ``settings``' ports) with auto_mapping on:
     ``POST /imagegw.v1.ImageService/GenerateImages`` with a JSON body then reaches the
@@ -196,6 +217,7 @@ def bytes_envoy_config(settings: Any) -> dict[str, Any]:
 
     config = render_envoy_config(settings)
     _transcoder(config)["auto_mapping"] = True
+    _allow_paths(config, "^/imagegw%.v1%.ImageService/GenerateImages$")
     return config
 
 
@@ -215,6 +237,7 @@ def echo_envoy_config(settings: Any, *, descriptor: Path, echo_port: int) -> dic
     for cluster in config["static_resources"]["clusters"]:
         for check in cluster.get("health_checks", []):
             check["grpc_health_check"]["service_name"] = ECHO_SERVICE
+    _allow_paths(config, "^/bench/bytes$", "^/bench/string$", "^/bench/httpbody$")
     return config
 
 
