@@ -128,16 +128,18 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         ("UpstreamResponse.json (",),
     ),
     (
-        "database: SQLAlchemy + aiosqlite + sqlite3 (auth, rate limit, reserve, settle)",
-        ("sqlalchemy/", "aiosqlite/", "sqlite3"),
+        "database: the writer and readers, plain SQL or SQLAlchemy (admission, settle, keys)",
+        ("sqlalchemy/", "aiosqlite/", "sqlite3", "ledger/plain.py", "ledger/sqlite_writer.py"),
     ),
     ("image store write (url)", ("FilesystemImageStore", "storage/filesystem.py")),
-    ("upstream HTTP (httpx/httpcore/anyio)", ("httpx/", "httpcore/", "anyio/", "h11/")),
+    ("upstream HTTP (aiohttp; httpx for multipart)", ("aiohttp/", "yarl/", "multidict/", "httpx/", "httpcore/", "anyio/", "h11/")),
     ("logging", ("logging/__init__.py", "structlog/")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("gRPC (grpc.aio server, cygrpc)", ("grpc/", "cygrpc", "_cython")),
     ("protobuf answer (`_response`)", ("_response (server/api/images.py",)),
-    ("asyncio event loop machinery", ("asyncio/",)),
+    # Last: every stack of the loop thread passes through asyncio (uvloop's too), so this is
+    # the rest of the loop's work: grpc's and aiohttp's callbacks in C, and our own code.
+    ("event loop: callbacks in C and the rest of the server's code", ("asyncio/", "uvloop/")),
 ]
 
 
