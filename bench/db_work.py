@@ -33,7 +33,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds(data_dir: Path) -> float:
-    """utime + stime of the postmaster and every process it forked."""
+    """utime + stime of the postmaster and of every process it forked, living or gone.
+
+    Backends and workers that exited during the run are counted through the postmaster's
+    cutime + cstime (the kernel adds a reaped child's time there); summing only the living
+    ones made the figure go down, even below zero, when a pooled connection was replaced."""
     postmaster = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
     total = 0
     for entry in Path("/proc").iterdir():
@@ -44,7 +48,9 @@ def postgres_cpu_seconds(data_dir: Path) -> float:
         except OSError:
             continue
         pid, ppid = int(entry.name), int(fields[1])
-        if pid == postmaster or ppid == postmaster:
+        if pid == postmaster:
+            total += sum(int(field) for field in fields[11:15])
+        elif ppid == postmaster:
             total += int(fields[11]) + int(fields[12])
     return total / CLOCK_TICKS
 
