@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -88,6 +89,12 @@ def _error_payload(exc: grpc.aio.AioRpcError, timeout: float) -> dict[str, Any]:
             "code": "timeout",
         }
     return {"message": exc.details() or exc.code().name, "type": "server_error", "param": None, "code": None}
+
+
+def _outcome_unknown(error: dict[str, Any]) -> bool:
+    """Whether a failed change may still have been made: no answer (a timeout, a dropped
+    connection) or a server error, as opposed to the server's refusal of the request."""
+    return error["type"] == "server_error"
 
 
 def _int32(text: str) -> int:
@@ -227,7 +234,10 @@ def _run_admin(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print(f"error: {error['message']}", file=sys.stderr)
             if changes:
-                print(f"request_id: {request_id} (retry with --request-id {request_id}: at most once)", file=sys.stderr)
+                # A refusal (bad input, a reused id) changed nothing and would be refused
+                # again: the retry advice is only for an outcome the operator cannot know.
+                hint = f" (retry with --request-id {request_id}: at most once)" if _outcome_unknown(error) else ""
+                print(f"request_id: {request_id}{hint}", file=sys.stderr)
         return 1
     _print({**shown, **result}, args.json)
     return 0
@@ -241,9 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _configuration_failed(describe_settings_error(exc))
     configure_logging(settings.log_level)
     try:
-        return _run(args, settings)
+        status = _run(args, settings)
+        sys.stdout.flush()
     except ConfigError as exc:
         return _configuration_failed(str(exc))
+    except BrokenPipeError:
+        # The reader went away (`imagegw usage --json | head`): stop quietly, as other
+        # commands do; stdout goes to /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
 
 
 def _configuration_failed(message: str) -> int:

@@ -190,17 +190,22 @@ class Admin:
             request.page_token = reply.next_page_token
 
 
-def run_cli(stack: ProcessStack, *args: str, token: str | None = None, timeout: float = 60) -> tuple[int, Any]:
-    """Runs ``imagegw ARGS --json`` against the stack's server as an operator would:
-    (exit status, its JSON: stdout on success, stderr on failure)."""
-    env = {
+def cli_env(stack: ProcessStack, token: str | None = None) -> dict[str, str]:
+    """The environment an operator's ``imagegw`` command has on the stack's machine."""
+    return {
         **os.environ,
         "IMAGEGW_GRPC_PORT": str(stack.settings.grpc_port),
         "IMAGEGW_VAR_DIR": stack.env["IMAGEGW_VAR_DIR"],
         "IMAGEGW_ADMIN_TOKEN": token or stack.env["IMAGEGW_ADMIN_TOKEN"],
     }
+
+
+def run_cli(stack: ProcessStack, *args: str, token: str | None = None, timeout: float = 60) -> tuple[int, Any]:
+    """Runs ``imagegw ARGS --json`` against the stack's server as an operator would:
+    (exit status, its JSON: stdout on success, stderr on failure)."""
     result = subprocess.run(
-        [sys.executable, "-m", "server.cli", *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "server.cli", *args, "--json"], env=cli_env(stack, token), capture_output=True,
+        text=True, timeout=timeout,
     )
     return result.returncode, json.loads(result.stdout if result.returncode == 0 else result.stderr)
 

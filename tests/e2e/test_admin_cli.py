@@ -8,6 +8,8 @@ import json
 import re
 import secrets
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,7 @@ import pytest
 from sqlalchemy import text
 
 from server.ledger import create_engine
-from tests.stack import ProcessStack, cli, process_stack
+from tests.stack import ProcessStack, cli, cli_env, free_port, process_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -109,6 +111,51 @@ async def test_wrong_admin_token_is_refused(gateway: ProcessStack) -> None:
     assert output["error"] == {
         "message": "Invalid admin token.", "type": "invalid_request_error", "param": None, "code": "invalid_admin_token"
     }
+
+
+def run_text(stack: ProcessStack, *args: str) -> subprocess.CompletedProcess[str]:
+    """``imagegw ARGS`` without --json: what an operator reads on the terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], env=cli_env(stack), capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_the_retry_advice_is_printed_only_when_the_outcome_is_unknown(gateway: ProcessStack) -> None:
+    """A refused change changed nothing and would be refused again: its request id is
+    printed, without the advice to retry with it. A change that got no answer gets the
+    advice (the README's "Request ids")."""
+    account_id = await gateway.admin.account("1.00")
+    refused = await asyncio.to_thread(run_text, gateway, "accounts", "credit", "--account", account_id, "--amount", "-1")
+    assert refused.returncode == 1
+    assert re.fullmatch(rf"error: The amount '-1' is negative\.\nrequest_id: {UUID4.pattern}\n", refused.stderr), refused.stderr
+    unanswered = await asyncio.to_thread(
+        run_text, gateway, "accounts", "credit", "--account", account_id, "--amount", "1",
+        "--target", f"127.0.0.1:{free_port()}", "--timeout", "5",  # nothing listens there
+    )
+    assert unanswered.returncode == 1
+    advice = re.search(r"^request_id: (\S+) \(retry with --request-id \1: at most once\)$", unanswered.stderr, re.M)
+    assert advice is not None and UUID4.fullmatch(advice.group(1)), unanswered.stderr
+    assert (await gateway.admin.get(account_id)).balance_usd == "1.000000"
+
+
+async def test_a_reader_that_goes_away_gets_no_traceback(gateway: ProcessStack) -> None:
+    """`imagegw usage --json | head`: the command stops quietly when its reader closes the pipe."""
+    account_id, key = await gateway.admin.funded_key("1.00")
+    for i in range(3):
+        assert (await generate(gateway, key, f"pipe-{secrets.token_hex(3)}-{i}")).status_code == 200
+
+    def closed_reader() -> tuple[int, str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "usage", "--account", account_id, "--json"], env=cli_env(gateway),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # before the command has written anything
+        stderr = process.stderr.read()
+        return process.wait(timeout=60), stderr
+
+    status, stderr = await asyncio.to_thread(closed_reader)
+    assert (status, stderr) == (1, "")
 
 
 async def test_usage_pages_through_everything(gateway: ProcessStack) -> None:
