@@ -112,8 +112,8 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9464
     public_base_url: str = ""
-    # Server processes (server.workers): worker i listens on grpc_port + i and
-    # metrics_port + i, and Envoy balances across them.
+    # Server processes (server.workers): worker i listens on grpc_port + i, Envoy balances
+    # across them, and the supervisor serves the group's metrics on metrics_port.
     workers: int = Field(default=1, ge=1, le=64)
 
     # State.

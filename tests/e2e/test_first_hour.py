@@ -1,7 +1,8 @@
 """A new user's first hour: `imagegw dev` (what `make run` runs) starts, its banner's
 commands and the README's "Calling it" commands run as pasted (curl, the Python SDK,
-grpcurl list/describe/call), the banner's examples use a model the running catalog serves,
-and a configuration error prints its message alone and exits non-zero."""
+grpcurl list/describe/call), as do its streaming, edit and idempotent-retry examples, the
+banner's examples use a model the running catalog serves, and a configuration error prints
+its message alone and exits non-zero."""
 
 from __future__ import annotations
 
@@ -130,17 +131,25 @@ def test_the_banner_commands_run_as_pasted(dev: Dev) -> None:
     assert '"model": "local-1"' in curl and 'model="local-1"' in python
 
 
+def here(dev: Dev, text: str) -> str:
+    """The README's text with its default ports replaced by this stack's free ports."""
+    ports = {"127.0.0.1:8080": f"127.0.0.1:{dev.http_port}", "127.0.0.1:50051": f"127.0.0.1:{dev.grpc_port}"}
+    for default, actual in ports.items():
+        text = text.replace(default, actual)
+    return text
+
+
+def run_python(dev: Dev, code: str) -> str:
+    """Runs a README Python block with the checkout's venv, as the README says; its stdout."""
+    result = subprocess.run([".venv/bin/python", "-c", here(dev, code)], cwd=dev.cwd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_the_readme_calling_it_commands_run_as_pasted(dev: Dev) -> None:
     blocks = readme_section("Calling it")
     assert [language for language, _ in blocks] == ["", "json", "python", ""]
-    ports = {"127.0.0.1:8080": f"127.0.0.1:{dev.http_port}", "127.0.0.1:50051": f"127.0.0.1:{dev.grpc_port}"}
-
-    def here(text: str) -> str:  # the README's default ports are this stack's free ports
-        for default, actual in ports.items():
-            text = text.replace(default, actual)
-        return text
-
-    shell = shell_commands(here(blocks[0][1])) + shell_commands(here(blocks[3][1]))
+    shell = shell_commands(here(dev, blocks[0][1])) + shell_commands(here(dev, blocks[3][1]))
     assert [command.split()[0] for command in shell] == ["KEY=$(python3", "curl", *[".venv/bin/grpcurl"] * 3]
     _, curl_out, listed, described, called = run_shell(shell, dev.cwd)
     assert json.loads(curl_out)["data"][0]["revised_prompt"].startswith("A watercolor painting of a mountain lake")
@@ -148,11 +157,38 @@ def test_the_readme_calling_it_commands_run_as_pasted(dev: Dev) -> None:
     assert "rpc GenerateImages ( .imagegw.v1.GenerateImagesRequest )" in described
     images = json.loads(called)["data"]
     assert len(images) == 1 and images[0]["b64_json"].startswith("iVBORw0KGgo")  # a PNG
-    python = subprocess.run(
-        [".venv/bin/python", "-c", here(blocks[2][1])], cwd=dev.cwd, capture_output=True, text=True, timeout=120
-    )
-    assert python.returncode == 0, python.stderr
-    assert re.fullmatch(r"2 images of \d+ base64 characters\n", python.stdout), python.stdout
+    assert re.fullmatch(r"2 images of \d+ base64 characters\n", run_python(dev, blocks[2][1]))
+
+
+def test_the_readme_streaming_edit_and_retry_examples_run_as_pasted(dev: Dev) -> None:
+    """"Streaming", "Edits" and "Idempotent retries": the Python and curl blocks, with the
+    four pictures the edit examples call the caller's own."""
+    from PIL import Image
+
+    Image.new("RGB", (512, 512), (200, 120, 60)).save(dev.cwd / "room.png")
+    Image.new("RGB", (128, 128), (30, 200, 60)).save(dev.cwd / "lamp.png")
+    mask = Image.new("RGBA", (512, 512), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (100, 100, 300, 300))  # transparent: where to edit
+    mask.save(dev.cwd / "mask.png")
+    Image.new("RGB", (256, 256), (20, 20, 240)).save(dev.cwd / "logo.png")
+    blocks = readme_section("API surface")
+    assert [language for language, _ in blocks] == ["python", "", "python", ""]
+    streaming, _, edits, edit_curls = (text for _, text in blocks)
+    events = run_python(dev, streaming).splitlines()
+    assert [line.split()[0] for line in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    # The edit block's `client` is the streaming block's.
+    client = streaming[: streaming.index("stream = ")]
+    shown = run_python(dev, client + edits + "print(len(result.data), [e.type for e in stream], len(variation.data))\n")
+    assert shown == "1 ['image_edit.partial_image', 'image_edit.partial_image', 'image_edit.completed'] 2\n"
+    key = shell_commands(readme_section("Calling it")[0][1])[0]
+    assert key.startswith("KEY=")
+    _, multipart, json_edit = run_shell([key, *shell_commands(here(dev, edit_curls))], dev.cwd)
+    for answer in (multipart, json_edit):
+        [image] = json.loads(answer)["data"]
+        assert image["url"].startswith(f"http://127.0.0.1:{dev.http_port}/v1/images/files/")
+    [retry, _] = readme_section("Idempotent retries")[:2]
+    _, first, again = run_shell([key, *shell_commands(here(dev, retry[1])) * 2], dev.cwd)
+    assert first == again and json.loads(first)["data"][0]["b64_json"].startswith("iVBORw0KGgo")
 
 
 async def test_the_banner_example_uses_a_model_the_running_catalog_serves(tmp_path: Path) -> None:
