@@ -1,6 +1,6 @@
 """The database work of one generation on PostgreSQL, measured (issue 12, part 6).
 
-    .venv/bin/python -m bench.db_work [--requests 400] [--concurrency 16]
+    .venv/bin/python -m bench.db_work [--requests 1000] [--concurrency 16]
 
 Starts a throwaway PostgreSQL (tests/fakes/postgres.py: fsync off, so commit costs are a
 lower bound) and the production server in this process (tests/stack.in_process_stack:
