@@ -750,7 +750,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="64",
         help="levels with a 0 s upstream; '' skips them (default %(default)s)",
     )
-    parser.add_argument("--images", default="tiny,large")
+    parser.add_argument(
+        "--images",
+        default="tiny,large",
+        help="upstream images: tiny (about 500 bytes), large (a 1.5 MB PNG) (default %(default)s)",
+    )
     parser.add_argument(
         "--targets",
         default=",".join(TARGETS),
