@@ -14,6 +14,7 @@ import openai
 import pytest
 from imagegw.v1 import images_pb2, images_pb2_grpc
 
+from tests.e2e.matrix import png
 from tests.stack import ProcessStack, cli
 
 pytestmark = pytest.mark.e2e
@@ -129,6 +130,30 @@ async def test_the_images_limit_counts_n(gateway: ProcessStack) -> None:
         429, "false", False
     )
     assert await money(gateway, account_id) == ("0.995000", "0.000000", "0.005000")
+
+
+async def test_edits_and_variations_count_against_the_same_limits(gateway: ProcessStack) -> None:
+    """One key's requests and images per minute cover generations, edits and variations together."""
+    account_id, key = await gateway.admin.funded_key("1.00")
+    await gateway.admin.set_limits(account_id, requests_per_minute=2, images_per_minute=10)
+    await fresh_window()
+    image = {"image": ("logo.png", png(64, 64), "image/png")}
+    async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {key}"}) as client:
+        variation = await client.post(
+            f"{gateway.api_base}/images/variations", data={"model": "local-1", "n": "2", "size": "256x256"}, files=image
+        )
+        edit = await client.post(
+            f"{gateway.api_base}/images/edits", data={"model": "local-1", "prompt": "a lamp", "size": "256x256"}, files=image
+        )
+    assert (variation.status_code, edit.status_code) == (200, 200), (variation.text, edit.text)
+    assert [(r.headers["x-ratelimit-remaining-requests"], r.headers["x-ratelimit-remaining-images"]) for r in (variation, edit)] == [
+        ("1", "8"), ("0", "7")
+    ]
+    spent = await money(gateway, account_id)
+    limited = await post(gateway, key, SMALL)
+    assert limited.status_code == 429
+    assert "requests per minute (RPM)" in limited.json()["error"]["message"]
+    assert await money(gateway, account_id) == spent  # nothing reserved for the refused request
 
 
 async def test_the_openai_sdk_raises_rate_limit_error_with_the_headers(gateway: ProcessStack) -> None:
