@@ -35,14 +35,16 @@ local GENERATION_FIELDS = {
   output_compression = "integer", stream = "boolean", partial_images = "integer",
 }
 
--- Every public path, the methods it takes, and for JSON endpoints the types of the body's
--- members. Upload endpoints (multipart, or JSON edits) stream through to the server, which
--- reads and checks their bodies itself.
+-- Every public path, the methods it takes, the query parameters it reads, and for JSON
+-- endpoints the types of the body's members. Upload endpoints (multipart, or JSON edits)
+-- stream through to the server, which reads and checks their bodies itself. Any other
+-- query parameter is dropped here: the transcoder would make it a request field
+-- (`?stream=true`, `?model=x` overriding the path), past every check of the body.
 local ENDPOINTS = {
   {path = "^/v1/images/generations$", methods = {"POST"}, json = GENERATION_FIELDS},
   {path = "^/v1/images/edits$", methods = {"POST"}},
   {path = "^/v1/images/variations$", methods = {"POST"}},
-  {path = "^/v1/images/files/[^/]+$", methods = {"GET"}},
+  {path = "^/v1/images/files/[^/]+$", methods = {"GET"}, query = {expires = true, signature = true}},
   {path = "^/v1/models$", methods = {"GET"}},
   {path = "^/v1/models/[^/]+$", methods = {"GET"}},
 }
@@ -83,6 +85,51 @@ end
 
 local function percent_decode(text)
   return (text:gsub("%%(%x%x)", function(hex) return string.char(tonumber(hex, 16)) end))
+end
+
+-- Whether `text` is UTF-8 (RFC 3629: no overlong forms, no surrogates, at most U+10FFFF).
+local function is_utf8(text)
+  if not text:find("[\128-\255]") then return true end
+  local at, size = 1, #text
+  while at <= size do
+    local lead = text:byte(at)
+    local length = 1
+    if lead >= 0xF0 and lead <= 0xF4 then
+      length = 4
+    elseif lead >= 0xE0 and lead <= 0xEF then
+      length = 3
+    elseif lead >= 0xC2 and lead <= 0xDF then
+      length = 2
+    elseif lead >= 0x80 then
+      return false
+    end
+    for i = 1, length - 1 do
+      local byte = text:byte(at + i)
+      if byte == nil or byte < 0x80 or byte > 0xBF then return false end
+    end
+    local second = text:byte(at + 1)
+    if (lead == 0xE0 and second < 0xA0) or (lead == 0xED and second > 0x9F)
+        or (lead == 0xF0 and second < 0x90) or (lead == 0xF4 and second > 0x8F) then
+      return false
+    end
+    at = at + length
+  end
+  return true
+end
+
+-- The request's query string with only the parameters the endpoint reads, and whether
+-- every part of the URL the server will read is UTF-8 once percent-decoded (protobuf
+-- strings must be: the server could not even decode the request).
+local function endpoint_query(endpoint, path, query)
+  local kept = {}
+  for pair in (query or ""):gmatch("[^&]+") do
+    local name, value = pair:match("^([^=]*)=?(.*)$")
+    if endpoint.query ~= nil and endpoint.query[percent_decode(name)] then
+      if not is_utf8(percent_decode(value:gsub("%+", " "))) then return nil, false end
+      kept[#kept + 1] = pair
+    end
+  end
+  return table.concat(kept, "&"), is_utf8(percent_decode(path))
 end
 
 local function json_string(text)
@@ -173,8 +220,36 @@ end
 
 local scan_value
 
+local ESCAPED = {b = "\b", f = "\f", n = "\n", r = "\r", t = "\t"}
+
+-- A member name (the text between its quotes, already checked) as the transcoder reads
+-- it: `"\u006e"` is `n`. Field names are ASCII, so any other character becomes a NUL,
+-- which names no field.
+local function member_name(raw)
+  if not raw:find("\\", 1, true) then return raw end
+  local parts, at = {}, 1
+  while true do
+    local slash = raw:find("\\", at, true)
+    if slash == nil then break end
+    parts[#parts + 1] = raw:sub(at, slash - 1)
+    local escape = raw:sub(slash + 1, slash + 1)
+    if escape == "u" then
+      local code = tonumber(raw:sub(slash + 2, slash + 5), 16)
+      parts[#parts + 1] = code < 128 and string.char(code) or "\0"
+      at = slash + 6
+    else
+      parts[#parts + 1] = ESCAPED[escape] or escape
+      at = slash + 2
+    end
+  end
+  parts[#parts + 1] = raw:sub(at)
+  return table.concat(parts)
+end
+
 -- Position after the object or array starting at `pos`, or nil. For the root object,
--- `on_member(key, kind, first, last)` is called for each member.
+-- `on_member(key, kind, first, last, member_first, after)` is called for each member:
+-- its decoded name, its value's kind and extent, where the member starts, and the
+-- position of the `,` or `}` after it.
 local function scan_container(text, pos, depth, on_member)
   local object = text:sub(pos, pos) == "{"
   local close = object and "}" or "]"
@@ -182,20 +257,22 @@ local function scan_container(text, pos, depth, on_member)
   if text:sub(pos, pos) == close then return pos + 1 end
   while true do
     local key
+    local member_first = pos
     if object then
       if text:sub(pos, pos) ~= '"' then return nil end
       local key_stop = scan_string(text, pos)
       if key_stop == nil then return nil end
-      key = text:sub(pos + 1, key_stop - 2)
+      key = member_name(text:sub(pos + 1, key_stop - 2))
       pos = skip_space(text, key_stop)
       if text:sub(pos, pos) ~= ":" then return nil end
       pos = skip_space(text, pos + 1)
     end
     local stop, kind = scan_value(text, pos, depth)
     if stop == nil then return nil end
-    if on_member ~= nil and object then on_member(key, kind, pos, stop - 1) end
+    local value_first = pos
     pos = skip_space(text, stop)
     local next_char = text:sub(pos, pos)
+    if on_member ~= nil and object then on_member(key, kind, value_first, stop - 1, member_first, pos) end
     if next_char == close then return pos + 1 end
     if next_char ~= "," then return nil end
     pos = skip_space(text, pos + 1)
@@ -228,14 +305,22 @@ local DESCRIBED = {
 local PARSE_ERROR = "We could not parse the JSON body of your request. (HINT: This likely means you aren't "
   .. "using your HTTP library correctly. The API expects a JSON payload, but what was sent was not valid JSON.)"
 
+-- The field a member name sets (its proto name), or nil. The transcoder also takes
+-- lowerCamelCase names (responseFormat).
+local function field_of(fields, key)
+  if fields[key] ~= nil then return key end
+  if key:find("%u") then
+    local snake = key:gsub("%u", function(c) return "_" .. c:lower() end)
+    if fields[snake] ~= nil then return snake end
+  end
+  return nil
+end
+
 -- The problem with one member of the root object (message, param, code), or nil.
 local function member_problem(fields, text, key, got, first, last)
-  local expected = fields[key]
-  if expected == nil and key:find("%u") then
-    -- The transcoder also takes lowerCamelCase names (responseFormat).
-    expected = fields[(key:gsub("%u", function(c) return "_" .. c:lower() end))]
-  end
-  if expected == nil or got == "null" then return nil end -- unknown members and null are ignored
+  local field = field_of(fields, key)
+  if field == nil or got == "null" then return nil end -- unknown members and null are ignored
+  local expected = fields[field]
   if got == "number" then
     local literal = text:sub(first, last)
     local value = tonumber(literal)
@@ -253,15 +338,39 @@ local function member_problem(fields, text, key, got, first, last)
     DESCRIBED[got]), key, "invalid_type"
 end
 
+-- `text` without the members in `ranges` ({first, after} pairs, in order), each replaced
+-- by as many spaces: the JSON stays valid and as long.
+local function blank(text, ranges)
+  local parts, at = {}, 1
+  for _, range in ipairs(ranges) do
+    parts[#parts + 1] = text:sub(at, range[1] - 1)
+    parts[#parts + 1] = string.rep(" ", range[2] - range[1] + 1)
+    at = range[2] + 1
+  end
+  parts[#parts + 1] = text:sub(at)
+  return table.concat(parts)
+end
+
 -- nil when `text` is a JSON object whose members named in `fields` have their JSON types;
 -- otherwise OpenAI's error (message, param, code) for the first problem. The whole text
--- is checked first: a body that is not JSON is reported as such.
+-- is checked first: a body that is not JSON is reported as such. A field set more than
+-- once (`"n"` twice, or `response_format` and `responseFormat`) takes its last value, as
+-- JSON parsers commonly do; the transcoder would refuse it for an optional field, so the
+-- fourth result is then the text with the earlier members blanked out (every one of them
+-- was type-checked).
 local function check_json(text, fields)
   local problem
-  local function on_member(key, kind, first, last)
+  local last_member, repeated = {}, {}
+  local function on_member(key, kind, first, last, member_first, after)
     if problem == nil then
       local message, param, code = member_problem(fields, text, key, kind, first, last)
       if message ~= nil then problem = {message, param, code} end
+    end
+    local field = field_of(fields, key)
+    if field ~= nil then
+      -- An earlier member is always followed by a comma: blank it with its comma.
+      if last_member[field] ~= nil then repeated[#repeated + 1] = last_member[field] end
+      last_member[field] = {member_first, after}
     end
   end
   steps = 0
@@ -278,6 +387,10 @@ local function check_json(text, fields)
     return "Invalid type for the request body: expected an object, but got " .. got .. " instead.", nil, "invalid_type"
   end
   if problem ~= nil then return problem[1], problem[2], problem[3] end
+  if #repeated > 0 then
+    table.sort(repeated, function(a, b) return a[1] < b[1] end)
+    return nil, nil, nil, blank(text, repeated)
+  end
   return nil
 end
 
@@ -301,8 +414,11 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
   -- Routes match gRPC paths, so a gRPC client could otherwise call any service through
-  -- the public port, AdminService included. gRPC callers use the gRPC port.
-  if content_type:sub(1, 16) == "application/grpc" then
+  -- the public port, AdminService included. gRPC callers use the gRPC port. Only what
+  -- Envoy itself takes for gRPC (and answers in gRPC) is: `application/grpc-web` and the
+  -- like are HTTP requests with a content type, answered in OpenAI's words below.
+  local grpc_type = content_type:match("^application/grpc$") or content_type:match("^application/grpc%+")
+  if grpc_type ~= nil then
     -- Envoy answers a gRPC request's local reply in gRPC (UNIMPLEMENTED with this message),
     -- which the response side leaves alone.
     record(handle, "grpc_client", true)
@@ -310,7 +426,8 @@ function envoy_on_request(handle)
     return
   end
   local method = headers:get(":method")
-  local path = (headers:get(":path") or ""):match("^[^?]*")
+  local full_path = headers:get(":path") or ""
+  local path = full_path:match("^[^?]*")
   local endpoint = find_endpoint(path)
   if endpoint == nil then
     reply(handle, 404, openai_error("Invalid URL (" .. method .. " " .. path .. ").",
@@ -322,6 +439,14 @@ function envoy_on_request(handle)
       "invalid_request_error", nil, "method_not_allowed"), {allow = table.concat(endpoint.methods, ", ")})
     return
   end
+  local query, utf8 = endpoint_query(endpoint, path, full_path:match("%?(.*)$"))
+  if not utf8 then
+    invalid_request(handle, "Invalid URL (" .. method .. " " .. path .. "): the path and query must be UTF-8 "
+      .. "text once percent-decoded.", nil, "invalid_url")
+    return
+  end
+  local sent_on = query == "" and path or (path .. "?" .. query)
+  if sent_on ~= full_path then headers:replace(":path", sent_on) end
   -- Kept for the response side, which cannot read request headers: a warning about an
   -- error without our metadata names the request.
   record(handle, "request_id", headers:get("x-request-id"))
@@ -335,8 +460,12 @@ function envoy_on_request(handle)
   -- The buffer filter before this one has the whole body already (or has refused it).
   local body = handle:body()
   if body == nil or body:length() == 0 then return end -- an empty body is the empty object
-  local message, param, code = check_json(body:getBytes(0, body:length()), endpoint.json)
-  if message ~= nil then invalid_request(handle, message, param, code) end
+  local message, param, code, rewritten = check_json(body:getBytes(0, body:length()), endpoint.json)
+  if message ~= nil then
+    invalid_request(handle, message, param, code)
+  elseif rewritten ~= nil then
+    body:setBytes(rewritten)
+  end
 end
 
 ---------------------------------------------------------------------------------------

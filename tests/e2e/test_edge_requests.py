@@ -5,6 +5,9 @@ and nothing reaches the server (nothing charged, no usage row)."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import io
 import re
 import uuid
 from typing import Any
@@ -15,6 +18,7 @@ import pytest
 from google.api import annotations_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from imagegw.v1 import admin_pb2, admin_pb2_grpc, images_pb2, models_pb2
+from PIL import Image
 
 from tests.stack import ProcessStack
 
@@ -111,6 +115,12 @@ async def test_every_member_of_the_wrong_json_type_is_400_invalid_type_naming_it
         ('{"prompt": "p", "n": 2147483648}', "Invalid 'n': integer above maximum value. Expected a value <= 2147483647, but got 2147483648 instead.", "n", "integer_above_max_value"),
         ('{"prompt": "p", "n": -2147483649}', "Invalid 'n': integer below minimum value. Expected a value >= -2147483648, but got -2147483649 instead.", "n", "integer_below_min_value"),
         ('{"prompt": "p", "n": 1e40}', "Invalid 'n': integer above maximum value. Expected a value <= 2147483647, but got 1e40 instead.", "n", "integer_above_max_value"),
+        # A member name is read as the transcoder reads it, escapes decoded: "\u006e" is n.
+        ('{"prompt": "p", "\\u006e": "3"}', "Invalid type for 'n': expected an integer, but got a string instead.", "n", "invalid_type"),
+        ('{"prompt": "p", "\\u0073tream": "true"}', "Invalid type for 'stream': expected a boolean, but got a string instead.", "stream", "invalid_type"),
+        ('{"prompt": "p", "output\\u005fcompression": 0.5}', "Invalid type for 'output_compression': expected an integer, but got a decimal number instead.", "output_compression", "invalid_type"),
+        # Every occurrence of a repeated member is checked, not only the one that is used.
+        ('{"prompt": "p", "n": "3", "n": 2}', "Invalid type for 'n': expected an integer, but got a string instead.", "n", "invalid_type"),
         ("[1, 2]", "Invalid type for the request body: expected an object, but got an array instead.", None, "invalid_type"),
         ('"prompt"', "Invalid type for the request body: expected an object, but got a string instead.", None, "invalid_type"),
         ("42", "Invalid type for the request body: expected an object, but got a number instead.", None, "invalid_type"),
@@ -150,6 +160,10 @@ async def test_json_the_edge_refuses(
         ('{"prompt": "p", "n": null, "size": "256x256"}', 1),  # null is unset
         ('{"prompt": "p", "size": "256x256", "future_field": {"x": [1, "y"]}}', 1),  # unknown members are ignored
         ('{"prompt": "q", "size": "256x256", "prompt": "p"}', 1),  # the last of a repeated member wins
+        ('{"prompt": "p", "n": 3, "size": "256x256", "n": 2}', 2),  # optional fields too
+        ('{"prompt": "p", "model": "no-such-model", "size": "256x256", "model": "local-1"}', 1),
+        ('{"prompt": "p", "n": 3, "size": "256x256", "\\u006e": 2}', 2),  # however the name is written
+        ('{"prompt": "p", "n": 3, "size": "256x256", "n": null}', 1),  # null, last, unsets it
         ('{"prompt": "caf\\u00e9 \\"quoted\\" \\\\ \\/", "size": "256x256"}', 1),
     ],
 )
@@ -305,3 +319,110 @@ async def test_refusals_are_in_the_access_log(gateway: ProcessStack) -> None:
         "status": 405, "method": "PUT", "path": GENERATIONS, "grpc_status": None, "details": "lua_response",
     }
     assert (lines["edge-log-400"]["status"], lines["edge-log-400"]["upstream"]) == (400, None)
+
+
+async def test_a_field_set_twice_takes_its_last_value_and_is_charged_for_it(gateway: ProcessStack) -> None:
+    """`response_format` and `responseFormat` set one field; the transcoder would refuse the
+    pair (and any repeated optional field) as "not valid JSON"."""
+    account_id, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=60) as client:
+        response = await client.post(
+            f"{gateway.api_base}/images/generations",
+            content=b'{"prompt": "p", "size": "256x256", "n": 1, "response_format": "url", "n": 3, '
+            b'"responseFormat": "b64_json"}',
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+    assert response.status_code == 200, response.text
+    assert [sorted(image) for image in response.json()["data"]] == [["b64_json", "revised_prompt"]] * 3
+    assert response.headers["x-imagegw-cost-usd"] == "0.003000"
+    assert (await gateway.admin.get(account_id)).balance_usd == "0.997000"
+
+
+async def test_query_parameters_never_become_request_fields(gateway: ProcessStack) -> None:
+    """The transcoder makes a query parameter a field of the request, past every check of the
+    body (`?stream=true` is a string; `?model=` overrides the path): the edge drops every query
+    parameter an endpoint does not read, as OpenAI ignores them."""
+    account_id, key = await gateway.admin.funded_key("1.00")
+    auth = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(timeout=60) as client:
+        generated = await client.post(
+            f"{gateway.api_base}/images/generations?stream=true&n=3&size=512x512&user=%ff&api-version=2024-02-01",
+            json={"prompt": "p", "size": "256x256", "response_format": "b64_json"}, headers=auth,
+        )
+        model = await client.get(f"{gateway.api_base}/models/local-1?model=no-such-model", headers=auth)
+        image = await client.get(
+            f"{gateway.api_base}/images/files/first?image_id=second&expires=1&signature=s"
+        )
+    assert generated.status_code == 200, generated.text
+    assert generated.headers["content-type"] == "application/json"
+    assert len(generated.json()["data"]) == 1
+    assert Image.open(io.BytesIO(base64.b64decode(generated.json()["data"][0]["b64_json"]))).size == (256, 256)
+    assert (await gateway.admin.get(account_id)).balance_usd == "0.999000"
+    assert (model.status_code, model.json()["id"]) == (200, "local-1")
+    assert image.status_code == 404, image.text
+    assert image.json()["error"]["message"] == "No image with id 'first'."
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/%ff",
+        "/v1/models/caf%e9",
+        "/v1/images/files/img-%c0%af.png?expires=1&signature=s",
+        "/v1/images/files/img-AAAAAAAAAAAAAAAAAAAAAA.png?expires=1&signature=%ed%a0%80",
+    ],
+)
+async def test_a_url_that_is_not_utf8_once_decoded_is_400_invalid_url(gateway: ProcessStack, path: str) -> None:
+    """Path and query values become protobuf strings, which must be UTF-8: the server could
+    not decode such a request at all (it was a 500)."""
+    _, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(gateway.base_url + path, headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(
+        response, 400,
+        f"Invalid URL (GET {path.partition('?')[0]}): the path and query must be UTF-8 text once percent-decoded.",
+        None, "invalid_url",
+    )
+
+
+async def test_grpc_web_and_other_non_grpc_types_get_openai_answers(gateway: ProcessStack) -> None:
+    """Only what Envoy itself treats as gRPC (application/grpc, application/grpc+proto) gets
+    the gRPC refusal; application/grpc-web is an HTTP request with a content type."""
+    account_id, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=30) as client:
+        generation = await client.post(
+            f"{gateway.api_base}/images/generations", content=b'{"prompt": "p"}',
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/grpc-web"},
+        )
+        admin = await client.post(
+            gateway.base_url + "/imagegw.v1.AdminService/Reconcile", content=b"",
+            headers={"Content-Type": "application/grpc-web-text"},
+        )
+    assert_openai_error(
+        generation, 400,
+        "Invalid Content-Type header (application/grpc-web): /v1/images/generations takes a JSON body, "
+        "sent as 'Content-Type: application/json'.",
+        None, "invalid_content_type",
+    )
+    assert_openai_error(admin, 404, "Invalid URL (POST /imagegw.v1.AdminService/Reconcile).", None, "not_found")
+    await unharmed(gateway, account_id)
+
+
+async def test_an_http1_upgrade_request_is_answered_at_once(gateway: ProcessStack) -> None:
+    """`Upgrade: websocket` made Envoy take the rest of the connection as the request's body:
+    nothing was answered until the idle timeout (60 s, 600 s on the generation route)."""
+    for path, body in (("/v1/models", b""), ("/v1/images/generations", b'{"prompt": "p"}')):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.settings.http_port)
+        method = "POST" if body else "GET"
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        await writer.drain()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        finally:
+            writer.close()
+        # No key: the server's own 401, so the request went through as plain HTTP.
+        assert head.startswith(b"HTTP/1.1 401 "), head
