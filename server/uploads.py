@@ -53,6 +53,9 @@ __all__ = [
 
 # A text field (the prompt is the longest: 32,000 characters, up to 4 bytes each).
 TEXT_FIELD_BYTES = 256 * 1024
+# RFC 2046 section 5.1.1: a boundary is 1 to 70 characters (python-multipart refuses
+# more than 256 with an exception of its own).
+MAX_BOUNDARY = 70
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
 DATA_URL_RE = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
@@ -132,7 +135,13 @@ class _MultipartReader:
         try:
             self.parser.write(chunk)
         except MultipartParseError as exc:
-            raise InvalidRequestError(f"The multipart body could not be parsed: {exc}.", param=None) from exc
+            # The parser's own text is about its internals ("Expected boundary character 79,
+            # got 66 at index 4"); the client is told what a valid body looks like.
+            raise InvalidRequestError(
+                "The multipart body could not be parsed: it must be multipart/form-data whose parts each start "
+                "with '--' and the Content-Type's boundary, with CRLF line endings.",
+                param=None,
+            ) from exc
 
     def _part_begin(self) -> None:
         self._headers, self._file, self._text = {}, None, None
@@ -212,6 +221,10 @@ async def read_upload(content_type: str, first: bytes, rest: AsyncIterator[bytes
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidRequestError("The multipart/form-data Content-Type has no boundary.")
+    if len(boundary) > MAX_BOUNDARY:
+        raise InvalidRequestError(
+            f"The multipart/form-data boundary is {len(boundary)} characters long; at most {MAX_BOUNDARY} are allowed."
+        )
     reader = _MultipartReader(limits, boundary)
     try:
         # Parsing is Python-level work and large files go to disk: off the event loop.

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -236,6 +236,39 @@ async def test_a_body_that_is_neither_multipart_nor_json_is_400(gateway: Process
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "unsupported_content_type"
     assert "multipart/form-data" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "mangle", "message"),
+    [
+        # The body's boundary is not the Content-Type's.
+        ("multipart/form-data; boundary=other", lambda body: body,
+         "The multipart body could not be parsed: it must be multipart/form-data whose parts each start with '--' "
+         "and the Content-Type's boundary, with CRLF line endings."),
+        (None, lambda body: body.replace(b"\r\n", b"\n"),
+         "The multipart body could not be parsed: it must be multipart/form-data whose parts each start with '--' "
+         "and the Content-Type's boundary, with CRLF line endings."),
+        # RFC 2046 allows 70 characters; python-multipart raised its own error past 256 (a 500).
+        ("multipart/form-data; boundary=" + "b" * 300, lambda body: body,
+         "The multipart/form-data boundary is 300 characters long; at most 70 are allowed."),
+    ],
+)
+async def test_a_multipart_body_that_does_not_parse_is_400_in_our_words(
+    gateway: ProcessStack, content_type: str | None, mangle: Callable[[bytes], bytes], message: str
+) -> None:
+    account, key = await gateway.admin.funded_key("1.00")
+    body, own_type = multipart([("image", "a.png", RGB256, "image/png")], {"model": "local-1", "prompt": "p"})
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{gateway.api_base}/images/edits", content=mangle(body),
+            headers={"authorization": f"Bearer {key}", "content-type": content_type or own_type},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_value"}
+    }
+    assert response.headers["x-request-id"]
+    assert (await gateway.admin.get(account)).balance_usd == "1.000000"
 
 
 async def test_a_cut_off_upload_is_refused_before_any_charge(gateway: ProcessStack) -> None:
