@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import re
 import uuid
 from typing import Any
@@ -426,3 +427,37 @@ async def test_an_http1_upgrade_request_is_answered_at_once(gateway: ProcessStac
             writer.close()
         # No key: the server's own 401, so the request went through as plain HTTP.
         assert head.startswith(b"HTTP/1.1 401 "), head
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "message"),
+    [
+        (b"GET /v1/models HTTP/1.0\r\nHost: gw\r\n\r\n", 426, "This server speaks HTTP/1.1 and HTTP/2 only."),
+        (
+            b"POST /v1/images/generations HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: gzip\r\n\r\n",
+            501,
+            "The request's Transfer-Encoding is not supported: send the body with Content-Length or chunked.",
+        ),
+    ],
+)
+async def test_envoys_own_protocol_refusals_say_what_is_wrong(
+    gateway: ProcessStack, request_head: bytes, status: int, message: str
+) -> None:
+    """These were "The request could not be processed." and, for the 501, "The server had an
+    error while processing your request." with type server_error: the client's doing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.settings.http_port)
+    writer.write(request_head)
+    await writer.drain()
+    try:
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert re.search(rb"(?im)^x-request-id: \S{16,}\r?$", head), head
+    if status >= 500:
+        assert re.search(rb"(?im)^x-should-retry: false\r?$", head), head
+    assert json.loads(body) == {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+    }
