@@ -97,8 +97,10 @@ class ImageFetcher:
                 code="image_url_unavailable",
             ) from exc
         except httpx.HTTPError as exc:
+            # The exception's class is httpx's vocabulary (ConnectError, RemoteProtocolError).
             raise InvalidRequestError(
-                f"Invalid '{param}': the image URL could not be fetched ({type(exc).__name__}).",
+                f"Invalid '{param}': the image URL could not be fetched (the connection failed or the answer was "
+                "not valid HTTP).",
                 param=param,
                 code="image_url_unavailable",
             ) from exc
@@ -114,6 +116,11 @@ class ImageFetcher:
     async def _checked_address(self, host: str, port: int, param: str) -> str:
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except UnicodeError as exc:
+            # The IDNA encoding refuses it (a label over 63 characters, an empty label).
+            raise InvalidRequestError(
+                f"Invalid '{param}': the image URL's host is not a valid host name.", param=param, code="invalid_image_url"
+            ) from exc
         except OSError as exc:
             raise InvalidRequestError(
                 f"Invalid '{param}': the image URL's host does not resolve.", param=param, code="image_url_unavailable"

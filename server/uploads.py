@@ -258,6 +258,9 @@ async def _read_json(first: bytes, rest: AsyncIterator[bytes], limits: UploadLim
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
             "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
         ) from exc
+    except RecursionError as exc:
+        # json's C scanner stops at the interpreter's recursion limit (about 1000 levels).
+        raise InvalidRequestError("The JSON body is nested too deeply to be read.") from exc
     if not isinstance(parsed, dict):
         raise InvalidRequestError("The JSON body must be an object.")
     return parsed

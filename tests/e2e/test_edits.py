@@ -13,6 +13,7 @@ import io
 import json
 import os
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -141,6 +142,8 @@ async def test_json_edit_with_a_data_url(gateway: ProcessStack) -> None:
         ("https://[::1]/x.png", "image_url_forbidden"),
         ("http://example.com/x.png", "invalid_image_url"),
         ("ftp://example.com/x.png", "invalid_image_url"),
+        # A label over 63 characters: the resolver's IDNA encoding raised (a 500).
+        ("https://" + "a" * 100 + ".example/x.png", "invalid_image_url"),
     ],
 )
 async def test_json_edit_never_fetches_into_private_networks(gateway: ProcessStack, url: str, code: str) -> None:
@@ -152,6 +155,23 @@ async def test_json_edit_never_fetches_into_private_networks(gateway: ProcessSta
         )
     assert response.status_code == 400
     assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("images[0]", code)
+    assert (await gateway.admin.get(account)).balance_usd == "1.000000"
+
+
+async def test_json_edit_nested_past_the_parsers_depth_is_400(gateway: ProcessStack) -> None:
+    """json.loads raised RecursionError past about 1000 levels: a 500."""
+    account, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{gateway.api_base}/images/edits",
+            content=b'{"prompt": "p", "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {"message": "The JSON body is nested too deeply to be read.", "type": "invalid_request_error",
+                  "param": None, "code": "invalid_value"}
+    }
     assert (await gateway.admin.get(account)).balance_usd == "1.000000"
 
 
@@ -432,6 +452,32 @@ async def test_an_allowlisted_host_is_fetched(allowlisted: tuple[ProcessStack, F
             assert (refused.json()["error"]["param"], refused.json()["error"]["code"]) == ("images[0]", code)
     assert [r.path for r in host.requests if r.path == "/a.png"] == ["/a.png"]
     assert (await stack.admin.settled(account)).spent_usd == f"{(UNIT + INPUT) / 1e6:.6f}"
+
+
+async def test_an_image_url_that_cannot_be_fetched_is_400_in_our_words(
+    allowlisted: tuple[ProcessStack, FakeHttpServer],
+) -> None:
+    """The message named httpx's exception class ("ConnectError")."""
+    stack, _ = allowlisted
+    account, key = await stack.admin.funded_key("1.00")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    # Nothing listens on the port once it is closed.
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{stack.api_base}/images/edits", headers={"authorization": f"Bearer {key}"},
+            json={"model": "local-1", "prompt": "p", "images": [{"image_url": f"http://127.0.0.1:{port}/a.png"}]},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {
+            "message": "Invalid 'images[0]': the image URL could not be fetched (the connection failed or the answer "
+            "was not valid HTTP).",
+            "type": "invalid_request_error", "param": "images[0]", "code": "image_url_unavailable",
+        }
+    }
+    assert (await stack.admin.get(account)).balance_usd == "1.000000"
 
 
 async def test_a_model_that_cannot_edit_or_vary_is_model_not_supported(
