@@ -153,7 +153,10 @@ class _MultipartReader:
         self._header_value += data[start:end]
 
     def _header_end(self) -> None:
-        self._headers[self._header_field.decode("latin-1").lower()] = self._header_value.decode("utf-8", "replace")
+        # Latin-1 keeps every byte: parse_options_header encodes the value back to Latin-1
+        # (a U+FFFD from a UTF-8 "replace" made it raise), and the name and filename are
+        # decoded as UTF-8 from its bytes.
+        self._headers[self._header_field.decode("latin-1").lower()] = self._header_value.decode("latin-1")
         self._header_field, self._header_value = b"", b""
 
     def _headers_finished(self) -> None:

@@ -291,6 +291,27 @@ async def test_a_multipart_body_that_does_not_parse_is_400_in_our_words(
     assert (await gateway.admin.get(account)).balance_usd == "1.000000"
 
 
+async def test_part_filenames_are_read_as_their_bytes(gateway: ProcessStack) -> None:
+    """A filename that is not UTF-8 made the part-header parser raise (a 500), and a UTF-8
+    one came back garbled in messages ("\ufffda.txt")."""
+    account, key = await gateway.admin.funded_key("1.00")
+    body, content_type = multipart([("image", "x.png", RGB256, "image/png")], {"model": "local-1", "prompt": "p"})
+    text, _ = multipart([("image", "x.png", b"just text", "text/plain")], {"model": "local-1", "prompt": "p"})
+    text = text.replace(text[2 : text.index(b"\r\n")], body[2 : body.index(b"\r\n")])  # one boundary for both
+    headers = {"authorization": f"Bearer {key}", "content-type": content_type}
+    async with httpx.AsyncClient(timeout=60) as http:
+        latin1 = await http.post(
+            f"{gateway.api_base}/images/edits", content=body.replace(b'"x.png"', b'"\xe7a.png"'), headers=headers
+        )
+        utf8 = await http.post(
+            f"{gateway.api_base}/images/edits", content=text.replace(b'"x.png"', '"ça.txt"'.encode()), headers=headers
+        )
+    assert latin1.status_code == 200, latin1.text
+    assert utf8.status_code == 400, utf8.text
+    assert utf8.json()["error"]["message"] == "Invalid 'image': ça.txt is not a PNG, JPEG or WebP image, or it is corrupt."
+    assert (await gateway.admin.settled(account)).spent_usd == f"{(UNIT + INPUT) / 1e6:.6f}"
+
+
 async def test_a_cut_off_upload_is_refused_before_any_charge(gateway: ProcessStack) -> None:
     """The body ends (chunked, properly terminated) but the multipart has no closing
     boundary: what a client or a proxy that gave up midway leaves."""
