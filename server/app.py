@@ -206,7 +206,8 @@ async def build_app(
             allowlist=settings.image_url_allowlist.split(","),
             max_bytes=settings.upload_max_file_bytes,
             timeout=settings.image_url_timeout_seconds,
-        )
+        ),
+        max_pixels=settings.upload_max_pixels,
     )
     sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store, idempotency), name="imagegw-sweeper")
     stack.push_async_callback(_cancel, sweeper)

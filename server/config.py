@@ -153,6 +153,9 @@ class Settings(BaseSettings):
     upload_max_bytes: int = Field(default=16 * 50 * MIB + MIB, ge=MIB)
     upload_max_json_bytes: int = Field(default=128 * MIB, ge=MIB)
     upload_spool_bytes: int = Field(default=MIB, ge=0)
+    # Pixels of one input image or mask: a 20 KB PNG can hold 13000x13000 pixels, which
+    # decode to gigabytes. 50 megapixels covers a 48-megapixel phone photo.
+    upload_max_pixels: int = Field(default=50_000_000, ge=1_000_000)
     # Typed gRPC edits carry their images in one message, up to this size.
     max_grpc_message_bytes: int = Field(default=64 * MIB, ge=MIB)
     # JSON edits' image URLs: hosts or networks (comma-separated) that may be fetched even

@@ -13,7 +13,7 @@ every image is a whole PNG, JPEG or WebP, all before anything is reserved.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, BinaryIO
 
 from server.catalog import RawImageRequest
 from server.errors import InvalidRequestError
@@ -46,8 +46,12 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
 class InputRequests:
     """Builds edit and variation requests from uploads, JSON bodies and gRPC messages."""
 
-    def __init__(self, fetcher: ImageFetcher) -> None:
+    def __init__(self, fetcher: ImageFetcher, *, max_pixels: int) -> None:
         self._fetcher = fetcher
+        self._max_pixels = max_pixels
+
+    async def _inspect(self, source: BinaryIO, size: int, param: str, filename: str = "") -> InputImage:
+        return await inspect_image(source, size=size, param=param, filename=filename, max_pixels=self._max_pixels)
 
     async def from_upload(self, upload: Upload, operation: Operation) -> RawImageRequest:
         """A multipart or JSON body as the request it describes (its images checked)."""
@@ -66,11 +70,11 @@ class InputRequests:
         mask: InputImage | None = None
         for index, part in enumerate(upload.files):
             if part.field in ("image", "image[]"):
-                images.append(await inspect_image(part.file, size=part.size, param="image", filename=part.filename))
+                images.append(await self._inspect(part.file, part.size, "image", part.filename))
             elif part.field == "mask" and operation == "edit":
                 if mask is not None:
                     raise InvalidRequestError("Send at most one 'mask'.", param="mask")
-                mask = await inspect_image(part.file, size=part.size, param="mask", filename=part.filename)
+                mask = await self._inspect(part.file, part.size, "mask", part.filename)
             else:
                 raise _unknown(part.field or f"part {index}")
         return _raw(operation, fields, images, mask)
@@ -84,12 +88,11 @@ class InputRequests:
     ) -> RawImageRequest:
         """A gRPC request: its set fields and its images as (bytes, filename)."""
         checked = [
-            await inspect_image(in_memory(data), size=len(data), param="image", filename=filename)
-            for data, filename in images
+            await self._inspect(in_memory(data), len(data), "image", filename) for data, filename in images
         ]
         checked_mask = None
         if mask is not None:
-            checked_mask = await inspect_image(in_memory(mask[0]), size=len(mask[0]), param="mask", filename=mask[1])
+            checked_mask = await self._inspect(in_memory(mask[0]), len(mask[0]), "mask", mask[1])
         return _raw(operation, dict(fields), checked, checked_mask)
 
     async def _from_json(self, body: Mapping[str, Any]) -> RawImageRequest:
@@ -140,7 +143,7 @@ class InputRequests:
             data = decode_data_url(url, param)
         else:
             data = await self._fetcher.fetch(url, param=param)
-        return await inspect_image(in_memory(data), size=len(data), param=param)
+        return await self._inspect(in_memory(data), len(data), param)
 
 
 def _raw(operation: Operation, fields: Mapping[str, Any], images: list[InputImage], mask: InputImage | None) -> RawImageRequest:

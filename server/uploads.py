@@ -295,17 +295,29 @@ def _inspect(source: BinaryIO) -> tuple[str, int, int, bool]:
     return fmt, width, height, has_alpha
 
 
-async def inspect_image(source: BinaryIO, *, size: int, param: str, filename: str = "") -> InputImage:
-    """An ``InputImage`` for ``source`` when it is a whole PNG, JPEG or WebP image; a 400
-    naming ``param`` otherwise."""
+async def inspect_image(
+    source: BinaryIO, *, size: int, param: str, max_pixels: int, filename: str = ""
+) -> InputImage:
+    """An ``InputImage`` for ``source`` when it is a whole PNG, JPEG or WebP image of at
+    most ``max_pixels``; a 400 naming ``param`` otherwise."""
+    too_many = InvalidRequestError(
+        f"Invalid '{param}': {filename or 'the image'} has more than {max_pixels} pixels, the server's limit.",
+        param=param,
+        code="invalid_image",
+    )
     try:
         fmt, width, height, has_alpha = await asyncio.to_thread(_inspect, source)
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above ours
+        raise too_many from exc
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
         raise InvalidRequestError(
             f"Invalid '{param}': {filename or 'the file'} is not a PNG, JPEG or WebP image, or it is corrupt.",
             param=param,
             code="invalid_image",
         ) from exc
+    if width * height > max_pixels:
+        # Only the header was read: the pixels are never decoded.
+        raise too_many
     return InputImage(source, size=size, format=fmt, width=width, height=height, has_alpha=has_alpha, filename=filename)
 
 

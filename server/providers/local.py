@@ -962,6 +962,14 @@ def _fits(side: int) -> bool:
     return _MIN_SIDE <= side <= _MAX_SIDE
 
 
+def _kept_size(width: int, height: int) -> tuple[int, int]:
+    """The size of an edit or variation with ``size: auto``: its input's, scaled down (same
+    shape) to at most ``_MAX_SIDE`` a side, as a requested size is bounded: a 50-megapixel
+    input must not make a 50-megapixel picture for the price of any other."""
+    scale = min(1.0, _MAX_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def render_image(
     prompt: str,
     width: int,
@@ -1157,7 +1165,7 @@ class LocalRenderer:
         """One image of ``request`` (in a worker): generated, edited or varied."""
         width, height = request.width, request.height
         if request.operation != "generate" and request.size_is_auto:
-            width, height = request.images[0].width, request.images[0].height  # keep the input's size
+            width, height = _kept_size(request.images[0].width, request.images[0].height)
         if request.operation == "edit":
             return render_edit(
                 request.prompt, width, height, index, request.quality, request.output_format,

@@ -312,6 +312,62 @@ async def test_part_filenames_are_read_as_their_bytes(gateway: ProcessStack) -> 
     assert (await gateway.admin.settled(account)).spent_usd == f"{(UNIT + INPUT) / 1e6:.6f}"
 
 
+def one_bit_png(size: tuple[int, int]) -> bytes:
+    """A blank picture of ``size`` in a few kilobytes: what a decompression bomb looks like."""
+    out = io.BytesIO()
+    Image.new("1", size).save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "what"),
+    [
+        ((8000, 8000), "over IMAGEGW_UPLOAD_MAX_PIXELS (50 million)"),
+        ((20000, 20000), "over Pillow's own limit, which Image.open refuses"),
+    ],
+)
+async def test_an_image_of_too_many_pixels_is_refused_unread(
+    gateway: ProcessStack, size: tuple[int, int], what: str
+) -> None:
+    """A few-kilobyte PNG of 13000x13000 pixels took the server to 2 GB and 7 s of CPU for
+    $0.0011; several at once would have exhausted its memory."""
+    del what
+    account, key = await gateway.admin.funded_key("1.00")
+    data = one_bit_png(size)
+    assert len(data) < 100_000
+    body, content_type = multipart(
+        [("image", "bomb.png", data, "image/png")], {"model": "local-1", "prompt": "p", "size": "256x256"}
+    )
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{gateway.api_base}/images/edits", content=body,
+            headers={"authorization": f"Bearer {key}", "content-type": content_type},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {"message": "Invalid 'image': bomb.png has more than 50000000 pixels, the server's limit.",
+                  "type": "invalid_request_error", "param": "image", "code": "invalid_image"}
+    }
+    assert (await gateway.admin.get(account)).balance_usd == "1.000000"
+
+
+async def test_an_auto_sized_edit_of_a_large_input_is_drawn_at_most_4096_a_side(gateway: ProcessStack) -> None:
+    """`size: auto` keeps the input's shape, within local-1's largest side, as a requested size is."""
+    account, key = await gateway.admin.funded_key("1.00")
+    body, content_type = multipart(
+        [("image", "wide.png", png((5000, 1000), RED), "image/png")],
+        {"model": "local-1", "prompt": "p", "response_format": "b64_json"},
+    )
+    async with httpx.AsyncClient(timeout=120) as http:
+        response = await http.post(
+            f"{gateway.api_base}/images/edits", content=body,
+            headers={"authorization": f"Bearer {key}", "content-type": content_type},
+        )
+    assert response.status_code == 200, response.text
+    assert decode(response.json()["data"][0]["b64_json"]).size == (4096, 819)
+    assert (await gateway.admin.settled(account)).spent_usd == f"{(UNIT + INPUT) / 1e6:.6f}"
+
+
 async def test_a_cut_off_upload_is_refused_before_any_charge(gateway: ProcessStack) -> None:
     """The body ends (chunked, properly terminated) but the multipart has no closing
     boundary: what a client or a proxy that gave up midway leaves."""

@@ -113,7 +113,7 @@ async def _inputs(*shapes: tuple[int, int]) -> tuple[InputImage, ...]:
         out = io.BytesIO()
         Image.new("RGB", (width, height), (10, 20, 30)).save(out, format="PNG")
         data = out.getvalue()
-        images.append(await inspect_image(in_memory(data), size=len(data), param="image"))
+        images.append(await inspect_image(in_memory(data), size=len(data), param="image", max_pixels=50_000_000))
     return tuple(images)
 
 
