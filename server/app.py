@@ -207,6 +207,7 @@ async def build_app(
             max_bytes=settings.upload_max_file_bytes,
             timeout=settings.image_url_timeout_seconds,
         ),
+        max_images=settings.upload_max_images,
         max_pixels=settings.upload_max_pixels,
     )
     sweeper = asyncio.create_task(_sweep_forever(settings, ledger, store, idempotency), name="imagegw-sweeper")

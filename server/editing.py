@@ -46,8 +46,9 @@ _TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
 class InputRequests:
     """Builds edit and variation requests from uploads, JSON bodies and gRPC messages."""
 
-    def __init__(self, fetcher: ImageFetcher, *, max_pixels: int) -> None:
+    def __init__(self, fetcher: ImageFetcher, *, max_images: int, max_pixels: int) -> None:
         self._fetcher = fetcher
+        self._max_images = max_images
         self._max_pixels = max_pixels
 
     async def _inspect(self, source: BinaryIO, size: int, param: str, filename: str = "") -> InputImage:
@@ -118,6 +119,14 @@ class InputRequests:
                 "Missing required parameter: 'images' (a list of {\"image_url\": ...}).",
                 param="images",
                 code="missing_required_parameter",
+            )
+        # Counted before any is fetched or decoded, as a multipart upload's files are counted
+        # as they arrive: each URL is a fetch of up to the file limit, held in memory.
+        if len(references) > self._max_images:
+            raise InvalidRequestError(
+                f"Invalid 'images': at most {self._max_images} images are allowed, but {len(references)} were given.",
+                param="images",
+                code="too_many_images",
             )
         images = [await self._reference(item, f"images[{index}]") for index, item in enumerate(references)]
         mask = None

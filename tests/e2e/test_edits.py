@@ -557,6 +557,29 @@ async def test_an_image_url_that_cannot_be_fetched_is_400_in_our_words(
     assert (await stack.admin.get(account)).balance_usd == "1.000000"
 
 
+async def test_json_edit_image_urls_are_counted_before_any_is_fetched(
+    allowlisted: tuple[ProcessStack, FakeHttpServer],
+) -> None:
+    """Every URL was fetched (up to 50 MB each, held in memory) and only then counted: a
+    JSON body of 3000 URLs made 3000 fetches. A multipart upload's files are counted as
+    they arrive; the URLs of a JSON edit now are too."""
+    stack, host = allowlisted
+    account, key = await stack.admin.funded_key("1.00")
+    before = len(host.requests)
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{stack.api_base}/images/edits", headers={"authorization": f"Bearer {key}"},
+            json={"model": "local-1", "prompt": "p", "images": [{"image_url": f"{host.base_url}/a.png"}] * 17},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {
+        "error": {"message": "Invalid 'images': at most 16 images are allowed, but 17 were given.",
+                  "type": "invalid_request_error", "param": "images", "code": "too_many_images"}
+    }
+    assert len(host.requests) == before
+    assert (await stack.admin.get(account)).balance_usd == "1.000000"
+
+
 async def test_a_model_that_cannot_edit_or_vary_is_model_not_supported(
     allowlisted: tuple[ProcessStack, FakeHttpServer],
 ) -> None:
