@@ -56,6 +56,7 @@ TEXT_FIELD_BYTES = 256 * 1024
 # RFC 2046 section 5.1.1: a boundary is 1 to 70 characters (python-multipart refuses
 # more than 256 with an exception of its own).
 MAX_BOUNDARY = 70
+INTEGER_RE = re.compile(r"-?(0|[1-9][0-9]*)")
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "MPO": "jpeg"}
 DATA_URL_RE = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.I)
 
@@ -343,9 +344,12 @@ def typed_field(fields: Mapping[str, str], name: str, kind: type) -> Any:
             f"Invalid type for '{name}': expected a boolean, but got a string instead.", param=name, code="invalid_type"
         )
     try:
-        return int(value.strip())
-    except ValueError:
-        raise InvalidRequestError(
-            f"Invalid type for '{name}': expected an integer, but got a string instead.", param=name, code="invalid_type"
-        ) from None
+        # JSON's integers only: int() alone also takes "1_0" (10) and non-ASCII digits.
+        if INTEGER_RE.fullmatch(value.strip()):
+            return int(value.strip())
+    except ValueError:  # more digits than int() converts
+        pass
+    raise InvalidRequestError(
+        f"Invalid type for '{name}': expected an integer, but got a string instead.", param=name, code="invalid_type"
+    )
 

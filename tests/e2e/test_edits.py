@@ -223,6 +223,10 @@ JPEG256 = encoded(Image.new("RGB", (256, 256), RED), "JPEG")
         ([("image", "a.png", RGB256, "image/png")], {"input_fidelity": "high"}, "input_fidelity", "unsupported_parameter"),
         ([("image", "a.png", RGB256, "image/png")], {"style": "vivid"}, "style", "unknown_parameter"),
         ([("image", "a.png", RGB256, "image/png")], {"n": "two"}, "n", "invalid_type"),
+        # Integers as JSON writes them: Python's int() would read these as 10, 3 and 2.
+        ([("image", "a.png", RGB256, "image/png")], {"n": "1_0"}, "n", "invalid_type"),
+        ([("image", "a.png", RGB256, "image/png")], {"n": "\u0663"}, "n", "invalid_type"),
+        ([("image", "a.png", RGB256, "image/png")], {"n": "02"}, "n", "invalid_type"),
         ([("image", "a.png", RGB256, "image/png")], {"stream": "maybe"}, "stream", "invalid_type"),
         ([("image", "a.png", RGB256, "image/png")], {"n": "11"}, "n", "integer_above_max_value"),
         ([("image", "a.png", RGB256, "image/png"), ("other", "x.png", RGB256, "image/png")], {}, "other", "unknown_parameter"),
