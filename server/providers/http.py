@@ -397,9 +397,24 @@ class UpstreamEvents:
         _abandon(self._exchange)
 
 
+def _in_words(exc: httpx.TransportError) -> str:
+    """A transport failure as a client may read it: what happened, not a library's class
+    name (the class and its text go to the log)."""
+    logger.info("upstream transport error: %s: %s", type(exc).__name__, exc)
+    match exc:
+        case httpx.TimeoutException():
+            return "connection timed out"
+        case httpx.ConnectError():
+            return "connection refused or unreachable"
+        case httpx.RemoteProtocolError():
+            return "connection closed early"
+        case _:
+            return "connection error"
+
+
 def _transport_error(exc: BaseException) -> httpx.TransportError:
     """aiohttp's failure as the httpx error httpcore raised for the same one (the
-    vocabulary of ``UpstreamHttp``'s retries and messages: "RemoteProtocolError on ...")."""
+    vocabulary of ``UpstreamHttp``'s retries; ``_in_words`` says them to clients)."""
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return httpx.RemoteProtocolError("Server disconnected without sending a response.")
     if isinstance(exc, aiohttp.ClientPayloadError):
@@ -710,7 +725,7 @@ class UpstreamHttp:
             try:
                 answer = await attempt_once()
             except httpx.TransportError as exc:
-                failure = Failure(Kind.TRANSIENT, detail=f"{type(exc).__name__} on {operation}")
+                failure = Failure(Kind.TRANSIENT, detail=f"{_in_words(exc)} on {operation}")
             else:
                 if isinstance(answer, UpstreamEvents) or 200 <= answer.status < 300:
                     return answer
@@ -815,7 +830,7 @@ class UpstreamHttp:
         except httpx.TransportError as exc:
             # The head arrived, so the upstream did the work; a retry could bill twice. (A
             # gzip body that does not decode ends here too: aiohttp reports it as cut short.)
-            raise _BodyError(f"a truncated answer ({type(exc).__name__} after {size} bytes)") from exc
+            raise _BodyError(f"a truncated answer ({_in_words(exc)} after {size} bytes)") from exc
         return b"".join(chunks)
 
     async def _open_events(
@@ -875,7 +890,7 @@ class UpstreamHttp:
                             await queue.put(event)
                 except httpx.TransportError as exc:
                     # Events already went to the caller; the rest is lost, never retried.
-                    await queue.put(malformed(f"a stream cut short ({type(exc).__name__}) from {_host(url)}"))
+                    await queue.put(malformed(f"a stream cut short ({_in_words(exc)}) from {_host(url)}"))
                     return
                 if decoder.pending:
                     await queue.put(malformed(f"a stream that ended inside an event from {_host(url)}"))

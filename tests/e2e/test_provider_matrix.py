@@ -224,7 +224,7 @@ TIMEOUT = Err("timeout", pattern=True, message=(
     r"The model '[a-z0-9.-]+' did not finish before the request's deadline\.|"
     r"The upstream provider did not answer before the request's deadline\."
 ))
-TRUNCATED = MALFORMED.replace(".", r"\.") + r"a truncated answer \(RemoteProtocolError after \d+ bytes\) from 127\.0\.0\.1\."
+TRUNCATED = MALFORMED.replace(".", r"\.") + r"a truncated answer \(connection closed early after \d+ bytes\) from 127\.0\.0\.1\."
 
 
 def failing(status: str, *, retry: bool = True) -> Err:
@@ -370,7 +370,7 @@ OPENAI_ROWS = [
         answer=GPT_ANSWER, usage=gpt_usage()),
     *(Row("openai", "upstream-error", "gpt-image-1", scenario, status=502, calls=3, error=failing(status))
       for scenario, status in [("500", "HTTP 500"), ("503", "HTTP 503"), ("html-502", "HTTP 502"),
-                               ("html-504", "HTTP 504"), ("reset", "RemoteProtocolError on images/generations")]),
+                               ("html-504", "HTTP 504"), ("reset", "connection closed early on images/generations")]),
     # A wait longer than we make is not slept: at once, retryable, with the wait for the caller.
     Row("openai", "rate-limited", "gpt-image-1", "429-huge", status=502, seconds=(0, 5),
         error=rate_limited("retry after 600 s", retry_after="600")),

@@ -137,11 +137,11 @@ async def test_a_large_body_arrives_whole_and_a_multipart_upload_keeps_its_lengt
     ("answer", "message"),
     [
         # Closed before any answer: retried, then given up (as httpx's RemoteProtocolError).
-        (b"", "The upstream provider is failing (RemoteProtocolError on request); gave up after 3 attempts."),
+        (b"", "The upstream provider is failing (connection closed early on request); gave up after 3 attempts."),
         # Cut short after the head: the upstream did the work, never retried.
         (
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
-            "The upstream provider returned a malformed answer: a truncated answer (RemoteProtocolError after 9 bytes) "
+            "The upstream provider returned a malformed answer: a truncated answer (connection closed early after 9 bytes) "
             "from 127.0.0.1.",
         ),
     ],
@@ -157,6 +157,6 @@ async def test_failures_read_as_they_did_with_httpx(answer: bytes, message: str)
         assert caught.value.message == message
         with pytest.raises(UpstreamError) as caught:
             await post(upstream(client, "openai"), url)  # nobody listens there any more
-        assert caught.value.message == "The upstream provider is failing (ConnectError on request); gave up after 3 attempts."
+        assert caught.value.message == "The upstream provider is failing (connection refused or unreachable on request); gave up after 3 attempts."
     finally:
         await client.aclose()
