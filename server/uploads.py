@@ -247,6 +247,15 @@ async def read_upload(content_type: str, first: bytes, rest: AsyncIterator[bytes
     return reader.upload
 
 
+JSON_PARSE_ERROR = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
+    "library correctly. The API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+_JSON_KINDS = {
+    list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean", type(None): "null",
+}
+
+
 async def _read_json(first: bytes, rest: AsyncIterator[bytes], limits: UploadLimits) -> dict[str, Any]:
     body = bytearray(first)
     async for chunk in rest:
@@ -255,18 +264,22 @@ async def _read_json(first: bytes, rest: AsyncIterator[bytes], limits: UploadLim
             raise _too_large("The JSON body", limits.max_json_bytes)
     if len(body) > limits.max_json_bytes:
         raise _too_large("The JSON body", limits.max_json_bytes)
+    # The same words and codes as the edge's check of generation bodies
+    # (server/edge/openai_compat.lua), which refuses a byte-order mark as JSON does (RFC 8259).
+    if body.startswith(b"\xef\xbb\xbf"):
+        raise InvalidRequestError(JSON_PARSE_ERROR, code="invalid_json")
     try:
         parsed = await asyncio.to_thread(json.loads, bytes(body)) if len(body) > 256 * 1024 else json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(
-            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
-            "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
-        ) from exc
+        raise InvalidRequestError(JSON_PARSE_ERROR, code="invalid_json") from exc
     except RecursionError as exc:
         # json's C scanner stops at the interpreter's recursion limit (about 1000 levels).
         raise InvalidRequestError("The JSON body is nested too deeply to be read.") from exc
     if not isinstance(parsed, dict):
-        raise InvalidRequestError("The JSON body must be an object.")
+        raise InvalidRequestError(
+            f"Invalid type for the request body: expected an object, but got {_JSON_KINDS[type(parsed)]} instead.",
+            code="invalid_type",
+        )
     return parsed
 
 

@@ -175,6 +175,39 @@ async def test_json_edit_nested_past_the_parsers_depth_is_400(gateway: ProcessSt
     assert (await gateway.admin.get(account)).balance_usd == "1.000000"
 
 
+JSON_PARSE_ERROR = (
+    "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP "
+    "library correctly. The API expects a JSON payload, but what was sent was not valid JSON.)"
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "code"),
+    [
+        # The words and codes of the edge's check of generation bodies (test_edge_requests).
+        (b'{"prompt": "p",', JSON_PARSE_ERROR, "invalid_json"),
+        (b"\xef\xbb\xbf" + b'{"prompt": "p"}', JSON_PARSE_ERROR, "invalid_json"),
+        (b"[1, 2]", "Invalid type for the request body: expected an object, but got an array instead.", "invalid_type"),
+        (b'"prompt"', "Invalid type for the request body: expected an object, but got a string instead.", "invalid_type"),
+        (b"42", "Invalid type for the request body: expected an object, but got a number instead.", "invalid_type"),
+        (b"null", "Invalid type for the request body: expected an object, but got null instead.", "invalid_type"),
+    ],
+)
+async def test_a_json_edit_body_that_is_not_an_object_is_refused_as_generations_are(
+    gateway: ProcessStack, body: bytes, message: str, code: str
+) -> None:
+    """Edits said "The OpenAI API expects...", took a byte-order mark, and had no code."""
+    account, key = await gateway.admin.funded_key("1.00")
+    async with httpx.AsyncClient(timeout=60) as http:
+        response = await http.post(
+            f"{gateway.api_base}/images/edits", content=body,
+            headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+        )
+    assert response.status_code == 400, response.text
+    assert response.json() == {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    assert (await gateway.admin.get(account)).balance_usd == "1.000000"
+
+
 async def test_json_edit_refuses_file_ids(gateway: ProcessStack) -> None:
     _, key = await gateway.admin.funded_key("1.00")
     async with httpx.AsyncClient() as http:
