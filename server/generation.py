@@ -19,8 +19,12 @@ server handed it to the caller's connection (for REST, to Envoy, which forwards 
 once). A streamed request is charged for the events delivered: each completed image at
 the model's price and each partial image at its partial price, never more than was
 reserved; if it fails or the caller goes away midway, what was delivered until then is
-charged and the rest released. Once anything was delivered no fallback model is tried
-(the caller already holds the first model's pictures).
+charged and the rest released, at the prices of the model that made it (a fallback's, if
+the primary failed first). Once anything was delivered no fallback model is tried (the
+caller already holds the first model's pictures). Once every image asked for was delivered
+the request has succeeded, whatever the provider or the caller does after that (an upstream
+error, a hang-up while the upstream closes its stream or while the money settles): it is
+settled as delivered and its result returned, so an Idempotency-Key keeps its answer.
 
 A ``url`` answer whose images cannot be stored (the store's own retries included) fails
 with 503 ``image_store_unavailable`` and is not charged: the caller cannot use a link to
@@ -50,6 +54,7 @@ from server.providers.base import (
     ProviderResult,
     TokenUsage,
 )
+from server.providers.http import sum_usage
 from server.storage import ImageStore, StoreError, UrlSigner, new_image_id, valid_image_id
 
 __all__ = ["DeliveredImage", "Generation", "GenerationResult", "StreamEvent", "StreamSink"]
@@ -126,6 +131,28 @@ class _Delivery:
     _sent: set[int] = field(default_factory=set)  # id() of the GeneratedImages already sent
     _indexes: set[int] = field(default_factory=set)
     _usage_reported: bool = False
+    # The completed images delivered, in order, with the usage reported with each.
+    _delivered: list[tuple[GeneratedImage, TokenUsage | None]] = field(default_factory=list)
+    _last: ProviderResult | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every image the caller asked for was delivered."""
+        return self.images >= self.quote.request.n
+
+    def result(self) -> ProviderResult:
+        """What was delivered, as the provider's result (for a request that ends after
+        its last image was delivered, whatever the provider did next)."""
+        usages = [usage for _, usage in self._delivered if usage is not None]
+        reported = self._last or ProviderResult(images=[])
+        return ProviderResult(
+            images=[image for image, _ in self._delivered],
+            usage=sum_usage(usages),
+            size=reported.size,
+            quality=reported.quality,
+            background=reported.background,
+            output_format=reported.output_format,
+        )
 
     def _event(
         self,
@@ -171,6 +198,8 @@ class _Delivery:
         )
         await self.sink.send(event)
         self.images += 1
+        self._delivered.append((image, usage))
+        self._last = result or self._last
 
     async def finish(self, images: list[GeneratedImage], result: ProviderResult) -> None:
         """Sends, in order, the images the provider did not report as it went; the last
@@ -262,8 +291,20 @@ class Generation:
         delivered = 0
         usage: TokenUsage | None = None
         error_code = ""
+        answered = False  # a stream that delivered every image and returns its result
         try:
-            served, result = await self._call_with_fallbacks(quote, deadline, stream)
+            try:
+                served, result = await self._call_with_fallbacks(quote, deadline, stream)
+            except (ApiError, asyncio.CancelledError) as exc:
+                if stream is None or not stream.complete:
+                    raise
+                # Every image the caller asked for was delivered: what the provider did
+                # next (an error, a cut stream, the caller hanging up while the upstream
+                # closed its stream) changes nothing the caller holds or owes. The request
+                # succeeded, and its answer is kept for its Idempotency-Key.
+                if isinstance(exc, asyncio.CancelledError):
+                    _uncancel()
+                served, result = stream.quote, stream.result()
             usage = result.usage
             images = result.images[: quote.request.n]
             if stream is not None:
@@ -286,6 +327,7 @@ class Generation:
                     ) from exc
             delivered = len(payload)
             self._metrics.images.labels(served.spec.id, served.spec.provider).inc(delivered)
+            answered = stream is not None and stream.complete
             return GenerationResult(
                 created=int(self._clock()),
                 images=payload,
@@ -309,9 +351,10 @@ class Generation:
             raise
         finally:
             if stream is not None:
-                # What reached the caller is paid for, whatever happened after it.
+                # What reached the caller is paid for, whatever happened after it, at the
+                # prices of the model that made it (a fallback's, if the primary failed).
                 delivered = stream.images
-                captured = _cost(quote, served, stream.images, stream.partials, usage)
+                captured = _cost(quote, stream.quote, stream.images, stream.partials, usage)
             else:
                 captured = _cost(quote, served, delivered, 0, usage)
             # Shielded: a second cancellation must not stop the money from settling. If the
@@ -319,7 +362,15 @@ class Generation:
             settle = asyncio.create_task(self._settle(quote, reservation.reservation_id, captured, delivered, error_code))
             self._settling.add(settle)
             settle.add_done_callback(self._settling.discard)
-            await asyncio.shield(settle)
+            try:
+                await asyncio.shield(settle)
+            except asyncio.CancelledError:
+                if not answered:
+                    raise
+                # The caller hung up after its last image, while this settled: the stream
+                # is still a success, returned so that its Idempotency-Key keeps it.
+                _uncancel()
+                await asyncio.shield(settle)
 
     async def wait_settled(self) -> None:
         """Waits for every settlement still in progress (used at shutdown)."""
@@ -439,6 +490,14 @@ class Generation:
             if presigned is not None:
                 return presigned
         return self._signer.url(image_id)
+
+
+def _uncancel() -> None:
+    """Takes back the current task's cancellation: the request it was meant to stop is
+    already complete, and what is left of it (settling, storing the answer) is short."""
+    task = asyncio.current_task()
+    assert task is not None
+    task.uncancel()
 
 
 def _cost(quote: Quote, served: Quote, images: int, partials: int, usage: TokenUsage | None) -> int:

@@ -244,6 +244,9 @@ async def test_streaming_rpcs_need_a_key_like_every_other(gateway: ProcessStack)
 
 PARTIAL_PRICE = 250
 UNIT = 1000
+# A dearer model that fails at once and falls back to scripted-1.
+DEAR_PARTIAL_PRICE = 2000
+DEAR_UNIT = 9000
 CATALOG = f"""
 [[models]]
 id = "scripted-1"
@@ -255,6 +258,18 @@ streaming = true
 partial_image_price = {PARTIAL_PRICE}
 prices = {{ "*" = {{ "*" = {UNIT} }} }}
 timeout_seconds = 60
+
+[[models]]
+id = "scripted-dear"
+provider = "local"
+sizes = ["256x256", "auto"]
+default_size = "256x256"
+max_n = 2
+streaming = true
+partial_image_price = {DEAR_PARTIAL_PRICE}
+prices = {{ "*" = {{ "*" = {DEAR_UNIT} }} }}
+fallbacks = ["scripted-1"]
+timeout_seconds = 60
 """
 
 
@@ -264,10 +279,15 @@ def png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+FINAL = GeneratedImage(data=png(201), format="png")
+
+
 class Scripted:
     """Emits partial images of image 0, each after the test opens its gate, then
-    finishes as told: ``complete``, ``fail`` (a retryable upstream error) or ``hang``
-    until cancelled."""
+    finishes as told: ``complete``, ``fail`` (a retryable upstream error), ``hang``
+    until cancelled, or ``linger``: reports the image as soon as it is ready (as an
+    upstream stream's completed event is relayed) and then waits for the last gate
+    before it returns (an upstream that has not closed its stream yet)."""
 
     name = "scripted"
 
@@ -292,6 +312,8 @@ class Scripted:
                 await self.gates[index].wait()
                 await progress.partial(0, index, GeneratedImage(data=png(index), format="png"))
             self.partials_sent.set()
+            if self.ending == "linger":
+                await progress.image(0, FINAL)
             await self.gates[-1].wait()
             if self.ending == "fail":
                 raise UpstreamError("The upstream provider failed.", retryable=True)
@@ -300,7 +322,19 @@ class Scripted:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
-        return ProviderResult(images=[GeneratedImage(data=png(200), format="png")])
+        return ProviderResult(images=[FINAL if self.ending == "linger" else GeneratedImage(data=png(200), format="png")])
+
+    async def aclose(self) -> None:
+        return None
+
+
+class Failing:
+    """A model whose upstream fails at once with a retryable error (its fallback runs)."""
+
+    name = "failing"
+
+    async def generate(self, request: ImageRequest, *, deadline: float, progress: Progress | None = None) -> ProviderResult:
+        raise UpstreamError("The upstream provider is overloaded.", retryable=True)
 
     async def aclose(self) -> None:
         return None
@@ -314,7 +348,7 @@ async def scripted(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tu
     catalog.write_text(CATALOG)
     provider = Scripted()
     async with in_process_stack(
-        var, providers={"scripted-1": provider}, envoy=True, catalog_file=catalog, default_model="scripted-1",
+        var, providers={"scripted-1": provider, "scripted-dear": Failing()}, envoy=True, catalog_file=catalog, default_model="scripted-1",
         stream_keepalive_seconds=0.2,
     ) as stack:
         yield stack, provider
@@ -492,3 +526,79 @@ async def test_a_stream_ended_by_the_shutdown_gets_a_retryable_error_event(
     }
     settled = await stack.admin.settled(account)
     assert (settled.spent_usd, settled.reserved_usd) == (f"{PARTIAL_PRICE / 1e6:.6f}", "0.000000")
+
+
+@pytest.mark.parametrize("ending", ["hang", "fail"])
+async def test_a_fallback_that_streamed_is_paid_at_its_own_prices(
+    scripted: tuple[InProcessStack, Scripted], ending: str
+) -> None:
+    """scripted-dear fails before anything streamed; its fallback scripted-1 streams a
+    partial image and then fails, or the caller leaves: the partial image is paid at
+    scripted-1's price, the model that made it, as a finished stream would be."""
+    stack, provider = scripted
+    provider.reset(ending, partials=1)
+    account, key = await stack.admin.funded_key("1.00")
+    names: list[str] = []
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream(
+            "POST", f"{stack.api_base}/images/generations", headers={"authorization": f"Bearer {key}"},
+            json={**request(1), "model": "scripted-dear"},
+        ) as response:
+            assert response.status_code == 200
+            async for name, _ in sse(response):
+                if name is None:
+                    continue
+                names.append(name)
+                if ending == "hang":
+                    break  # leave mid-stream
+    if ending == "hang":
+        await asyncio.wait_for(provider.cancelled.wait(), 10)
+        assert names == ["image_generation.partial_image"]
+    else:
+        assert names == ["image_generation.partial_image", "error"]
+    settled = await stack.admin.settled(account)
+    assert (settled.spent_usd, settled.reserved_usd) == (f"{PARTIAL_PRICE / 1e6:.6f}", "0.000000")
+    assert (await stack.admin.reconcile()).ok
+
+
+async def test_a_stream_whose_images_all_arrived_is_kept_for_its_idempotency_key(
+    scripted: tuple[InProcessStack, Scripted]
+) -> None:
+    """The caller leaves as soon as it holds the completed event, while the upstream has
+    not closed its stream yet. It got (and pays for) every image it asked for, so the
+    request is done: a retry with its Idempotency-Key replays it, free, rather than
+    generating and charging a second time."""
+    stack, provider = scripted
+    provider.reset("linger", partials=1)
+    account, key = await stack.admin.funded_key("1.00")
+    headers = {"authorization": f"Bearer {key}", "idempotency-key": f"linger-{secrets.token_hex(4)}"}
+    async with httpx.AsyncClient(timeout=60) as http:
+        async with http.stream(
+            "POST", f"{stack.api_base}/images/generations", headers=headers, json=request(1)
+        ) as response:
+            first = []
+            async for name, data in sse(response):
+                if name is not None:
+                    first.append((name, json.loads(data)))
+                if name == "image_generation.completed":
+                    break  # every image is here: leave
+        settled = await stack.admin.settled(account)
+        assert (settled.spent_usd, settled.reserved_usd) == (f"{(UNIT + PARTIAL_PRICE) / 1e6:.6f}", "0.000000")
+        provider.gates[-1].set()  # a second generation, if one ran, would not wait
+        async with http.stream(
+            "POST", f"{stack.api_base}/images/generations", headers=headers, json=request(1)
+        ) as response:
+            assert response.status_code == 200
+            replay = [(name, json.loads(data)) async for name, data in sse(response) if name is not None]
+            replayed = response.headers.get("x-imagegw-idempotent-replay")
+    assert [name for name, _ in first] == ["image_generation.partial_image", "image_generation.completed"]
+    assert [name for name, _ in replay] == ["image_generation.completed"]
+    assert replay[0][1]["b64_json"] == first[-1][1]["b64_json"] == base64.b64encode(FINAL.data).decode()
+    assert (replayed, provider.calls) == ("true", 1)
+    settled = await stack.admin.settled(account)
+    assert (settled.spent_usd, settled.reserved_usd) == (f"{(UNIT + PARTIAL_PRICE) / 1e6:.6f}", "0.000000")
+    usage = await stack.admin.usage(account)
+    assert [(status_of(row), row.images_delivered, row.cost_usd) for row in usage] == [
+        ("succeeded", 1, f"{(UNIT + PARTIAL_PRICE) / 1e6:.6f}")
+    ]
+    assert (await stack.admin.reconcile()).ok
