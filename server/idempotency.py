@@ -324,14 +324,19 @@ class IdempotencyStore:
             # Shielded: a cancelled request must still free its key for the retry.
             await asyncio.shield(self._abandon_quietly(account_id, key, owner))
             raise
+        # Shielded as a whole, serializing included: the answer exists and is paid for, so a
+        # caller that goes away now must not leave the key held until its lease runs out.
+        await asyncio.shield(self._keep(account_id, key, owner, message, headers))
+        return Answer(message, headers, replayed=False)
+
+    async def _keep(self, account_id: str, key: str, owner: str, message: Message, headers: Headers) -> None:
         try:
             body = await run_sized(message.ByteSize(), message.SerializeToString)
-            await asyncio.shield(self.complete(account_id, key, owner, body, headers))
+            await self.complete(account_id, key, owner, body, headers)
         except Exception:
             # The caller still gets its (paid) answer; the key is freed rather than stuck.
             log.exception("could not store the idempotent response", extra={"account_id": account_id})
-            await asyncio.shield(self._abandon_quietly(account_id, key, owner))
-        return Answer(message, headers, replayed=False)
+            await self._abandon_quietly(account_id, key, owner)
 
     async def _wait(self, account_id: str, key: str, request_hash: str, wait_until: float) -> StoredResponse | None:
         """Polls (reads only) until the running attempt completes (returns its response)

@@ -334,3 +334,27 @@ async def test_a_waiter_sees_a_reuse_with_another_body(store: IdempotencyStore, 
         await run(store, account, "k", work, request_hash="other")
     work.gate.set()
     await first
+
+
+async def test_an_attempt_cancelled_after_its_answer_was_made_keeps_the_answer(
+    store: IdempotencyStore, account: str
+) -> None:
+    """The caller goes away just after produce() returned (the request was done and paid
+    for), while its large answer is being serialized: the key keeps that answer for the
+    retry rather than staying held until its lease runs out (and then running again)."""
+    big = response("A", size=400_000)  # serialized off the loop: the cancellation lands there
+
+    async def produce_then_hang_up() -> tuple[Response, Headers]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+        return big, HEADERS
+
+    first = asyncio.create_task(
+        store.run(account, "k", "h1", request_id="req", deadline=None, produce=produce_then_hang_up, parse=Response.FromString)
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    retry = Work(response("B"))
+    answer = await asyncio.wait_for(run(store, account, "k", retry, deadline=asyncio.get_running_loop().time() + 5), 10)
+    assert (answer.message, answer.replayed, retry.calls) == (big, True, 0)
