@@ -8,7 +8,9 @@ service, the database, an admin port on loopback (server-side request forgery). 
 * the host is resolved here, and every address it resolves to must be public: loopback,
   private, link-local (cloud metadata at 169.254.169.254), multicast, reserved and
   unspecified addresses are refused unless the operator allowlists the host or a network
-  containing it (``IMAGEGW_IMAGE_URL_ALLOWLIST``);
+  containing it (``IMAGEGW_IMAGE_URL_ALLOWLIST``). An IPv6 address that carries an IPv4
+  one a gateway on the way translates to (IPv4-mapped, 6to4, NAT64's ``64:ff9b::/96``) is
+  judged by that IPv4 address: ``64:ff9b::a9fe:a9fe`` is the metadata service;
 * the connection goes to the address that was checked (the URL's host stays in the
   ``Host`` header and the TLS server name), so a second DNS answer cannot redirect it;
 * no redirects are followed; the body is read up to the file limit and the whole fetch
@@ -130,7 +132,7 @@ class ImageFetcher:
         for address in addresses:
             if allowed_host or any(address in network for network in self._networks):
                 continue
-            if not address.is_global or address.is_multicast:
+            if _forbidden(address):
                 raise InvalidRequestError(
                     f"Invalid '{param}': the image URL points into a private or local network, which this server "
                     "does not fetch from.",
@@ -139,3 +141,20 @@ class ImageFetcher:
                 )
         first = addresses[0]
         return f"[{first}]" if first.version == 6 else str(first)
+
+
+# NAT64's well-known prefix (RFC 6052): the last 32 bits are the IPv4 address it reaches.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _forbidden(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Not a public unicast address, or an IPv6 form of an IPv4 address that is not."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF)
+        if embedded is not None:
+            return _forbidden(embedded)
+    # Reserved: IPv4's 240/4 and IPv6's unassigned blocks, IPv4-compatible ::/96 and
+    # local-use NAT64 (64:ff9b:1::/48) among them, which is_global lets through.
+    return not address.is_global or address.is_multicast or address.is_reserved

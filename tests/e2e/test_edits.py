@@ -140,6 +140,14 @@ async def test_json_edit_with_a_data_url(gateway: ProcessStack) -> None:
         ("https://169.254.169.254/latest/meta-data/", "image_url_forbidden"),
         ("https://10.1.2.3/x.png", "image_url_forbidden"),
         ("https://[::1]/x.png", "image_url_forbidden"),
+        ("https://0.0.0.0/x.png", "image_url_forbidden"),
+        ("https://2130706433/x.png", "image_url_forbidden"),  # 127.0.0.1 in decimal
+        ("https://0177.0.0.1/x.png", "invalid_image_url"),  # 127.0.0.1 in octal: not a URL to httpx
+        ("https://[::ffff:127.0.0.1]/x.png", "image_url_forbidden"),  # IPv4-mapped
+        ("https://[::7f00:1]/x.png", "image_url_forbidden"),  # IPv4-compatible (reserved ::/8)
+        ("https://[64:ff9b::a9fe:a9fe]/x.png", "image_url_forbidden"),  # NAT64 of 169.254.169.254
+        ("https://[64:ff9b:1::a00:5]/x.png", "image_url_forbidden"),  # local-use NAT64 of 10.0.0.5
+        ("https://[2002:a9fe:a9fe::1]/x.png", "image_url_forbidden"),  # 6to4 of 169.254.169.254
         ("http://example.com/x.png", "invalid_image_url"),
         ("ftp://example.com/x.png", "invalid_image_url"),
         # A label over 63 characters: the resolver's IDNA encoding raised (a 500).
