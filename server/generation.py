@@ -14,9 +14,9 @@ went away, the deadline ran out) releases everything that was not delivered.
 
 Streaming is the same use case with a ``StreamSink``: partial images and each final image
 go to the sink as the provider makes them (``server.providers.base.Progress``), and an
-event counts as **delivered** once ``StreamSink.send`` has returned, that is once the
-server handed it to the caller's connection (for REST, to Envoy, which forwards it at
-once). A streamed request is charged for the events delivered: each completed image at
+event counts as **delivered** once the sink reports it so, that is once the server's write
+of it to the caller's connection completed (for REST, to Envoy, which forwards it at
+once), even when the request was cancelled while that write was under way. A streamed request is charged for the events delivered: each completed image at
 the model's price and each partial image at its partial price, never more than was
 reserved; if it fails or the caller goes away midway, what was delivered until then is
 charged and the rest released, at the prices of the model that made it (a fallback's, if
@@ -110,9 +110,11 @@ class StreamEvent:
 class StreamSink(Protocol):
     """Where a streamed generation's events go."""
 
-    async def send(self, event: StreamEvent) -> None:
-        """Returns once ``event`` is on its way to the caller (then it is delivered and
-        charged); raises ``asyncio.CancelledError`` when the caller went away."""
+    async def send(self, event: StreamEvent, delivered: Callable[[], None]) -> None:
+        """Sends ``event`` and calls ``delivered`` once it is on its way to the caller (then
+        it is charged); raises ``asyncio.CancelledError`` when the request is cancelled. A
+        cancellation that comes while the event is being written waits for that write's
+        outcome, so ``delivered`` is called exactly when the event went out."""
         ...
 
 
@@ -180,7 +182,10 @@ class _Delivery:
         self, image_index: int, partial_index: int, image: GeneratedImage, reported: ProviderResult | None = None
     ) -> None:
         self.started = True
-        await self.sink.send(self._event("partial_image", image_index, image, reported, partial_image_index=partial_index))
+        event = self._event("partial_image", image_index, image, reported, partial_image_index=partial_index)
+        await self.sink.send(event, self._partial_delivered)
+
+    def _partial_delivered(self) -> None:
         self.partials += 1
 
     async def image(self, image_index: int, image: GeneratedImage, reported: ProviderResult | None = None) -> None:
@@ -196,10 +201,13 @@ class _Delivery:
         event = self._event(
             "completed", image_index, image, result, usage=usage or TokenUsage(), revised_prompt=image.revised_prompt
         )
-        await self.sink.send(event)
-        self.images += 1
-        self._delivered.append((image, usage))
-        self._last = result or self._last
+
+        def delivered() -> None:
+            self.images += 1
+            self._delivered.append((image, usage))
+            self._last = result or self._last
+
+        await self.sink.send(event, delivered)
 
     async def finish(self, images: list[GeneratedImage], result: ProviderResult) -> None:
         """Sends, in order, the images the provider did not report as it went; the last

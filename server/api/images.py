@@ -407,20 +407,47 @@ class _Writer(StreamSink):
         # The last completed event sent: a streamed answer is stored with its fields.
         self.last: images_pb2.ImageGenerationEvent | None = None
 
-    async def send(self, event: StreamEvent) -> None:
+    async def send(self, event: StreamEvent, delivered: Callable[[], None]) -> None:
         message = _event(event, self._events)
-        await self.write(message, [*self.headers, (MODEL_HEADER, event.model)])
-        if event.kind == "completed":
-            self.last = message
 
-    async def write(self, event: images_pb2.ImageGenerationEvent, headers: list[tuple[str, str]]) -> None:
-        await self.write_raw(await run_sized(len(event.b64_json), self._render, event), headers)
+        def written() -> None:
+            if event.kind == "completed":
+                self.last = message
+            delivered()
 
-    async def write_raw(self, message: object, headers: list[tuple[str, str]]) -> None:
+        await self.write(message, [*self.headers, (MODEL_HEADER, event.model)], written)
+
+    async def write(
+        self,
+        event: images_pb2.ImageGenerationEvent,
+        headers: list[tuple[str, str]],
+        written: Callable[[], None] | None = None,
+    ) -> None:
+        await self.write_raw(await run_sized(len(event.b64_json), self._render, event), headers, written)
+
+    async def write_raw(
+        self, message: object, headers: list[tuple[str, str]], written: Callable[[], None] | None = None
+    ) -> None:
+        """Writes ``message``; ``written`` (an event that is charged) is called once gRPC
+        has sent it. A cancellation during such a write waits for its outcome (at once:
+        sent, or failed because the call is gone): a shutdown cancels calls that are still
+        open, and an event they sent reached the caller, so it is charged."""
         async with self._lock:
             await self._open_locked(headers)
-            await self._context.write(message)
+            if written is None:  # a keepalive or the error event: nothing is charged for it
+                await self._context.write(message)
+            else:
+                write = asyncio.ensure_future(self._context.write(message))
+                try:
+                    await asyncio.shield(write)
+                except asyncio.CancelledError:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(write)
+                        written()
+                    raise
             self.last_write = asyncio.get_running_loop().time()
+        if written is not None:
+            written()
 
     async def open(self, headers: list[tuple[str, str]]) -> None:
         async with self._lock:

@@ -561,15 +561,18 @@ async def test_a_fallback_that_streamed_is_paid_at_its_own_prices(
     assert (await stack.admin.reconcile()).ok
 
 
+@pytest.mark.parametrize("upstream_open", [True, False], ids=["upstream-still-open", "settling"])
 async def test_a_stream_whose_images_all_arrived_is_kept_for_its_idempotency_key(
-    scripted: tuple[InProcessStack, Scripted]
+    scripted: tuple[InProcessStack, Scripted], upstream_open: bool
 ) -> None:
     """The caller leaves as soon as it holds the completed event, while the upstream has
-    not closed its stream yet. It got (and pays for) every image it asked for, so the
-    request is done: a retry with its Idempotency-Key replays it, free, rather than
-    generating and charging a second time."""
+    not closed its stream yet (or, with the upstream done, while the server settles and
+    stores the answer). It got (and pays for) every image it asked for, so the request
+    is done: a retry with its Idempotency-Key replays it, free, rather than generating
+    and charging a second time."""
     stack, provider = scripted
-    provider.reset("linger", partials=1)
+    provider.reset("linger", partials=1, gated=upstream_open)
+    provider.gates[0].set()  # the partial image comes at once; the upstream lingers after the image
     account, key = await stack.admin.funded_key("1.00")
     headers = {"authorization": f"Bearer {key}", "idempotency-key": f"linger-{secrets.token_hex(4)}"}
     async with httpx.AsyncClient(timeout=60) as http:
@@ -602,3 +605,27 @@ async def test_a_stream_whose_images_all_arrived_is_kept_for_its_idempotency_key
         ("succeeded", 1, f"{(UNIT + PARTIAL_PRICE) / 1e6:.6f}")
     ]
     assert (await stack.admin.reconcile()).ok
+
+
+async def test_a_shutdown_after_the_last_image_ends_the_stream_as_a_success(
+    scripted: tuple[InProcessStack, Scripted]
+) -> None:
+    """The server stops while the upstream is still closing a stream whose every image
+    was delivered: the caller gets a plain end of stream (not an error event that the
+    SDKs would raise on after handing over every image), and the request is a success."""
+    stack, provider = scripted
+    provider.reset("linger", partials=1, gated=True)
+    provider.gates[0].set()  # the partial image comes at once; the upstream lingers after the image
+    account, key = await stack.admin.funded_key("1.00")
+    assert stack.interceptor is not None
+    names: list[str] = []
+    async with openai.AsyncOpenAI(api_key=key, base_url=stack.api_base, max_retries=0, timeout=60) as sdk:
+        async for event in await sdk.images.generate(**request(1)):
+            names.append(event.type)
+            if event.type == "image_generation.completed":
+                assert stack.interceptor.abort_in_flight() == 1
+    assert names == ["image_generation.partial_image", "image_generation.completed"]
+    settled = await stack.admin.settled(account)
+    assert (settled.spent_usd, settled.reserved_usd) == (f"{(UNIT + PARTIAL_PRICE) / 1e6:.6f}", "0.000000")
+    usage = await stack.admin.usage(account)
+    assert [(status_of(row), row.images_delivered, row.error_code) for row in usage] == [("succeeded", 1, "")]
