@@ -95,6 +95,10 @@ class AnswerScope:
         self._gate = gate
         self._held = False
         self._closed = False
+        # A request's answers (a fan-out's calls) may wait for its slot at the same time:
+        # one of them waits, the others then share what it got. Each waiting on its own
+        # would take a slot per call, of which the scope gives back one.
+        self._admitting = asyncio.Lock()
 
     @property
     def held(self) -> bool:
@@ -109,12 +113,15 @@ class AnswerScope:
         """Waits for a slot unless this scope already holds one."""
         if self._gate is None or self._held or self._closed:
             return
-        await self._gate._acquire()
-        if self._closed:
-            # The block ended while this waited (its exchange was abandoned): hand it on.
-            self._gate._release()
-            return
-        self._held = True
+        async with self._admitting:
+            if self._held or self._closed:
+                return
+            await self._gate._acquire()
+            if self._closed:
+                # The block ended while this waited (its exchange was abandoned): hand it on.
+                self._gate._release()
+                return
+            self._held = True
 
     def release(self) -> None:
         if self._gate is not None and self._held:

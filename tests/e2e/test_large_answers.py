@@ -13,6 +13,7 @@ import pytest
 from imagegw.v1 import images_pb2
 from PIL import Image
 
+from tests.fakes.google_fake import start_google_fake
 from tests.fakes.images import make_image
 from tests.fakes.openai_fake import start_openai_fake
 from tests.stack import ProcessStack, metric_sample, process_stack
@@ -109,3 +110,42 @@ async def test_large_upstream_answers_take_turns_and_small_ones_pass(tmp_path: P
         assert await _large_answer_gauges(stack) == (0, 0)
         account = await stack.admin.settled(account_id)
         assert (account.spent_usd, account.reserved_usd) == ("0.252000", "0.000000")  # 6 x 0.042
+
+
+async def test_a_fan_out_waiting_for_a_full_gate_takes_one_slot(tmp_path: Path) -> None:
+    """Gemini makes one image a call: n=2 is two calls, whose ~3 MB answers arrive while
+    another request holds the only slot. Both wait for their request's one slot, get it
+    together when it frees, and give it back with the answer: neither waits for a second
+    slot its own request holds (which never comes), and none is left taken."""
+    async with (
+        start_openai_fake() as openai_fake,
+        start_google_fake() as google_fake,
+        process_stack(
+            tmp_path / "var", openai_api_key=openai_fake.api_key, openai_base_url=openai_fake.base_url,
+            google_api_key=google_fake.api_key, google_base_url=google_fake.base_url, max_large_upstream_answers=1,
+        ) as stack,
+    ):
+        account_id, key = await stack.admin.funded_key("1.00")
+        headers = {"Authorization": f"Bearer {key}"}
+        url = f"{stack.api_base}/images/generations"
+        async with httpx.AsyncClient(timeout=60) as client:
+            holder = asyncio.create_task(client.post(url, headers=headers, json={
+                "model": "gpt-image-1", "prompt": "[[fake:held]] a harbour", "response_format": "b64_json"}))
+            for _ in range(400):
+                if openai_fake.holding == 1 and await _large_answer_gauges(stack) == (1, 0):
+                    break
+                await asyncio.sleep(0.05)
+            fan_out = asyncio.create_task(client.post(url, headers=headers, json={
+                "model": "gemini-2.5-flash-image", "prompt": "[[fake:detailed]] a lighthouse", "n": 2,
+                "response_format": "b64_json"}))
+            for _ in range(400):
+                if len(google_fake.requests) >= 2 and (await _large_answer_gauges(stack))[1] >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            openai_fake.release_held()
+            assert (await holder).status_code == 200
+            answer = await asyncio.wait_for(fan_out, 30)
+        assert answer.status_code == 200, answer.text[:300]
+        assert [len(base64.b64decode(item["b64_json"])) > 2_000_000 for item in answer.json()["data"]] == [True, True]
+        assert await _large_answer_gauges(stack) == (0, 0)
+        assert (await stack.admin.settled(account_id)).reserved_usd == "0.000000"

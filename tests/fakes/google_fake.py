@@ -24,7 +24,8 @@ Scenarios (prompt token or ``fake.enqueue``):
              safety-attributes (an extra "Positive Prompt" entry), enhanced (``prompt`` per image)
     Gemini:  blocked (promptFeedback.blockReason), image-safety, image-prohibited, no-image,
              image-other (finishReason, no content), text-only (a text reply, STOP),
-             with-text (text then image), thought (a thought part first), two-images
+             with-text (text then image), thought (a thought part first), two-images,
+             detailed (images of seeded noise: as large as real photos, ~3 MB at 1024x1024)
     Both:    revoked-key (400 API_KEY_INVALID, as for a key Google does not know),
              429=S (RESOURCE_EXHAUSTED, RetryInfo retryDelay "Ss", per-minute QuotaFailure, no
              Retry-After header), 429-daily (per-day quotaId), permission (403 SERVICE_DISABLED),
@@ -337,7 +338,9 @@ class GoogleFake(FakeProvider):
             for index in range(count):
                 inline: dict[str, Any] = {"mimeType": "image/png"}
                 if scenario.name != "missing-image":
-                    inline["data"] = self._encoded(scenario, self.images.get("png", width, height, index))
+                    inline["data"] = self._encoded(
+                        scenario, self.images.get("png", width, height, index, detailed=scenario.name == "detailed")
+                    )
                 parts.append({"inlineData": inline} if scenario.name != "missing-image" else {"text": "(no image)"})
             payload = {
                 "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],

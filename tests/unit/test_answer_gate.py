@@ -50,3 +50,32 @@ async def test_outside_a_request_an_answer_gives_its_slot_back_when_its_block_en
         async with answer_scope(gate) as scope:
             await scope.admit()
         assert (gate.active, other.active) == (0, 0)
+
+
+async def test_answers_of_a_request_that_wait_together_take_one_slot_between_them() -> None:
+    """A fan-out's calls whose large answers arrive while the gate is full all wait for
+    the request's one slot: the first to get it lends it to the others. Each taking a slot
+    of its own would never give the extra ones back (the request holds one slot and
+    releases once), and with a one-slot gate the second would wait for ever for the slot
+    its own request holds."""
+    for slots in (1, 2):
+        gate = AnswerGate(slots)
+        others = [gate.scope() for _ in range(slots)]
+        for other in others:  # other requests' answers fill the gate
+            await other.admit()
+        async with gate.request():
+
+            siblings = asyncio.gather(_admitted(gate), _admitted(gate), _admitted(gate))
+            await asyncio.sleep(0.05)
+            assert (siblings.done(), gate.waiting) == (False, 1)  # one wait for the request
+            for other in others:
+                other.release()
+            assert await asyncio.wait_for(siblings, 1) == [True, True, True]
+            assert gate.active == 1
+        assert (gate.active, gate.waiting) == (0, 0), slots
+
+
+async def _admitted(gate: AnswerGate) -> bool:
+    async with answer_scope(gate) as scope:
+        await scope.admit()
+        return scope.held
