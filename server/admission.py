@@ -65,6 +65,12 @@ class Admission:
             return exc
         raise AssertionError("refusal() of an admitted request")
 
+    async def abandoned(self) -> None:
+        """The request went away while this admission committed: its reservation is
+        released (the rate limit still counts it, as any request that arrived)."""
+        if self._short is None:
+            await self._ledger.release(self.admitted().reservation_id, error_code="cancelled")
+
     def admitted(self) -> Reservation:
         """The reservation, once ``after`` made it (logged once, here)."""
         return self._pending.made(None)

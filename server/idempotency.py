@@ -97,6 +97,7 @@ _POLL_MAX_SECONDS: Final = 1.0
 
 Headers = tuple[tuple[str, str], ...]
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 # The claim in plain SQL (server.ledger.plain): with a key, every paid request runs it.
 _CLAIM = Sql(
@@ -136,6 +137,11 @@ class Admit(Protocol):
 
     def refusal(self) -> BaseException:
         """The error for a refused ``after``, raised once the transaction committed."""
+        ...
+
+    async def abandoned(self) -> None:
+        """The request went away while its admitting transaction committed: gives back
+        what ``after`` reserved, which nobody will use or settle."""
         ...
 
 
@@ -249,6 +255,7 @@ class IdempotencyStore:
         self._max_wait = max_wait_seconds
         self._sweep_batch = sweep_batch
         self._clock = clock
+        self._undoing: set[asyncio.Task[None]] = set()
 
     def _now(self) -> int:
         return int(self._clock())
@@ -283,7 +290,9 @@ class IdempotencyStore:
             Whatever ``produce`` raises (the key is then released for a retry).
         """
         if key is None:
-            if admit is not None and not await self._db.write_plain(_admitting(admit)):
+            if admit is not None and not await self._committed(
+                self._db.write_plain(_admitting(admit)), lambda admitted: self._undo(admitted, admit)
+            ):
                 raise admit.refusal()
             message, headers = await produce()
             return Answer(message, headers, replayed=False)
@@ -309,6 +318,37 @@ class IdempotencyStore:
                     message = await run_sized(len(finished.body), parse, finished.body)
                     return Answer(message, finished.headers, replayed=True)
             # Released, abandoned or expired meanwhile (or Retry): claim again.
+
+    async def _committed(self, write: Awaitable[T], undo: Callable[[T], Awaitable[None]]) -> T:
+        """The outcome of an admitting ``write``, which runs to its end even if the caller
+        goes away meanwhile (SQLite's writer would run it anyway, PostgreSQL may be at its
+        COMMIT): then ``undo`` gives back what it admitted, at once rather than when the
+        sweeper finds the reservation and the claim expired after the request's deadline."""
+        task = asyncio.ensure_future(write)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self._undo_later(done, undo))
+            raise
+
+    def _undo_later(self, done: asyncio.Future[T], undo: Callable[[T], Awaitable[None]]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return  # nothing was admitted
+        undoing = asyncio.ensure_future(undo(done.result()))
+        self._undoing.add(undoing)
+        undoing.add_done_callback(self._undoing.discard)
+
+    async def _undo(self, admitted: bool, admit: Admit | None, claim: tuple[str, str, str] | None = None) -> None:
+        if not admitted:
+            return
+        if claim is not None:
+            await self._abandon_quietly(*claim)
+        if admit is not None:
+            try:
+                await admit.abandoned()
+            except Exception:
+                # The reservation expires after the request's deadline; the sweeper releases it then.
+                log.exception("could not release the reservation of a request that went away")
 
     def _lease_seconds(self, deadline: float | None, now: float) -> int:
         if deadline is None:
@@ -397,7 +437,10 @@ class IdempotencyStore:
                 return Refused()
             return outcome
 
-        existing = await self._db.write_plain(attempt())
+        existing = await self._committed(
+            self._db.write_plain(attempt()),
+            lambda outcome: self._undo(isinstance(outcome, Owned), admit, (account_id, key, owner)),
+        )
         if isinstance(existing, (Owned, Retry, Refused)):
             return existing
         request_hash_then, state = existing[0], existing[1]

@@ -17,11 +17,13 @@ from imagegw.v1.images_pb2 import GenerateImagesResponse as Response
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from server.admission import Admissions
 from server.errors import ConflictError, IdempotencyKeyReusedError, UpstreamError
 from server.idempotency import Answer, Busy, Headers, IdempotencyStore, Owned, StoredResponse
-from server.ledger import Ledger
+from server.ledger import Ledger, Principal
 from server.ledger.db import Database
 from server.ledger.schema import idempotency_keys
+from server.ratelimit import Limits, RateLimiter
 from tests.service.test_ledger import SECRET, T0, TTL, ManualClock
 
 DAY = 24 * 3600
@@ -358,3 +360,48 @@ async def test_an_attempt_cancelled_after_its_answer_was_made_keeps_the_answer(
     retry = Work(response("B"))
     answer = await asyncio.wait_for(run(store, account, "k", retry, deadline=asyncio.get_running_loop().time() + 5), 10)
     assert (answer.message, answer.replayed, retry.calls) == (big, True, 0)
+
+
+@pytest.mark.parametrize("idempotency_key", [None, "k"], ids=["no-key", "key"])
+async def test_a_request_cancelled_during_its_admission_holds_no_money_and_no_key(
+    store: IdempotencyStore,
+    ledger: Ledger,
+    database: Database,
+    clock: ManualClock,
+    ledger_engine: AsyncEngine,
+    idempotency_key: str | None,
+) -> None:
+    """The caller goes away while its admission transaction (the key, the rate limit, the
+    Idempotency-Key, the reservation) is committing: the transaction runs to its end, but
+    nobody will generate or settle, so what it reserved and claimed is given back at once,
+    not held until the sweeper releases it after the request's deadline."""
+    created = await ledger.create_account(f"acct-{secrets.token_hex(6)}", 1_000_000)
+    api_key, _ = await ledger.create_key(created.account_id)
+    who = Principal(created.account_id, api_key.key_id)
+    admissions = Admissions(database, ledger, RateLimiter(database, defaults=Limits(600, 3000), clock=clock))
+    admission = admissions.admission(
+        who, images=1, pending=ledger.prepare_reservation(who.account_id, 5_000, request_id="req", model="m", images=1)
+    )
+    work = Work(response("A"))
+
+    async def admitted_then_gone() -> Answer[Response]:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)  # lands while admission is under way
+        return await store.run(
+            who.account_id, idempotency_key, "h1", request_id="req", deadline=None, produce=work,
+            parse=Response.FromString, admit=admission,
+        )
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(admitted_then_gone())
+    await admissions.count(who, images=1)  # a write after it: the admission has landed (SQLite's one writer)
+    for _ in range(100):
+        account = await ledger.get_account(who.account_id)
+        if account.reserved_micros == 0 and await count_rows(ledger_engine) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (account.reserved_micros, account.balance_micros, await count_rows(ledger_engine), work.calls) == (
+        0, 1_000_000, 0, 0
+    )
+    assert (await ledger.reconcile()).ok
