@@ -255,7 +255,9 @@ class IdempotencyStore:
         self._max_wait = max_wait_seconds
         self._sweep_batch = sweep_batch
         self._clock = clock
-        self._undoing: set[asyncio.Task[None]] = set()
+        # Bookkeeping that outlives a cancelled request (storing its answer, undoing its
+        # admission), referenced until done so that it is never collected mid-way.
+        self._background: set[asyncio.Future[None]] = set()
 
     def _now(self) -> int:
         return int(self._clock())
@@ -334,9 +336,13 @@ class IdempotencyStore:
     def _undo_later(self, done: asyncio.Future[T], undo: Callable[[T], Awaitable[None]]) -> None:
         if done.cancelled() or done.exception() is not None:
             return  # nothing was admitted
-        undoing = asyncio.ensure_future(undo(done.result()))
-        self._undoing.add(undoing)
-        undoing.add_done_callback(self._undoing.discard)
+        self._in_background(undo(done.result()))
+
+    def _in_background(self, work: Awaitable[None]) -> asyncio.Future[None]:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _undo(self, admitted: bool, admit: Admit | None, claim: tuple[str, str, str] | None = None) -> None:
         if not admitted:
@@ -366,7 +372,7 @@ class IdempotencyStore:
             raise
         # Shielded as a whole, serializing included: the answer exists and is paid for, so a
         # caller that goes away now must not leave the key held until its lease runs out.
-        await asyncio.shield(self._keep(account_id, key, owner, message, headers))
+        await asyncio.shield(self._in_background(self._keep(account_id, key, owner, message, headers)))
         return Answer(message, headers, replayed=False)
 
     async def _keep(self, account_id: str, key: str, owner: str, message: Message, headers: Headers) -> None:
