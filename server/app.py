@@ -437,8 +437,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
     """Runs the gRPC server until SIGTERM/SIGINT, then drains and stops gracefully:
     health goes NOT_SERVING (Envoy stops routing new requests here), in-flight requests
     get ``shutdown_grace_seconds`` to finish, those still running then end with a
-    retryable 503 and a full release, and only after every settlement has landed is the
-    database closed."""
+    retryable 503 and a full release, and only after every settlement (and the
+    idempotency bookkeeping of requests that went away) has landed is the database closed."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -468,4 +468,5 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             log.warning("grace period over: ended %d in-flight requests with a retryable 503", aborted)
         await stopping
         await app.generation.wait_settled()
+        await app.idempotency.wait_settled()
         log.info("server stopped")

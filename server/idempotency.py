@@ -257,7 +257,7 @@ class IdempotencyStore:
         self._clock = clock
         # Bookkeeping that outlives a cancelled request (storing its answer, undoing its
         # admission), referenced until done so that it is never collected mid-way.
-        self._background: set[asyncio.Future[None]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
 
     def _now(self) -> int:
         return int(self._clock())
@@ -331,6 +331,7 @@ class IdempotencyStore:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(lambda done: self._undo_later(done, undo))
+            self._track(task)  # so that a shutdown waits for it and its undo
             raise
 
     def _undo_later(self, done: asyncio.Future[T], undo: Callable[[T], Awaitable[None]]) -> None:
@@ -339,10 +340,19 @@ class IdempotencyStore:
         self._in_background(undo(done.result()))
 
     def _in_background(self, work: Awaitable[None]) -> asyncio.Future[None]:
-        task = asyncio.ensure_future(work)
+        return self._track(asyncio.ensure_future(work))
+
+    def _track(self, task: asyncio.Future[T]) -> asyncio.Future[T]:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task
+
+    async def wait_settled(self) -> None:
+        """Waits for the bookkeeping of requests that went away (an answer being stored,
+        an admission being undone) to finish: at shutdown, before the database closes, so
+        that none of it is left to a lease or the sweeper."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     async def _undo(self, admitted: bool, admit: Admit | None, claim: tuple[str, str, str] | None = None) -> None:
         if not admitted:

@@ -395,12 +395,9 @@ async def test_a_request_cancelled_during_its_admission_holds_no_money_and_no_ke
 
     with pytest.raises(asyncio.CancelledError):
         await asyncio.create_task(admitted_then_gone())
-    await admissions.count(who, images=1)  # a write after it: the admission has landed (SQLite's one writer)
-    for _ in range(100):
-        account = await ledger.get_account(who.account_id)
-        if account.reserved_micros == 0 and await count_rows(ledger_engine) == 0:
-            break
-        await asyncio.sleep(0.05)
+    # What a shutdown waits for: the admission's transaction and then its undoing.
+    await store.wait_settled()
+    account = await ledger.get_account(who.account_id)
     assert (account.reserved_micros, account.balance_micros, await count_rows(ledger_engine), work.calls) == (
         0, 1_000_000, 0, 0
     )
