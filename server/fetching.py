@@ -14,7 +14,7 @@ service, the database, an admin port on loopback (server-side request forgery). 
 * the connection goes to the address that was checked (the URL's host stays in the
   ``Host`` header and the TLS server name), so a second DNS answer cannot redirect it;
 * no redirects are followed; the body is read up to the file limit and the whole fetch
-  must finish within ``timeout`` seconds.
+  must finish within ``timeout`` seconds, the lookup of its name included.
 
 Every refusal is a 400 naming the ``param`` (the URL's place in the request).
 """
@@ -69,11 +69,13 @@ class ImageFetcher:
             raise InvalidRequestError(
                 f"Invalid '{param}': image URLs must be https (or data: URLs).", param=param, code="invalid_image_url"
             )
-        address = await self._checked_address(host, parsed.port or (443 if parsed.scheme == "https" else 80), param)
-        target = parsed.copy_with(host=address)
         extensions = {"sni_hostname": host} if parsed.scheme == "https" else {}
         try:
+            # One bound for the whole fetch, the name's lookup included (a slow resolver
+            # must not hold the request past it).
             async with asyncio.timeout(self._timeout):
+                address = await self._checked_address(host, parsed.port or (443 if parsed.scheme == "https" else 80), param)
+                target = parsed.copy_with(host=address)
                 async with self._client.stream(
                     "GET", target, headers={"host": parsed.netloc.decode()}, extensions=extensions
                 ) as response:
