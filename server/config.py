@@ -147,7 +147,8 @@ class Settings(BaseSettings):
     stream_keepalive_seconds: float = Field(default=15, gt=0)
     # Uploads (edits, variations), enforced by the server as they stream in: OpenAI's
     # own limits by default (16 images of up to 50 MB). Files above upload_spool_bytes
-    # wait on disk, not in memory.
+    # wait on disk, not in memory; so do a JSON edit's fetched images, which count against
+    # upload_max_bytes together.
     upload_max_file_bytes: int = Field(default=50 * MIB, ge=MIB)
     upload_max_images: int = Field(default=16, ge=1, le=16)
     upload_max_bytes: int = Field(default=16 * 50 * MIB + MIB, ge=MIB)

@@ -61,7 +61,7 @@ class InputRequests:
                 raise InvalidRequestError(
                     "Variations take multipart/form-data with one PNG file in 'image'.", code="unsupported_content_type"
                 )
-            return await self._from_json(upload.json)
+            return await self._from_json(upload.json, upload)
         allowed = EDIT_FIELDS if operation == "edit" else VARIATION_FIELDS
         for name in upload.fields:
             if name not in allowed:
@@ -96,7 +96,7 @@ class InputRequests:
             checked_mask = await self._inspect(in_memory(mask[0]), len(mask[0]), "mask", mask[1])
         return _raw(operation, dict(fields), checked, checked_mask)
 
-    async def _from_json(self, body: Mapping[str, Any]) -> RawImageRequest:
+    async def _from_json(self, body: Mapping[str, Any], upload: Upload) -> RawImageRequest:
         fields: dict[str, Any] = {}
         for name, value in body.items():
             if name in ("images", "mask"):
@@ -121,20 +121,20 @@ class InputRequests:
                 code="missing_required_parameter",
             )
         # Counted before any is fetched or decoded, as a multipart upload's files are counted
-        # as they arrive: each URL is a fetch of up to the file limit, held in memory.
+        # as they arrive: each URL is a fetch of up to the file limit.
         if len(references) > self._max_images:
             raise InvalidRequestError(
                 f"Invalid 'images': at most {self._max_images} images are allowed, but {len(references)} were given.",
                 param="images",
                 code="too_many_images",
             )
-        images = [await self._reference(item, f"images[{index}]") for index, item in enumerate(references)]
+        images = [await self._reference(item, f"images[{index}]", upload) for index, item in enumerate(references)]
         mask = None
         if body.get("mask") is not None:
-            mask = await self._reference(body["mask"], "mask")
+            mask = await self._reference(body["mask"], "mask", upload)
         return _raw("edit", fields, images, mask)
 
-    async def _reference(self, item: object, param: str) -> InputImage:
+    async def _reference(self, item: object, param: str, upload: Upload) -> InputImage:
         """One ``{"image_url": ...}`` (``data:`` or ``https``) as a checked image."""
         if not isinstance(item, dict):
             raise InvalidRequestError(f"Invalid '{param}': expected an object with 'image_url'.", param=param)
@@ -150,9 +150,11 @@ class InputRequests:
             raise InvalidRequestError(f"Invalid '{param}': expected exactly one 'image_url' string.", param=param)
         if url.startswith("data:"):
             data = decode_data_url(url, param)
-        else:
-            data = await self._fetcher.fetch(url, param=param)
-        return await self._inspect(in_memory(data), len(data), param)
+            return await self._inspect(in_memory(data), len(data), param)
+        source, size = await self._fetcher.fetch(url, param=param, fetched_before=upload.fetched_bytes)
+        upload.fetched.append(source)
+        upload.fetched_bytes += size
+        return await self._inspect(source, size, param)
 
 
 def _raw(operation: Operation, fields: Mapping[str, Any], images: list[InputImage], mask: InputImage | None) -> RawImageRequest:

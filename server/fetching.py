@@ -13,8 +13,12 @@ service, the database, an admin port on loopback (server-side request forgery). 
   judged by that IPv4 address: ``64:ff9b::a9fe:a9fe`` is the metadata service;
 * the connection goes to the address that was checked (the URL's host stays in the
   ``Host`` header and the TLS server name), so a second DNS answer cannot redirect it;
-* no redirects are followed; the body is read up to the file limit and the whole fetch
-  must finish within ``timeout`` seconds, the lookup of its name included.
+* no redirects are followed; the body is read up to the file limit (or what is left of
+  the request's total) and the whole fetch must finish within ``timeout`` seconds, the
+  lookup of its name included.
+
+Bodies are spooled as uploads are (memory up to ``spool_bytes``, then a temporary file
+written from a worker thread), so sixteen 50 MB images do not sit in memory.
 
 Every refusal is a 400 naming the ``param`` (the URL's place in the request).
 """
@@ -24,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import tempfile
 from collections.abc import Iterable
+from typing import BinaryIO, cast
 
 import httpx
 
@@ -34,12 +40,28 @@ __all__ = ["ImageFetcher"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Written to the spool in pieces of this size: a thread hop for each, not for each chunk.
+_WRITE_BYTES = 1024 * 1024
+
+
+async def _write(spool: BinaryIO, data: bytearray) -> None:
+    # Past its memory threshold a spool writes to disk: off the event loop.
+    if data:
+        await asyncio.to_thread(spool.write, data)
+
 
 class ImageFetcher:
     """Fetches caller-named image URLs with the checks above."""
 
     def __init__(
-        self, client: httpx.AsyncClient, *, allowlist: Iterable[str], max_bytes: int, timeout: float
+        self,
+        client: httpx.AsyncClient,
+        *,
+        allowlist: Iterable[str],
+        max_bytes: int,
+        max_total_bytes: int,
+        timeout: float,
+        spool_bytes: int,
     ) -> None:
         self._client = client
         self._hosts: set[str] = set()
@@ -53,10 +75,26 @@ class ImageFetcher:
             except ValueError:
                 self._hosts.add(entry)
         self._max_bytes = max_bytes
+        self._max_total_bytes = max_total_bytes
         self._timeout = timeout
+        self._spool_bytes = spool_bytes
 
-    async def fetch(self, url: str, *, param: str) -> bytes:
-        """The body of ``url``; a 400 (or 413) naming ``param`` when it may not or cannot be fetched."""
+    async def fetch(self, url: str, *, param: str, fetched_before: int = 0) -> tuple[BinaryIO, int]:
+        """The body of ``url`` (a spooled file, rewound; the caller closes it) and its size;
+        a 400 (or 413) naming ``param`` when it may not or cannot be fetched.
+        ``fetched_before``: the bytes this request's other images took, which count
+        against the total limit of uploads."""
+        # SpooledTemporaryFile is a binary file in all but its declared type.
+        spool = cast(BinaryIO, tempfile.SpooledTemporaryFile(max_size=self._spool_bytes))  # noqa: SIM115 - the caller closes it
+        try:
+            size = await self._fetch_into(spool, url, param, self._max_total_bytes - fetched_before)
+        except BaseException:
+            spool.close()
+            raise
+        spool.seek(0)
+        return spool, size
+
+    async def _fetch_into(self, spool: BinaryIO, url: str, param: str, budget: int) -> int:
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
@@ -85,15 +123,26 @@ class ImageFetcher:
                             param=param,
                             code="image_url_unavailable",
                         )
-                    body = bytearray()
+                    size, pending = 0, bytearray()
                     async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > self._max_bytes:
+                        size += len(chunk)
+                        if size > self._max_bytes:
                             raise PayloadTooLargeError(
                                 f"Invalid '{param}': the image at the URL is larger than the server's limit of "
                                 f"{self._max_bytes} bytes.",
                                 param=param,
                             )
+                        if size > budget:
+                            raise PayloadTooLargeError(
+                                f"Invalid '{param}': the request's images together are larger than the server's "
+                                f"limit of {self._max_total_bytes} bytes.",
+                                param=param,
+                            )
+                        pending += chunk
+                        if len(pending) >= _WRITE_BYTES:
+                            await _write(spool, pending)
+                            pending = bytearray()
+                    await _write(spool, pending)
         except TimeoutError as exc:
             raise InvalidRequestError(
                 f"Invalid '{param}': the image URL did not answer within {self._timeout:g} s.",
@@ -108,7 +157,7 @@ class ImageFetcher:
                 param=param,
                 code="image_url_unavailable",
             ) from exc
-        return bytes(body)
+        return size
 
     def _literal_allowed(self, host: str) -> bool:
         try:

@@ -90,11 +90,16 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
     files: list[UploadedFile] = field(default_factory=list)
     json: dict[str, Any] | None = None
+    # The images a JSON body's URLs were fetched into (server.fetching), freed with it.
+    fetched: list[BinaryIO] = field(default_factory=list)
+    fetched_bytes: int = 0
 
     def close(self) -> None:
         """Frees the temporary files."""
         for part in self.files:
             part.file.close()
+        for source in self.fetched:
+            source.close()
 
 
 def _too_large(what: str, limit: int) -> PayloadTooLargeError:

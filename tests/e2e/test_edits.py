@@ -640,3 +640,52 @@ async def test_a_model_that_cannot_edit_or_vary_is_model_not_supported(
             assert (caught.value.param, caught.value.code) == ("model", "model_not_supported")
     assert (await stack.admin.get(account)).balance_usd == "1.000000"
 
+
+
+def noise_png(side: int) -> bytes:
+    """A PNG that does not compress: its size on the wire is about 3 bytes a pixel."""
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (side, side), os.urandom(side * side * 3)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def test_fetched_images_are_spooled_and_count_against_the_requests_total(tmp_path: Path) -> None:
+    """Image URLs were fetched whole into memory (sixteen of up to 50 MB each) and only
+    each file's limit applied; a multipart upload spools to disk and has a total limit."""
+    noisy = noise_png(450)  # about 600 KB
+    assert 550_000 < len(noisy) < 700_000
+
+    async def serve(request: RecordedRequest) -> FakeResponse:
+        return FakeResponse(body=noisy, content_type="image/png")
+
+    host = FakeHttpServer(serve)
+    await host.start()
+    try:
+        # Files past 1 KiB go to disk; two of these images fit the total, three do not.
+        async with process_stack(
+            tmp_path / "var", image_url_allowlist="127.0.0.1", upload_spool_bytes=1024,
+            upload_max_file_bytes=1_048_576, upload_max_bytes=1_572_864,
+        ) as stack:
+            account, key = await stack.admin.funded_key("1.00")
+            async with httpx.AsyncClient(timeout=60) as http:
+                two = await http.post(
+                    f"{stack.api_base}/images/edits", headers={"authorization": f"Bearer {key}"},
+                    json={"model": "local-1", "prompt": "p", "response_format": "b64_json",
+                          "images": [{"image_url": f"{host.base_url}/{i}.png"} for i in range(2)]},
+                )
+                assert two.status_code == 200, two.text
+                assert decode(two.json()["data"][0]["b64_json"]).size == (450, 450)
+                three = await http.post(
+                    f"{stack.api_base}/images/edits", headers={"authorization": f"Bearer {key}"},
+                    json={"model": "local-1", "prompt": "p",
+                          "images": [{"image_url": f"{host.base_url}/{i}.png"} for i in range(3)]},
+                )
+            assert three.status_code == 413, three.text
+            assert three.json() == {"error": {
+                "message": "Invalid 'images[2]': the request's images together are larger than the server's limit of "
+                "1572864 bytes.",
+                "type": "invalid_request_error", "param": "images[2]", "code": "request_too_large",
+            }}
+            assert (await stack.admin.settled(account)).spent_usd == f"{(UNIT + 2 * INPUT) / 1e6:.6f}"
+    finally:
+        await host.stop()
