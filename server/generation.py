@@ -39,6 +39,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -132,6 +133,7 @@ class _Delivery:
     started: bool = False
     _sent: set[int] = field(default_factory=set)  # id() of the GeneratedImages already sent
     _indexes: set[int] = field(default_factory=set)
+    _partials_of: Counter[int] = field(default_factory=Counter)  # partials sent, by image
     _usage_reported: bool = False
     # The completed images delivered, in order, with the usage reported with each.
     _delivered: list[tuple[GeneratedImage, TokenUsage | None]] = field(default_factory=list)
@@ -181,9 +183,19 @@ class _Delivery:
     async def partial(
         self, image_index: int, partial_index: int, image: GeneratedImage, reported: ProviderResult | None = None
     ) -> None:
+        request = self.quote.request
+        if image_index >= request.n or self._partials_of[image_index] >= request.partial_images:
+            self._beyond_request("a partial image", image_index)
+            return
+        self._partials_of[image_index] += 1
         self.started = True
         event = self._event("partial_image", image_index, image, reported, partial_image_index=partial_index)
         await self.sink.send(event, self._partial_delivered)
+
+    def _beyond_request(self, what: str, image_index: int) -> None:
+        # An upstream that sends more than was asked (images, partial images) is not
+        # relayed past the request: the caller asked for, and was reserved for, no more.
+        log.warning("the provider sent %s beyond the request (image %d); not relayed", what, image_index)
 
     def _partial_delivered(self) -> None:
         self.partials += 1
@@ -195,6 +207,9 @@ class _Delivery:
     async def _completed(
         self, image_index: int, image: GeneratedImage, usage: TokenUsage | None, result: ProviderResult | None = None
     ) -> None:
+        if image_index >= self.quote.request.n or image_index in self._indexes:
+            self._beyond_request("an image", image_index)
+            return
         self.started = True
         self._sent.add(id(image))
         self._indexes.add(image_index)

@@ -124,6 +124,24 @@ async def test_an_upstream_failure_after_two_partials_is_reported_released_and_l
     assert [(r["outcome"], r["status"]) for r in mine] == [(code, 400 if code == "content_policy_violation" else 502)]
 
 
+async def test_an_upstream_that_sends_more_than_asked_is_relayed_only_as_far_as_the_request(
+    upstream: tuple[ProcessStack, OpenAIFake],
+) -> None:
+    """Every partial and completed event an upstream sent was relayed, beyond n and
+    partial_images (what the caller asked for and was reserved for)."""
+    stack, _ = upstream
+    account, key = await stack.admin.funded_key("1.00")
+    async with openai.AsyncOpenAI(api_key=key, base_url=stack.api_base, max_retries=0, timeout=60) as sdk:
+        stream = await sdk.images.generate(**stream_request("[[fake:stream-extra]] p", partial_images=1))  # type: ignore[call-overload]
+        events = [event async for event in stream]
+    # The fake sent two partials and a completed image, then two partials and a second image.
+    assert [(e.type, getattr(e, "partial_image_index", None)) for e in events] == [
+        ("image_generation.partial_image", 0), ("image_generation.completed", None)
+    ]
+    settled = await stack.admin.settled(account)
+    assert (settled.spent_usd, settled.reserved_usd) == (f"{(MEDIUM + PARTIAL_PRICE) / 1e6:.6f}", "0.000000")
+
+
 async def test_a_model_that_cannot_stream_sends_its_image_when_ready(upstream: tuple[ProcessStack, OpenAIFake]) -> None:
     stack, fake = upstream
     account, key = await stack.admin.funded_key("1.00")

@@ -51,8 +51,9 @@ pictures of the same size) then its ``image_generation.completed`` event with ``
 Stream scenarios: ``stream-error-after=K`` (an ``error`` event, server_error, after K
 events), ``stream-moderated-after=K`` (an ``error`` event, moderation_blocked),
 ``stream-cut-after=K`` (the connection closes after K events), ``stream-hold`` (the second
-event waits until the test calls ``fake.release_stream()``), and ``slow=S`` (the head
-after S seconds).
+event waits until the test calls ``fake.release_stream()``), ``stream-extra`` (a
+misbehaving upstream: one partial image more per image than asked, and one image more),
+and ``slow=S`` (the head after S seconds).
 """
 
 from __future__ import annotations
@@ -556,11 +557,13 @@ class OpenAIFake(FakeProvider):
         def event(kind: str, data: dict[str, Any]) -> bytes:
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
+        extra = 1 if scenario.name == "stream-extra" else 0
+
         async def events() -> AsyncIterator[bytes | None]:
             sent = 0
-            for index in range(body.get("n", 1)):
+            for index in range(body.get("n", 1) + extra):
                 # Partial pictures differ from the final one (the cache tints by index mod 4).
-                pictures = [self._image_bytes(answer, index + 1 + k) for k in range(partials)]
+                pictures = [self._image_bytes(answer, index + 1 + k) for k in range(partials + extra)]
                 pictures.append(self._image_bytes(answer, index))
                 for k, data in enumerate(pictures):
                     if sent == after:
